@@ -1,0 +1,201 @@
+"""Building blocks shared by CPM and PLUG: parameter specs, norms, attention, MLP.
+
+Models are pure functions of a params pytree. Each parameter is declared once as a `ParamSpec`
+(shape, logical axes, initializer); from that one declaration we get initial values, abstract
+shapes (no allocation) and shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+
+from cpm_jax import partitioning
+
+Initializer = Callable[[jax.Array, tuple[int, ...], Any], jax.Array]
+
+# Large negative for masked attention logits (the release adds -10000; finite keeps softmax NaN-free).
+MASK_VALUE = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """Declaration of one parameter: its shape, logical axis names and initializer."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  init: Initializer
+
+  def __post_init__(self):
+    if len(self.shape) != len(self.axes):
+      raise ValueError(f"ParamSpec shape {self.shape} and axes {self.axes} differ in rank.")
+
+
+def normal(stddev: float) -> Initializer:
+  return lambda key, shape, dtype: stddev * jax.random.normal(key, shape, dtype)
+
+
+def zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def is_spec(node: Any) -> bool:
+  return isinstance(node, ParamSpec)
+
+
+def stacked(specs: Any, num_layers: int) -> Any:
+  """Prepends a `layers` axis of size num_layers to every spec (one array per param for all layers).
+
+  Each layer is initialised with its own key, so stacking never correlates layers.
+  """
+
+  def stack(spec: ParamSpec) -> ParamSpec:
+    def init(key, shape, dtype):
+      keys = jax.random.split(key, shape[0])
+      return jax.vmap(lambda k: spec.init(k, shape[1:], dtype))(keys)
+
+    return ParamSpec((num_layers, *spec.shape), ("layers", *spec.axes), init)
+
+  return jax.tree.map(stack, specs, is_leaf=is_spec)
+
+
+def init_from_specs(specs: Any, key: jax.Array, dtype=jnp.float32) -> Any:
+  """Initial values for a tree of ParamSpecs, one independent key per leaf (by tree position)."""
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [s.init(k, s.shape, dtype) for s, k in zip(leaves, keys)])
+
+
+def logical_axes(specs: Any) -> Any:
+  return jax.tree.map(lambda s: s.axes, specs, is_leaf=is_spec)
+
+
+def abstract_params(specs: Any, dtype=jnp.float32) -> Any:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=is_spec)
+
+
+def count_params(tree: Any) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+# ---- spec builders -----------------------------------------------------------------------------
+
+def layer_norm_specs(dim: int) -> dict[str, ParamSpec]:
+  return {"scale": ParamSpec((dim,), ("embed",), ones), "bias": ParamSpec((dim,), ("embed",), zeros)}
+
+
+def attention_specs(embed: int, heads: int, head_dim: int, stddev: float, out_stddev: float,
+                    fused_qkv: int = 3) -> dict[str, ParamSpec]:
+  """Self-attention (fused_qkv=3: Q, K, V) or the K/V half of cross-attention (fused_qkv=2).
+
+  The fused kernel [embed, n, heads, head_dim] split on `heads` is exactly Megatron's per-rank
+  [Q_r; K_r; V_r] layout: one matmul for all projections, column-parallel on `tensor`.
+  """
+  return {
+      "qkv_kernel": ParamSpec((embed, fused_qkv, heads, head_dim), ("embed", "qkv", "heads", "kv"),
+                              normal(stddev)),
+      "qkv_bias": ParamSpec((fused_qkv, heads, head_dim), ("qkv", "heads", "kv"), zeros),
+      "out_kernel": ParamSpec((heads, head_dim, embed), ("heads", "kv", "embed"), normal(out_stddev)),
+      "out_bias": ParamSpec((embed,), ("embed",), zeros),
+  }
+
+
+def mlp_specs(embed: int, hidden: int, stddev: float, out_stddev: float) -> dict[str, ParamSpec]:
+  return {
+      "in_kernel": ParamSpec((embed, hidden), ("embed", "mlp"), normal(stddev)),
+      "in_bias": ParamSpec((hidden,), ("mlp",), zeros),
+      "out_kernel": ParamSpec((hidden, embed), ("mlp", "embed"), normal(out_stddev)),
+      "out_bias": ParamSpec((embed,), ("embed",), zeros),
+  }
+
+
+# ---- functions ---------------------------------------------------------------------------------
+
+def layer_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
+  """LayerNorm computed in float32, returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """approximate=True is the tanh form (HF gelu_new, CPM); False is erf (BERT, PLUG)."""
+  return jax.nn.gelu(x, approximate=approximate)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_positions: jax.Array | None,
+                   kv_positions: jax.Array | None) -> jax.Array:
+  """Boolean mask [batch, 1, q, kv]: same non-zero segment and (if positions given) causal.
+
+  Segment 0 marks padding / empty cache slots. With packed rows the segment restricts attention
+  to its own document; comparing positions gives causality inside each document.
+  """
+  mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+  if q_positions is not None:
+    mask &= q_positions[:, :, None] >= kv_positions[:, None, :]
+  return mask[:, None, :, :]
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          implementation: Literal["xla", "jax", "cudnn"] = "xla") -> jax.Array:
+  """Scaled dot-product attention over [batch, length, heads, head_dim] with a boolean mask.
+
+  "xla" is our explicit einsum form; "jax" and "cudnn" go through jax.nn.dot_product_attention
+  (cuDNN flash attention on GPU). Softmax is always computed in float32.
+  """
+  if implementation == "xla":
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1)
+    # Rows with no visible key (padding) get zeros, not a uniform average.
+    weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  impl = None if implementation == "jax" else implementation
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+  return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(v.dtype)
+
+
+def project_qkv(x: jax.Array, params: dict, dtype) -> jax.Array:
+  """x [b, t, e] -> [b, t, n, heads, head_dim] with one fused matmul."""
+  out = jnp.einsum("bte,enhd->btnhd", x.astype(dtype), params["qkv_kernel"].astype(dtype))
+  out = out + params["qkv_bias"].astype(dtype)
+  return partitioning.constrain(out, ("batch", "length", None, "act_heads", None))
+
+
+def project_out(x: jax.Array, params: dict, dtype) -> jax.Array:
+  """Row-parallel output projection [b, t, heads, head_dim] -> [b, t, e]."""
+  out = jnp.einsum("bthd,hde->bte", x.astype(dtype), params["out_kernel"].astype(dtype))
+  out = out + params["out_bias"].astype(dtype)
+  return partitioning.constrain(out, ("batch", "length", "act_embed"))
+
+
+def mlp(x: jax.Array, params: dict, dtype, approximate_gelu: bool, dropout_rate: float = 0.0,
+        rng: jax.Array | None = None) -> jax.Array:
+  h = jnp.einsum("bte,ef->btf", x.astype(dtype), params["in_kernel"].astype(dtype))
+  h = gelu(h + params["in_bias"].astype(dtype), approximate_gelu)
+  h = partitioning.constrain(h, ("batch", "length", "act_mlp"))
+  h = dropout(h, dropout_rate, rng)
+  out = jnp.einsum("btf,fe->bte", h, params["out_kernel"].astype(dtype))
+  out = out + params["out_bias"].astype(dtype)
+  return partitioning.constrain(out, ("batch", "length", "act_embed"))

@@ -1,0 +1,226 @@
+"""CPM-LM: the GPT-2-style Chinese decoder of CPM-1, as a pure function of a params pytree.
+
+Pre-LN blocks (ln_1 -> attention -> residual; ln_2 -> MLP -> residual), learned positions, tanh-GELU,
+LayerNorm eps 1e-5, final LayerNorm, output head tied to the word embedding (no bias).
+
+Params layout (every block param is stacked over layers on a leading `layers` axis):
+  embed/wte [vocab, embed], embed/wpe [positions, embed]
+  blocks/ln_1/{scale,bias} [L, embed]
+  blocks/attn/qkv_kernel [L, embed, 3, heads, head_dim], qkv_bias [L, 3, heads, head_dim]
+  blocks/attn/out_kernel [L, heads, head_dim, embed], out_bias [L, embed]
+  blocks/ln_2/{scale,bias} [L, embed]
+  blocks/mlp/in_kernel [L, embed, mlp], in_bias [L, mlp], out_kernel [L, mlp, embed], out_bias [L, embed]
+  ln_f/{scale,bias} [embed]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from cpm_jax import layers, partitioning
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CPMConfig:
+  """Sizes and options of a CPM-LM model (released sizes in gin_configs/models/)."""
+
+  vocab_size: int = 30000
+  num_layers: int = 12
+  embed_dim: int = 768
+  num_heads: int = 12
+  mlp_dim: int = 0  # 0 -> 4 * embed_dim
+  max_positions: int = 1024
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-5
+  init_stddev: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = True
+  attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
+
+  def __post_init__(self):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"CPMConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"CPMConfig.remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
+    if self.attention_impl not in ("xla", "jax", "cudnn"):
+      raise ValueError(f"CPMConfig.attention_impl={self.attention_impl!r}; expected 'xla', 'jax' or 'cudnn'.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def ffn_dim(self) -> int:
+    return self.mlp_dim or 4 * self.embed_dim
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def param_specs(config: CPMConfig) -> dict:
+  std = config.init_stddev
+  out_std = std / math.sqrt(2 * config.num_layers)
+  block = {
+      "ln_1": layers.layer_norm_specs(config.embed_dim),
+      "attn": layers.attention_specs(config.embed_dim, config.num_heads, config.head_dim, std, out_std),
+      "ln_2": layers.layer_norm_specs(config.embed_dim),
+      "mlp": layers.mlp_specs(config.embed_dim, config.ffn_dim, std, out_std),
+  }
+  return {
+      "embed": {
+          "wte": layers.ParamSpec((config.vocab_size, config.embed_dim), ("vocab", "embed"), layers.normal(std)),
+          "wpe": layers.ParamSpec((config.max_positions, config.embed_dim), ("positions", "embed"),
+                                  layers.normal(std)),
+      },
+      "blocks": layers.stacked(block, config.num_layers),
+      "ln_f": layers.layer_norm_specs(config.embed_dim),
+  }
+
+
+def init(config: CPMConfig, key: jax.Array) -> dict:
+  return layers.init_from_specs(param_specs(config), key, jnp.dtype(config.param_dtype))
+
+
+def logical_axes(config: CPMConfig) -> dict:
+  return layers.logical_axes(param_specs(config))
+
+
+def abstract_params(config: CPMConfig) -> dict:
+  return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
+
+
+# ---- KV cache ----------------------------------------------------------------------------------
+
+def init_cache(config: CPMConfig, batch: int, length: int, dtype=None) -> dict:
+  """Empty KV cache for `length` positions; slots with segment id 0 are never attended."""
+  dtype = dtype or config.compute_dtype
+  kv_shape = (config.num_layers, batch, length, config.num_heads, config.head_dim)
+  return {
+      "k": jnp.zeros(kv_shape, dtype),
+      "v": jnp.zeros(kv_shape, dtype),
+      "segment_ids": jnp.zeros((batch, length), jnp.int32),
+      "positions": jnp.zeros((batch, length), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+  }
+
+
+def cache_logical_axes() -> dict:
+  kv = ("layers", "batch", "cache_length", "act_heads", None)
+  return {"k": kv, "v": kv, "segment_ids": ("batch", "cache_length"),
+          "positions": ("batch", "cache_length"), "index": ()}
+
+
+# ---- forward -----------------------------------------------------------------------------------
+
+def _block(x, params, config: CPMConfig, mask, rng, kv=None, cache_index=None):
+  """One pre-LN block. With `kv` (this layer's cached k, v), new k/v are written at cache_index."""
+  dtype = config.compute_dtype
+  rate = config.dropout_rate if rng is not None else 0.0
+  rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+  h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
+  qkv = layers.project_qkv(h, params["attn"], dtype)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  if kv is not None:
+    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+    kv = (k, v)
+    k, v = k.astype(dtype), v.astype(dtype)
+  attn = layers.dot_product_attention(q, k, v, mask, config.attention_impl)
+  attn = layers.project_out(attn, params["attn"], dtype)
+  x = x + layers.dropout(attn, rate, rngs[0])
+  h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
+  h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1])
+  x = x + layers.dropout(h, rate, rngs[2])
+  return partitioning.constrain(x, ("batch", "length", "act_embed")), kv
+
+
+def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: CPMConfig) -> jax.Array:
+  x = params["embed"]["wte"][tokens] + params["embed"]["wpe"][positions]
+  return partitioning.constrain(x.astype(config.compute_dtype), ("batch", "length", "act_embed"))
+
+
+def logits_from_hidden(params: dict, hidden: jax.Array, config: CPMConfig) -> jax.Array:
+  """Tied output head: hidden @ wte^T, float32 logits [batch, length, vocab]."""
+  wte = params["embed"]["wte"].astype(config.compute_dtype)
+  logits = jnp.einsum("bte,ve->btv", hidden, wte, preferred_element_type=jnp.float32)
+  return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positions=None, segment_ids=None,
+                  dropout_rng=None, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+  """Final-LayerNorm hidden states [batch, length, embed] and the updated cache (or None).
+
+  tokens: int [batch, length]. positions: per-token positions (default 0.. or continuing the cache);
+  they restart per document in packed rows. segment_ids: document id per token, 0 = padding
+  (default all 1). dropout_rng: enables dropout. cache: from `init_cache`; the tokens are appended
+  at cache["index"] and attend to everything cached before them.
+  """
+  batch, length = tokens.shape
+  offset = cache["index"] if cache is not None else 0
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
+  if segment_ids is None:
+    segment_ids = jnp.ones((batch, length), jnp.int32)
+  x = embed(params, tokens, positions, config)
+  if dropout_rng is not None:
+    dropout_rng, embed_rng = jax.random.split(dropout_rng)
+    x = layers.dropout(x, config.dropout_rate, embed_rng)
+
+  if cache is None:
+    mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
+  else:
+    kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, offset, axis=1)
+    kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, offset, axis=1)
+    mask = layers.attention_mask(segment_ids, kv_segments, positions, kv_positions)
+
+  def body(x, layer_inputs):
+    layer_params, index, kv = layer_inputs
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+    return _block(x, layer_params, config, mask, rng, kv, offset)
+
+  policy = REMAT_POLICIES[config.remat_policy]
+  if config.remat_policy != "none":
+    body = jax.checkpoint(body, policy=policy, prevent_cse=not config.scan_layers)
+
+  layer_ids = jnp.arange(config.num_layers)
+  cached_kv = None if cache is None else (cache["k"], cache["v"])
+  if config.scan_layers:
+    x, new_kv = jax.lax.scan(body, x, (params["blocks"], layer_ids, cached_kv))
+  else:
+    outs = []
+    for i in range(config.num_layers):
+      layer = jax.tree.map(lambda a, i=i: a[i], (params["blocks"], layer_ids, cached_kv))
+      x, kv = body(x, layer)
+      outs.append(kv)
+    new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+  x = layers.layer_norm(x, params["ln_f"], config.layer_norm_eps)
+  new_cache = None
+  if cache is not None:
+    new_cache = {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments, "positions": kv_positions,
+                 "index": offset + length}
+  return x, new_cache
+
+
+def forward(params: dict, tokens: jax.Array, config: CPMConfig, **kwargs) -> tuple[jax.Array, dict | None]:
+  """Logits [batch, length, vocab] (float32) and the updated cache; kwargs as `hidden_states`."""
+  hidden, cache = hidden_states(params, tokens, config, **kwargs)
+  return logits_from_hidden(params, hidden, config), cache

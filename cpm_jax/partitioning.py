@@ -1,0 +1,198 @@
+"""Named device meshes and the logical-axis rules that place params and activations on them.
+
+Every parameter and the main activations carry *logical* axis names (``vocab``, ``embed``, ``heads``,
+``mlp``, ``batch``, ...). One table of rules maps each logical name to mesh axes (``data``, ``fsdp``,
+``tensor``). Megatron's tensor parallelism (column-parallel QKV / MLP-in, row-parallel outputs,
+vocab-split embeddings) and ZeRO-3 style FSDP are both just entries of that table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Iterator, Sequence
+
+import gin
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LogicalAxes = tuple  # a tuple of logical axis names (str) or None, one per array dimension
+Rules = Sequence[tuple[str, Any]]
+
+# Logical name -> mesh axis (or tuple of mesh axes, or None for replicated).
+# Params: vocab/heads/mlp split over `tensor` (Megatron), embed over `fsdp` (ZeRO-3).
+# Activations use their own names so that `batch` can take `fsdp` without clashing with params.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("positions", None),
+    ("qkv", None),
+    ("token_types", None),
+    ("classes", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("cache_length", None),
+)
+
+
+@gin.configurable
+def logical_axis_rules(rules: Rules = DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
+  """The rules table in force; bind `logical_axis_rules.rules` in gin to change it."""
+  return tuple((name, tuple(target) if isinstance(target, list) else target) for name, target in rules)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Sizes of the mesh axes; -1 on one axis means "all remaining devices"."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def resolve(self, num_devices: int) -> dict[str, int]:
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    unknown = [name for name, size in sizes.items() if size == -1]
+    if len(unknown) > 1:
+      raise ValueError(f"MeshConfig: at most one axis may be -1, got -1 for {unknown}.")
+    for name, size in sizes.items():
+      if size == 0 or size < -1:
+        raise ValueError(f"MeshConfig.{name}={size}: sizes must be positive or -1.")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if num_devices % known:
+      raise ValueError(
+          f"MeshConfig {sizes}: the product of the fixed axis sizes ({known}) does not divide the "
+          f"number of devices ({num_devices}).")
+    if unknown:
+      sizes[unknown[0]] = num_devices // known
+    elif known != num_devices:
+      raise ValueError(
+          f"MeshConfig {sizes}: axis sizes multiply to {known} but there are {num_devices} devices; "
+          "set one axis to -1 to take the rest.")
+    return sizes
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices, every process)."""
+  config = config or MeshConfig()
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = config.resolve(len(devices))
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, MESH_AXES)
+
+
+def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array."""
+  rules = logical_axis_rules() if rules is None else rules
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name in axes:
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise KeyError(f"Logical axis {name!r} has no rule; known axes: {sorted(table)}.")
+    target = table[name]
+    mesh_axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    mesh_axes = tuple(axis for axis in mesh_axes if axis not in used)
+    used.update(mesh_axes)
+    spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
+  return PartitionSpec(*spec)
+
+
+def _axes_size(mesh: Mesh, entry: Any) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else entry
+  return math.prod(mesh.shape[name] for name in names)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def is_logical_axes(node: Any) -> bool:
+  """True for a leaf of a logical-axes tree: a tuple of str/None."""
+  return isinstance(node, tuple) and all(a is None or isinstance(a, str) for a in node)
+
+
+def tree_shardings(logical_tree: Any, mesh: Mesh, shapes: Any = None,
+                   rules: Rules | None = None) -> Any:
+  """NamedShardings for a tree of logical axes; with `shapes`, checks every split divides evenly.
+
+  Raises a ValueError naming the parameter path, dimension, logical and mesh axis when a
+  dimension is not divisible by the mesh axes it is split over.
+  """
+  specs = jax.tree.map(lambda axes: logical_to_spec(axes, rules), logical_tree,
+                       is_leaf=is_logical_axes)
+  if shapes is not None:
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
+    flat_axes = jax.tree.leaves(logical_tree, is_leaf=is_logical_axes)
+    flat_shapes = jax.tree.leaves(shapes)
+    for (path, spec), axes, shaped in zip(flat_specs, flat_axes, flat_shapes):
+      shape = tuple(getattr(shaped, "shape", shaped))
+      if len(shape) != len(axes):
+        raise ValueError(f"Parameter {_path_name(path)}: shape {shape} has {len(shape)} dims but "
+                         f"logical axes {axes} name {len(axes)}.")
+      for dim, (size, entry, logical) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape), axes)):
+        parts = _axes_size(mesh, entry)
+        if size % parts:
+          raise ValueError(
+              f"Parameter {_path_name(path)}: dimension {dim} (logical axis {logical!r}) has size "
+              f"{size}, which mesh axis {entry!r} of size {parts} does not divide. Change the mesh "
+              "or the model size.")
+  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+# ---- activation constraints ---------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, tuple] | None] = contextvars.ContextVar(
+    "cpm_jax_partitioning", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
+  """Within this context `constrain` pins activations to `mesh` by `rules`."""
+  token = _ACTIVE.set((mesh, logical_axis_rules() if rules is None else tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
+  """Sharding constraint by logical axes; a no-op outside `activate` (e.g. single-device use)."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  spec = logical_to_spec(axes, rules)
+  # Skip splits the shape cannot take (e.g. batch 1 while decoding on a data=8 mesh).
+  spec = PartitionSpec(*(entry if x.shape[dim] % _axes_size(mesh, entry) == 0 else None
+                         for dim, entry in enumerate(spec)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def active_mesh() -> Mesh | None:
+  active = _ACTIVE.get()
+  return None if active is None else active[0]
