@@ -24,7 +24,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, partitioning
+from cpm_jax import layers, objectives, partitioning
 
 REMAT_POLICIES = {
     "none": None,
@@ -224,3 +224,35 @@ def forward(params: dict, tokens: jax.Array, config: CPMConfig, **kwargs) -> tup
   """Logits [batch, length, vocab] (float32) and the updated cache; kwargs as `hidden_states`."""
   hidden, cache = hidden_states(params, tokens, config, **kwargs)
   return logits_from_hidden(params, hidden, config), cache
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CPMLanguageModel:
+  """CPM-LM as the training loop sees a model: param specs, a loss over batches, FLOPs per token.
+
+  Batches are dicts of [batch, length] arrays: inputs, targets, weights, segment_ids, positions
+  (the Grain LM pipeline's format).
+  """
+
+  config: CPMConfig = dataclasses.field(default_factory=CPMConfig)
+  z_loss: float = 0.0
+
+  def param_specs(self) -> dict:
+    return param_specs(self.config)
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    logits, _ = forward(params, batch["inputs"], self.config, positions=batch.get("positions"),
+                        segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+    return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params (blocks + tied logits head) + attention scores.
+
+    Attention: QK^T and AV are 2 x 2 x seq_len x embed FLOPs per token per layer forward, x3 with
+    the backward pass (PaLM's accounting: 12 x layers x embed x seq_len).
+    """
+    c = self.config
+    per_layer = 4 * c.embed_dim * c.embed_dim + 2 * c.embed_dim * c.ffn_dim
+    matmul_params = c.num_layers * per_layer + c.vocab_size * c.embed_dim
+    return 6.0 * matmul_params + 12.0 * c.num_layers * c.embed_dim * seq_len

@@ -1,0 +1,233 @@
+"""Train state, optimizer, and the pure, sharded train / eval steps.
+
+A model is any object with `param_specs()`, `loss(params, batch, dropout_rng) -> (loss, sums)` and
+`flops_per_token(seq_len)` (see cpm_jax.models.cpm.CPMLanguageModel). Everything here is a pure
+function of (state, batch); `make_sharded_steps` jits them with explicit in/out shardings over a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Protocol
+
+import flax.struct
+import gin
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cpm_jax import layers, partitioning
+
+
+class Model(Protocol):
+  def param_specs(self) -> Any: ...
+  def loss(self, params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]: ...
+  def flops_per_token(self, seq_len: int) -> float: ...
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes; checkpointed whole."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data, so checkpoints hold plain arrays
+  consecutive_bad_steps: jax.Array
+  skipped_steps: jax.Array
+
+
+# ---- optimizer -----------------------------------------------------------------------------------
+
+@gin.configurable
+def learning_rate_schedule(peak: float = 1.5e-4, warmup_steps: int = 5000, total_steps: int = 20000,
+                           decay: str = "cosine", end_ratio: float = 0.1) -> optax.Schedule:
+  """Linear warm-up to `peak`, then cosine / linear decay to end_ratio * peak, or constant."""
+  if decay not in ("cosine", "linear", "constant"):
+    raise ValueError(f"learning_rate_schedule.decay={decay!r}; expected 'cosine', 'linear' or 'constant'.")
+  warmup_steps = min(warmup_steps, total_steps)
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(peak, decay_steps, alpha=end_ratio)
+  elif decay == "linear":
+    after = optax.linear_schedule(peak, peak * end_ratio, decay_steps)
+  else:
+    after = optax.constant_schedule(peak)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), after], [warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matmul kernels and embeddings only, never on biases or LayerNorm."""
+  def decays(path, _):
+    name = str(getattr(path[-1], "key", path[-1]))
+    return name.endswith("kernel") or name in ("wte", "wpe", "token_type", "word_embeddings")
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+@gin.configurable
+def make_optimizer(schedule: optax.Schedule | None = None, weight_decay: float = 0.01, b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (CPM's release used Adam, lr 1.5e-4, 5k warm-up of 20k)."""
+  schedule = schedule or learning_rate_schedule()
+  chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+  return optax.chain(*chain)
+
+
+# ---- state creation ------------------------------------------------------------------------------
+
+def _init_state(model: Model, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
+  params = layers.init_from_specs(model.param_specs(), init_key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    rng=state_key, consecutive_bad_steps=jnp.zeros((), jnp.int32),
+                    skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def state_shardings(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules=None) -> tuple[TrainState, TrainState]:
+  """(abstract state, shardings): params by the logical-axis rules, optimizer moments like params."""
+  abstract = jax.eval_shape(functools.partial(_init_state, model, optimizer), 0)
+  specs = model.param_specs()
+  param_shardings = partitioning.tree_shardings(layers.logical_axes(specs), mesh, abstract.params, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
+      transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
+  shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
+                         consecutive_bad_steps=replicated, skipped_steps=replicated)
+  return abstract, shardings
+
+
+def create_train_state(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int,
+                       rules=None) -> TrainState:
+  """A fresh state created already sharded (jit with out_shardings): never whole on one host."""
+  _, shardings = state_shardings(model, optimizer, mesh, rules)
+  init = jax.jit(functools.partial(_init_state, model, optimizer), static_argnums=0, out_shardings=shardings)
+  with partitioning.activate(mesh, rules):
+    return init(seed)
+
+
+# ---- steps ---------------------------------------------------------------------------------------
+
+def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f"Batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}.")
+    return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def _loss_and_grad_sums(model: Model, params, batch: dict, rng, num_microbatches: int):
+  """Sums of (loss, gradient, metrics) over microbatches; dividing by the weight sum gives the mean."""
+  def sum_loss(p, b, r):
+    _, sums = model.loss(p, b, r)
+    return sums["loss_sum"] + sums["z_loss_sum"], sums
+
+  grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
+  if num_microbatches == 1:
+    (_, sums), grads = grad_fn(params, batch, rng)
+    return grads, sums
+
+  micro = _split_microbatches(batch, num_microbatches)
+  rngs = None if rng is None else jax.random.split(rng, num_microbatches)
+
+  def body(carry, xs):
+    grad_acc, sums_acc = carry
+    mb, r = xs
+    (_, sums), grads = grad_fn(params, mb, r)
+    return (jax.tree.map(jnp.add, grad_acc, grads), jax.tree.map(jnp.add, sums_acc, sums)), None
+
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  zero_sums = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                           jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro),
+                                                          None if rngs is None else rngs[0])[0][1]))
+  (grads, sums), _ = jax.lax.scan(body, (zero_grads, zero_sums), (micro, rngs))
+  return grads, sums
+
+
+def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax.GradientTransformation,
+               num_microbatches: int = 1, dropout: bool = True) -> tuple[TrainState, dict]:
+  """One optimizer step. A non-finite loss or gradient leaves params and optimizer untouched.
+
+  The skipped step is counted (skipped_steps, consecutive_bad_steps); the loop decides when to stop.
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  grads, sums = _loss_and_grad_sums(model, state.params, batch, step_rng if dropout else None,
+                                    num_microbatches)
+  denominator = jnp.maximum(sums["weight_sum"], 1.0)
+  grads = jax.tree.map(lambda g: g / denominator, grads)
+  loss = (sums["loss_sum"] + sums["z_loss_sum"]) / denominator
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt_state, state.opt_state),
+      rng=rng,
+      consecutive_bad_steps=jnp.where(finite, 0, state.consecutive_bad_steps + 1),
+      skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
+  )
+  metrics = {
+      "loss": loss,
+      "cross_entropy": sums["loss_sum"] / denominator,
+      "accuracy": sums["correct_sum"] / denominator,
+      "grad_norm": grad_norm,
+      "tokens": sums["weight_sum"],
+      "finite": finite,
+  }
+  return new_state, metrics
+
+
+def eval_step(params: Any, batch: dict, *, model: Model) -> dict:
+  """Loss sums over a batch (no dropout); aggregate across batches, then divide."""
+  _, sums = model.loss(params, batch, None)
+  return sums
+
+
+def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
+  return NamedSharding(mesh, partitioning.logical_to_spec(("batch", "length"), rules))
+
+
+def global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:
+  """Assembles each process's share of the batch into global jax.Arrays sharded over (data, fsdp)."""
+  sharding = batch_sharding(mesh, rules)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedSteps:
+  """The jitted steps for one (model, optimizer, mesh): state donated, shardings explicit."""
+
+  train: Callable[[TrainState, dict], tuple[TrainState, dict]]
+  evaluate: Callable[[Any, dict], dict]
+  state_shardings: TrainState
+  abstract_state: TrainState
+
+
+def make_sharded_steps(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
+                       num_microbatches: int = 1, dropout: bool = True, rules=None) -> ShardedSteps:
+  abstract, shardings = state_shardings(model, optimizer, mesh, rules)
+  data_sharding = batch_sharding(mesh, rules)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def with_mesh(fn):
+    @functools.wraps(fn)
+    def wrapped(*args):
+      with partitioning.activate(mesh, rules):
+        return fn(*args)
+    return wrapped
+
+  train = jax.jit(
+      with_mesh(functools.partial(train_step, model=model, optimizer=optimizer,
+                                  num_microbatches=num_microbatches, dropout=dropout)),
+      in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(with_mesh(functools.partial(eval_step, model=model)),
+                     in_shardings=(shardings.params, data_sharding), out_shardings=replicated)
+  return ShardedSteps(train=train, evaluate=evaluate, state_shardings=shardings, abstract_state=abstract)
