@@ -1,0 +1,158 @@
+"""Hugging Face GPT2LMHeadModel directories <-> cpm_jax CPM-LM params.
+
+Reads config.json plus model.safetensors or pytorch_model.bin (or their sharded *.index.json forms);
+writes config.json and one model.safetensors that `GPT2LMHeadModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+
+import jax
+import numpy as np
+
+from cpm_jax.convert import cpm as cpm_layout
+from cpm_jax.convert import safetensors_io, torch_io
+from cpm_jax.convert.common import ConversionError, KeyLedger, atomic_output_dir
+from cpm_jax.models import cpm
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# Buffers of older GPT-2 checkpoints (the causal mask), not parameters.
+_BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias")
+
+
+class Weights:
+  """The tensors of a HF model directory, each read when asked for (safetensors: plain reads; .bin: mmap)."""
+
+  def __init__(self, directory: pathlib.Path, trust_pickle: bool = False):
+    name = next((name for name in WEIGHT_FILES if (directory / name).is_file()), None)
+    if name is None:
+      raise ConversionError(f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)}.")
+    if name.endswith(".index.json"):
+      index = json.loads((directory / name).read_text())
+      files = index.get("weight_map") or {}
+      if not files:
+        raise ConversionError(f"{directory / name}: no 'weight_map'.")
+    else:
+      files = None
+    readers, specs = {}, {}
+    self._file_of = {}
+    for file in sorted(set(files.values())) if files else [name]:
+      path = directory / file
+      if file.endswith(".safetensors"):
+        reader = safetensors_io.Reader(path)
+        readers[file] = reader.read
+        specs.update({key: (reader.shape(key), reader.dtype(key)) for key in reader.keys()})
+      else:
+        state = torch_io.load(path, trust_pickle)
+        readers[file] = lambda key, state=state: torch_io.to_numpy(state[key])
+        specs.update({key: (tuple(t.shape), torch_io.to_numpy(t.reshape(-1)[:0]).dtype) for key, t in state.items()})
+      self._file_of.update({key: file for key in specs if key not in self._file_of})
+    self._directory, self._readers, self._specs = directory, readers, specs
+    self.ledger = KeyLedger(self._file_of, str(directory))
+
+  def read(self, key: str) -> tuple[np.ndarray, str]:
+    """(array, "file: key"); the array may be a view into a memory-mapped file."""
+    self.ledger.take(key)
+    file = self._file_of[key]
+    return self._readers[file](key), f"{self._directory / file}: {key}"
+
+  def keys(self) -> list[str]:
+    return list(self._file_of)
+
+  def spec(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of `key` without reading it."""
+    if key not in self._specs:
+      raise ConversionError(f"{self._directory}: missing key {key!r}; not a GPT-2 checkpoint?")
+    return self._specs[key]
+
+
+def read_config(directory: pathlib.Path) -> dict:
+  """config.json, checked to describe a model cpm_jax's CPM-LM computes exactly."""
+  path = directory / "config.json"
+  try:
+    hf = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{path}: cannot read the model config ({e}).") from e
+  checks = [("model_type", hf.get("model_type"), "gpt2"),
+            ("activation_function", hf.get("activation_function", "gelu_new") in TANH_GELUS, True),
+            ("scale_attn_weights", hf.get("scale_attn_weights", True), True),
+            ("scale_attn_by_inverse_layer_idx", hf.get("scale_attn_by_inverse_layer_idx", False), False),
+            ("add_cross_attention", hf.get("add_cross_attention", False), False)]
+  for name, value, wanted in checks:
+    if value != wanted:
+      raise ConversionError(f"{path}: {name}={hf.get(name)!r} is not a CPM-LM setting (CPM is a GPT-2 with "
+                            f"model_type 'gpt2', tanh GELU {TANH_GELUS}, 1/sqrt(head_dim) attention scale).")
+  return hf
+
+
+def gpt2_config(config: cpm.CPMConfig) -> dict:
+  """A GPT2Config (config.json) for `config`; <eod>=7 ends documents, <pad>=5."""
+  dropout = config.dropout_rate
+  return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+          "n_positions": config.max_positions, "n_embd": config.embed_dim, "n_layer": config.num_layers,
+          "n_head": config.num_heads, "n_inner": config.mlp_dim or None, "activation_function": "gelu_new",
+          "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": dropout, "embd_pdrop": dropout,
+          "attn_pdrop": dropout, "initializer_range": config.init_stddev, "tie_word_embeddings": True,
+          "scale_attn_weights": True, "bos_token_id": 7, "eos_token_id": 7, "pad_token_id": 5,
+          "dtype": config.param_dtype}
+
+
+def load_hf(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, num_heads: int | None = None,
+            dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+            trust_pickle: bool = False) -> cpm_layout.Loaded:
+  """CPM-LM params from a GPT2LMHeadModel directory; `config` (e.g. from gin) is checked against it.
+
+  dtype: of the params (default: the checkpoint's). With `mesh`, each parameter is placed with its
+  NamedSharding as soon as it is converted.
+  """
+  directory = pathlib.Path(path)
+  if not directory.is_dir():
+    raise ConversionError(f"{directory}: not a directory (expected a Hugging Face GPT2LMHeadModel directory).")
+  hf = read_config(directory)
+  weights = Weights(directory, trust_pickle)
+  prefix = "transformer." if "transformer.wte.weight" in weights.ledger else ""
+  (vocab, embed), wte_dtype = weights.spec(prefix + "wte.weight")
+  layer_ids = [int(m.group(1)) for key in weights.keys()
+               if (m := re.fullmatch(re.escape(prefix) + r"h\.(\d+)\.ln_1\.weight", key))]
+  found = {"vocab_size": vocab, "embed_dim": embed, "max_positions": weights.spec(prefix + "wpe.weight")[0][0],
+           "num_layers": max(layer_ids, default=-1) + 1, "ffn_dim": weights.spec(prefix + "h.0.mlp.c_fc.weight")[0][1],
+           "num_heads": hf.get("n_head"), "layer_norm_eps": hf.get("layer_norm_epsilon", 1e-5)}
+  for name, hf_name in (("vocab_size", "vocab_size"), ("embed_dim", "n_embd"), ("num_layers", "n_layer"),
+                        ("max_positions", "n_positions")):
+    if hf.get(hf_name, found[name]) != found[name]:
+      raise ConversionError(f"{directory / 'config.json'}: {hf_name}={hf[hf_name]} but the weights have "
+                            f"{name}={found[name]}.")
+  config, note = cpm_layout.resolve_config(found, f"{directory / 'config.json'}", config, num_heads,
+                                           dtype or wte_dtype.name)
+  key = lambda entry: prefix + entry.hf  # noqa: E731
+  ignore = lambda name: name == "lm_head.weight" or bool(_BUFFER.fullmatch(name))  # noqa: E731
+  weights.ledger.expect({t.key for t in cpm_layout.tensors(cpm.abstract_params(config), key)}, ignore)
+
+  def read(entry: cpm_layout.Entry, layer: int | None) -> tuple[np.ndarray, str]:
+    array, origin = weights.read(key(entry).format(i=layer))
+    if entry.target == "embed/wte" and "lm_head.weight" in weights.ledger:
+      head, head_origin = weights.read("lm_head.weight")
+      if not np.array_equal(head, array):
+        raise ConversionError(f"{head_origin} differs from {origin}; CPM-LM ties its output head to the word "
+                              "embedding (tie_word_embeddings).")
+    return array, origin
+
+  params = cpm_layout.load_params(config, read, mesh)
+  weights.ledger.check_all_taken(lambda name: bool(_BUFFER.fullmatch(name)))
+  return cpm_layout.Loaded(params, config, [note])
+
+
+def save_hf(params: dict, config: cpm.CPMConfig, path: str | os.PathLike) -> pathlib.Path:
+  """Writes a GPT2LMHeadModel directory (config.json, model.safetensors) atomically, tensor by tensor."""
+  wanted = cpm_layout.tensors(params, lambda entry: "transformer." + entry.hf)
+  with atomic_output_dir(path) as tmp:
+    (tmp / "config.json").write_text(json.dumps(gpt2_config(config), indent=2) + "\n")
+    safetensors_io.write(tmp / "model.safetensors", [(t.key, t.dtype, t.shape) for t in wanted],
+                         cpm_layout.hf_arrays(params, wanted), {"format": "pt"})
+  return pathlib.Path(path)
