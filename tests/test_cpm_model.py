@@ -1,0 +1,141 @@
+"""CPM-LM model: released sizes, packing, scan/remat/attention options, dtypes, dropout."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpm_jax import layers
+from cpm_jax.models import cpm
+
+TINY = cpm.CPMConfig(vocab_size=96, num_layers=3, embed_dim=32, num_heads=4, max_positions=64, dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return cpm.init(TINY, jax.random.key(0))
+
+
+def _tokens(batch=2, length=24, seed=1):
+  return jax.random.randint(jax.random.key(seed), (batch, length), 8, TINY.vocab_size)
+
+
+@pytest.mark.parametrize("layers_, embed, heads, expected", [
+    (12, 768, 12, 108_882_432),     # published ~108.9M
+    (24, 1024, 16, 334_080_000),    # published ~334.1M
+    (32, 2560, 32, 2_597_073_920),  # exact released figure
+])
+def test_released_parameter_counts_from_abstract_shapes(layers_, embed, heads, expected):
+  config = cpm.CPMConfig(num_layers=layers_, embed_dim=embed, num_heads=heads)
+  abstract = cpm.abstract_params(config)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+  assert layers.count_params(abstract) == expected
+
+
+def test_gin_model_configs_match_released_sizes():
+  import gin, pathlib
+  root = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "models"
+  for name, expected in [("cpm_small", 108_882_432), ("cpm_medium", 334_080_000), ("cpm_large", 2_597_073_920)]:
+    gin.clear_config()
+    gin.parse_config_file(str(root / f"{name}.gin"))
+    assert layers.count_params(cpm.abstract_params(cpm.CPMConfig())) == expected, name
+  gin.clear_config()
+
+
+def test_init_statistics_follow_release():
+  config = cpm.CPMConfig(vocab_size=512, num_layers=8, embed_dim=128, num_heads=4, max_positions=64)
+  p = cpm.init(config, jax.random.key(0))
+  np.testing.assert_allclose(np.std(p["embed"]["wte"]), 0.02, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["blocks"]["mlp"]["in_kernel"]), 0.02, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["blocks"]["mlp"]["out_kernel"]), 0.02 / np.sqrt(16), rtol=0.05)
+  np.testing.assert_allclose(np.std(p["blocks"]["attn"]["out_kernel"]), 0.02 / np.sqrt(16), rtol=0.05)
+  assert not np.allclose(p["blocks"]["mlp"]["in_kernel"][0], p["blocks"]["mlp"]["in_kernel"][1])
+  assert np.all(p["blocks"]["ln_1"]["scale"] == 1) and np.all(p["blocks"]["attn"]["qkv_bias"] == 0)
+
+
+def test_scan_and_unrolled_agree(params):
+  tokens = _tokens()
+  scanned, _ = cpm.forward(params, tokens, TINY)
+  unrolled, _ = cpm.forward(params, tokens, cpm.CPMConfig(**{**TINY.__dict__, "scan_layers": False}))
+  np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
+
+
+def test_causal_prefix_is_unchanged_by_later_tokens(params):
+  tokens = _tokens()
+  full, _ = cpm.forward(params, tokens, TINY)
+  prefix, _ = cpm.forward(params, tokens[:, :10], TINY)
+  np.testing.assert_allclose(full[:, :10], prefix, atol=1e-5)
+
+
+def test_packed_documents_do_not_see_each_other(params):
+  doc_a, doc_b = _tokens(1, 10, seed=2), _tokens(1, 14, seed=3)
+  packed = jnp.concatenate([doc_a, doc_b], axis=1)
+  segment_ids = jnp.array([[1] * 10 + [2] * 14])
+  positions = jnp.array([list(range(10)) + list(range(14))])
+  packed_logits, _ = cpm.forward(params, packed, TINY, segment_ids=segment_ids, positions=positions)
+  alone_a, _ = cpm.forward(params, doc_a, TINY)
+  alone_b, _ = cpm.forward(params, doc_b, TINY)
+  np.testing.assert_allclose(packed_logits[:, :10], alone_a, atol=1e-5)
+  np.testing.assert_allclose(packed_logits[:, 10:], alone_b, atol=1e-5)
+
+
+def test_attention_implementations_agree(params):
+  tokens = _tokens()
+  segment_ids = jnp.array([[1] * 12 + [2] * 12, [1] * 20 + [0] * 4])
+  positions = jnp.array([list(range(12)) * 2, list(range(24))])
+  xla, _ = cpm.forward(params, tokens, TINY, segment_ids=segment_ids, positions=positions)
+  via_jax, _ = cpm.forward(params, tokens, cpm.CPMConfig(**{**TINY.__dict__, "attention_impl": "jax"}),
+                           segment_ids=segment_ids, positions=positions)
+  np.testing.assert_allclose(xla, via_jax, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_keeps_gradients(params, policy):
+  batch = {"inputs": _tokens(), "targets": _tokens(seed=4), "weights": jnp.ones((2, 24))}
+
+  def grads(config):
+    model = cpm.CPMLanguageModel(config)
+    return jax.grad(lambda p: model.loss(p, batch)[0])(params)
+
+  reference = grads(TINY)
+  remat = grads(cpm.CPMConfig(**{**TINY.__dict__, "remat_policy": policy}))
+  for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(remat)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_compute_is_close_to_float32(params):
+  tokens = _tokens()
+  f32, _ = cpm.forward(params, tokens, TINY)
+  bf16_config = cpm.CPMConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
+  bf16, _ = cpm.forward(params, tokens, bf16_config)
+  assert bf16.dtype == jnp.float32  # logits always float32 for the loss
+  np.testing.assert_allclose(bf16, f32, atol=0.05)
+  assert not np.allclose(bf16, f32, atol=1e-6)  # really computed in bfloat16
+
+
+def test_dropout_only_with_rng():
+  config = cpm.CPMConfig(**{**TINY.__dict__, "dropout_rate": 0.1})
+  p = cpm.init(config, jax.random.key(0))
+  tokens = _tokens()
+  a, _ = cpm.forward(p, tokens, config)
+  b, _ = cpm.forward(p, tokens, config)
+  c, _ = cpm.forward(p, tokens, config, dropout_rng=jax.random.key(1))
+  d, _ = cpm.forward(p, tokens, config, dropout_rng=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(c, d)
+  assert np.abs(a - c).max() > 1e-3
+
+
+def test_cached_forward_matches_full(params):
+  tokens = _tokens()
+  full, _ = cpm.forward(params, tokens, TINY)
+  cache = cpm.init_cache(TINY, 2, 32)
+  first, cache = cpm.forward(params, tokens[:, :16], TINY, cache=cache)
+  steps = [first]
+  for t in range(16, 24):
+    logits, cache = cpm.forward(params, tokens[:, t:t + 1], TINY, cache=cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+  assert int(cache["index"]) == 24
