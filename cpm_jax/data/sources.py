@@ -62,4 +62,4 @@ def load_examples(name: str, split: str, data_dir: str | os.PathLike) -> list[di
   """All examples of a split, in stored order, with text decoded to str (review_sentiment: text + int label)."""
   source = load_split(name, split, data_dir)
   return [{key: value.decode("utf-8") if isinstance(value, bytes) else value for key, value in example.items()}
-          for example in (source[i] for i in range(len(source)))]
+          for example in source.__getitems__(range(len(source)))]
