@@ -10,11 +10,16 @@ Every write goes to a temporary path renamed when complete, so an interrupted sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import signal
+import threading
 from typing import Any
 
+import gin
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
@@ -129,3 +134,167 @@ def restore_params(directory: epath.PathLike, abstract_params: Any = None,
       check_tree_matches(abstract_params, stored, f"params checkpoint {directory}")
     params = checkpointer.restore(directory / PARAMS_DIR, _restore_target(abstract_params, shardings))
   return params, metadata
+
+
+# ---- per-process data-iterator state -----------------------------------------------------------
+
+def _iterator_state_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """Saves this process's data-iterator state (`get_state()`: a JSON-able dict or bytes) to its own file."""
+
+  def save(self, directory: epath.Path, args: "DataIteratorSave"):
+    state = args.iterator.get_state()
+    record = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"json": state}
+    (directory / _iterator_state_file()).write_text(json.dumps(record))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
+    path = directory / _iterator_state_file()
+    if not path.exists():
+      found = sorted(p.name for p in directory.glob("process_*.json"))
+      raise FileNotFoundError(f"No data-iterator state for this process at {path}; the checkpoint holds {found}. "
+                              "Resume with the number of processes that wrote it (or without a data iterator).")
+    record = json.loads(path.read_text())
+    args.iterator.set_state(record["bytes"].encode("latin-1") if "bytes" in record else record["json"])
+    return args.iterator
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+# ---- the training checkpoint manager -----------------------------------------------------------
+
+STATE_ITEM, DATA_ITEM = "state", "data"
+
+
+@gin.configurable
+class Checkpointer:
+  """Saves and restores the train state and every process's data-iterator state in `directory`.
+
+  Saves are asynchronous (training goes on while arrays are written) and atomic; retention keeps the last
+  `max_to_keep` checkpoints plus every step divisible by `keep_period`. Call every method on every process.
+  """
+
+  def __init__(self, directory: epath.PathLike, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
+               keep_period: int | None = None, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self._save_interval_steps = save_interval_steps
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler()})
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step (None when there is none)."""
+    return self._manager.latest_step()
+
+  def restore(self, abstract_state: Any, state_shardings: Any, data_iterator: Any = None,
+              step: int | None = None) -> Any:
+    """The state saved at `step` (default: the latest), each array read into its sharding in `state_shardings`.
+
+    With `data_iterator`, also restores this process's iterator state into it (in place).
+    """
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No complete checkpoint in {self.directory} to restore.")
+    elif step not in self._manager.all_steps():
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; complete checkpoints: "
+                              f"{self.all_steps()}.")
+    stored = self._manager.item_metadata(step)[STATE_ITEM]
+    check_tree_matches(abstract_state, stored.tree, f"checkpoint {self.directory}/{step}")
+    args = {STATE_ITEM: ocp.args.StandardRestore(_restore_target(abstract_state, state_shardings))}
+    if data_iterator is not None:
+      if not (self.directory / str(step) / DATA_ITEM).exists():
+        raise FileNotFoundError(f"Checkpoint {self.directory}/{step} holds no data-iterator state (it was saved "
+                                "without a data iterator).")
+      args[DATA_ITEM] = DataIteratorRestore(data_iterator)
+    return self._manager.restore(step, args=ocp.args.Composite(**args))[STATE_ITEM]
+
+  def maybe_save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
+    """Starts an asynchronous save when `step` is a multiple of the save interval (or `force`).
+
+    Returns whether a save started; a step that already has a checkpoint is skipped with a warning (that
+    happens when resuming from an older step than the latest).
+    """
+    if not force and step % self._save_interval_steps:
+      return False
+    if step in self._manager.all_steps():
+      logging.warning("Not saving step %d: %s already holds a checkpoint for it.", step, self.directory)
+      return False
+    args = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      args[DATA_ITEM] = DataIteratorSave(data_iterator)
+    return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+  def wait(self) -> None:
+    """Blocks until the pending save (if any) is complete on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ---- preemption --------------------------------------------------------------------------------
+
+class PreemptionGuard:
+  """Turns SIGTERM (the eviction notice of schedulers and cloud VMs) into a stop the loop polls every step.
+
+  Single process: a SIGTERM handler sets a flag (further SIGTERMs only set it again). Under jax.distributed,
+  JAX's preemption service catches SIGTERM on any process and `should_stop(step)` becomes true on every
+  process at the same step, so all of them save that step together.
+  """
+
+  def __init__(self):
+    self._requested = threading.Event()
+    self._distributed = jax.process_count() > 1
+    self._previous = None if self._distributed else signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame) -> None:
+    del signum, frame
+    self._requested.set()
+
+  @property
+  def requested(self) -> bool:
+    """True once this process received SIGTERM (or, multi-process, once a stop step was agreed)."""
+    return self._requested.is_set()
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after `step`; call once per step on every process."""
+    if self._distributed and multihost_utils.reached_preemption_sync_point(step):
+      self._requested.set()
+    return self.requested
+
+  def close(self) -> None:
+    """Reinstates the SIGTERM handler that was in place before."""
+    if not self._distributed and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+
+  def __enter__(self) -> "PreemptionGuard":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

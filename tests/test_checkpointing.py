@@ -1,7 +1,17 @@
 """cpm_jax.checkpointing: params-only checkpoints, the training Checkpointer, restore onto other meshes."""
 
+import functools
+import json
+import os
+import shutil
+import signal
+from typing import Any
+
+import flax.struct
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
@@ -23,7 +33,7 @@ def _assert_bitwise_equal(a, b):
 
 @pytest.fixture(scope="module")
 def params():
-  return cpm.init(TINY, jax.random.key(0))
+  return jax.jit(cpm.init, static_argnums=0)(TINY, jax.random.key(0))
 
 
 def test_params_roundtrip_reads_each_shard_into_its_device(tmp_path, params, monkeypatch):
@@ -104,3 +114,146 @@ def test_interrupted_params_save_leaves_no_checkpoint(tmp_path, params, monkeypa
     checkpointing.restore_params(tmp_path / "export")
   checkpointing.save_params(tmp_path / "export", params, {})  # a retry replaces the leftover
   _assert_bitwise_equal(checkpointing.restore_params(tmp_path / "export")[0], params)
+
+
+# ---- Checkpointer ------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class State:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  skipped_steps: jax.Array
+
+
+class CountingIterator:
+  """A stand-in for a Grain iterator: get_state()/set_state() of a dict or of bytes."""
+
+  def __init__(self, as_bytes: bool = False):
+    self.position, self.as_bytes = 0, as_bytes
+
+  def get_state(self):
+    state = {"position": self.position}
+    return json.dumps(state).encode() if self.as_bytes else state
+
+  def set_state(self, state):
+    self.position = (json.loads(state) if self.as_bytes else state)["position"]
+
+
+OPTIMIZER = optax.adamw(1e-2)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _make_state(params, step):
+  grads = jax.tree.map(lambda p: p * 0.5 + 1.0, params)
+  opt_state = OPTIMIZER.init(params)
+  updates, opt_state = OPTIMIZER.update(grads, opt_state, params)
+  return State(step=jnp.int32(step), params=optax.apply_updates(params, updates), opt_state=opt_state,
+               rng=jax.random.fold_in(jax.random.key(7), step), skipped_steps=jnp.int32(1))
+
+
+def _state_shardings(abstract_state, param_shardings):
+  replicated = jax.sharding.NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, jax.sharding.PartitionSpec())
+  opt_shardings = optax.tree_map_params(OPTIMIZER, lambda _, s: s, abstract_state.opt_state, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  return State(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
+               skipped_steps=replicated)
+
+
+def _placed_state(params, step, mesh_config):
+  abstract = jax.eval_shape(lambda: _make_state(params, step))
+  shardings = _state_shardings(abstract, _shardings(TINY, mesh_config))
+  return jax.jit(lambda p: _make_state(p, step), out_shardings=shardings)(params), abstract, shardings
+
+
+def test_resume_onto_other_meshes_is_exact_and_sharded(tmp_path, params):
+  state, abstract, _ = _placed_state(params, 3, partitioning.MeshConfig(data=2, tensor=4))
+  iterator = CountingIterator()
+  iterator.position = 12
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=3, max_to_keep=2) as checkpointer:
+    assert checkpointer.maybe_save(3, state, iterator)
+  for mesh_config in (partitioning.MeshConfig(data=1, tensor=8), partitioning.MeshConfig(data=1, fsdp=8),
+                      None):
+    if mesh_config is None:  # one device
+      shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
+    else:
+      shardings = _state_shardings(abstract, _shardings(TINY, mesh_config))
+    resumed_iterator = CountingIterator()
+    with checkpointing.Checkpointer(tmp_path, save_interval_steps=3, max_to_keep=2) as checkpointer:
+      restored = checkpointer.restore(abstract, shardings, resumed_iterator)
+    assert resumed_iterator.position == 12
+    assert [x.sharding for x in jax.tree.leaves(restored)] == jax.tree.leaves(shardings)
+    _assert_bitwise_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
+    _assert_bitwise_equal(restored.replace(rng=None), state.replace(rng=None))
+
+
+def test_retention_interval_and_forced_saves(tmp_path, params):
+  state = _make_state(params, 0)
+  iterator = CountingIterator(as_bytes=True)
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, keep_period=4) as checkpointer:
+    saved = [step for step in range(1, 13) if checkpointer.maybe_save(step, state.replace(step=step), iterator)]
+    assert saved == [2, 4, 6, 8, 10, 12]
+    assert checkpointer.maybe_save(13, state, iterator, force=True)
+    assert not checkpointer.maybe_save(13, state, iterator, force=True)  # never written twice
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [4, 8, 12, 13]  # the last 2, plus every 4th step kept forever
+  iterator.position = 99
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, keep_period=4) as checkpointer:
+    abstract = jax.eval_shape(lambda: state)
+    restored = checkpointer.restore(abstract, None, iterator, step=8)
+  assert int(restored.step) == 8 and iterator.position == 0
+
+
+def test_restore_errors_name_what_is_wrong(tmp_path, params):
+  state = _make_state(params, 0)
+  abstract = jax.eval_shape(lambda: state)
+  with checkpointing.Checkpointer(tmp_path / "empty") as checkpointer:
+    assert checkpointer.latest_step() is None
+    with pytest.raises(FileNotFoundError, match=f"No complete checkpoint in {tmp_path / 'empty'}"):
+      checkpointer.restore(abstract, None)
+  with checkpointing.Checkpointer(tmp_path / "run", save_interval_steps=1) as checkpointer:
+    checkpointer.maybe_save(5, state)
+    checkpointer.wait()
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint for step 4 .* complete checkpoints: \[5\]"):
+      checkpointer.restore(abstract, None, step=4)
+    with pytest.raises(FileNotFoundError, match="run/5 holds no data-iterator state"):
+      checkpointer.restore(abstract, None, CountingIterator())
+    checkpointer.maybe_save(6, state, CountingIterator())
+    checkpointer.wait()
+    data = tmp_path / "run" / "6" / "data"
+    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as if written by 2 processes
+    with pytest.raises(FileNotFoundError, match=r"No data-iterator state for this process at .*process_0-of-1.json; "
+                                                r"the checkpoint holds \['process_0-of-2.json'\]"):
+      checkpointer.restore(abstract, None, CountingIterator())
+    wider = cpm.CPMConfig(vocab_size=64, num_layers=3, embed_dim=32, num_heads=8, max_positions=32)
+    other = jax.eval_shape(lambda: _make_state(cpm.init(wider, jax.random.key(0)), 0))
+    with pytest.raises(ValueError, match=r"'params/blocks/attn/out_bias' has shape \(2, 32\) in the checkpoint "
+                                         r"but \(3, 32\) in the configured model"):
+      checkpointer.restore(other, None)
+
+
+def test_incomplete_checkpoint_is_never_restored(tmp_path, params):
+  state = _make_state(params, 0)
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+    checkpointer.maybe_save(1, state.replace(step=1))
+  # What a save killed mid-write leaves: its temporary directory (never renamed to "2").
+  shutil.copytree(tmp_path / "1", tmp_path / "2.orbax-checkpoint-tmp-1234")
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+    assert checkpointer.latest_step() == 1
+    assert int(checkpointer.restore(jax.eval_shape(lambda: state), None).step) == 1
+    assert checkpointer.maybe_save(2, state.replace(step=2))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+# ---- PreemptionGuard ---------------------------------------------------------------------------
+
+def test_sigterm_sets_a_flag_and_a_second_one_is_harmless():
+  before = signal.getsignal(signal.SIGTERM)
+  with checkpointing.PreemptionGuard() as guard:
+    assert not guard.requested and not guard.should_stop(0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.requested and guard.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert guard.requested
+  assert signal.getsignal(signal.SIGTERM) == before
