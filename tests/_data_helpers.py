@@ -40,3 +40,12 @@ def small_tokenizer(tmp_path_factory) -> tokenization.CPMTokenizer:
       tokenization.train_sentencepiece(corpus.peoples_daily_paragraphs()[:400], path, vocab_size=2000,
                                        character_coverage=0.995, num_threads=1)
   return tokenization.CPMTokenizer(path)
+
+
+class CharTokenizer:
+  """A fast stand-in tokenizer for pipeline tests: one id per character (its code point); <eod> = 7."""
+
+  eod_id = 7
+
+  def encode(self, text: str) -> list[int]:
+    return [ord(c) for c in text]
