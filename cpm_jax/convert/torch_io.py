@@ -41,9 +41,11 @@ def load(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
     with torch.serialization.safe_globals(_safe_globals()):
       state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=not trust_pickle)
   except pickle.UnpicklingError as e:
-    if "Weights only load failed" not in str(e):
-      raise ConversionError(f"{path} is not a torch checkpoint (torch.save pickle): {e}") from e
-    reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e)[:300])
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    reason = next((line for line in lines if "Unsupported global" in line), None)
+    if reason is None:  # e.g. "Unsupported operand 103": the bytes are no pickle at all
+      detail = next((line for line in lines if line.startswith("Unsupported")), lines[-1] if lines else "")
+      raise ConversionError(f"{path} is not a torch checkpoint (torch.save pickle): {detail}") from e
     raise ConversionError(f"{path}: weights-only loading refused a Python object ({reason}). If you trust this "
                           "file, convert with --trust_pickle (trust_pickle=True).") from e
   except Exception as e:  # torch raises KeyError, EOFError, RuntimeError, ... for non-checkpoint files
