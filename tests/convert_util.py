@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import transformers
 
+from cpm_jax.tokenization import CPMTokenizer
+
 TEXT = ("清华大学和北京智源人工智能研究院发布了中文预训练语言模型。\n"
         "它在两周内读完了一百GB的中文文本，能写诗、答题，也会 讲故事。")
 
@@ -93,10 +95,5 @@ def assert_trees_equal(got, want) -> None:
 
 
 def cpm_tokens(vocab_path: pathlib.Path, text: str = TEXT) -> np.ndarray:
-  """[1, length] ids of `text` under the real CPM vocab (jieba segments, spaces/newlines mapped, SentencePiece)."""
-  import jieba
-  import sentencepiece as spm
-
-  segments = [segment.translate(str.maketrans(" \n", "\u2582\u2583")) for segment in jieba.cut(text, cut_all=False)]
-  ids = spm.SentencePieceProcessor(model_file=str(vocab_path)).encode(" ".join(segments))
-  return np.asarray([ids], np.int32)
+  """[1, length] ids of `text` under the real CPM vocab."""
+  return np.asarray([CPMTokenizer(vocab_path).encode(text)], np.int32)
