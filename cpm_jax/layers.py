@@ -110,6 +110,14 @@ def attention_specs(embed: int, heads: int, head_dim: int, stddev: float, out_st
   }
 
 
+def query_specs(embed: int, heads: int, head_dim: int, stddev: float) -> dict[str, ParamSpec]:
+  """A single query projection (cross-attention's Q; its K/V come from attention_specs(fused_qkv=2))."""
+  return {
+      "q_kernel": ParamSpec((embed, heads, head_dim), ("embed", "heads", "kv"), normal(stddev)),
+      "q_bias": ParamSpec((heads, head_dim), ("heads", "kv"), zeros),
+  }
+
+
 def mlp_specs(embed: int, hidden: int, stddev: float, out_stddev: float) -> dict[str, ParamSpec]:
   return {
       "in_kernel": ParamSpec((embed, hidden), ("embed", "mlp"), normal(stddev)),
@@ -181,6 +189,32 @@ def project_qkv(x: jax.Array, params: dict, dtype) -> jax.Array:
   out = jnp.einsum("bte,enhd->btnhd", x.astype(dtype), params["qkv_kernel"].astype(dtype))
   out = out + params["qkv_bias"].astype(dtype)
   return partitioning.constrain(out, ("batch", "length", None, "act_heads", None))
+
+
+def project_q(x: jax.Array, params: dict, dtype) -> jax.Array:
+  """x [b, t, e] -> queries [b, t, heads, head_dim] (params from `query_specs`)."""
+  out = jnp.einsum("bte,ehd->bthd", x.astype(dtype), params["q_kernel"].astype(dtype))
+  out = out + params["q_bias"].astype(dtype)
+  return partitioning.constrain(out, ("batch", "length", "act_heads", None))
+
+
+def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implementation: str = "xla",
+                   kv: tuple[jax.Array, jax.Array] | None = None,
+                   cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+  """Fused-QKV self-attention with its output projection; returns (output [b, t, e], kv).
+
+  With `kv` (this layer's cached k, v [b, cache_len, heads, head_dim]) the new keys and values are
+  written at `cache_index` and the queries attend over the whole cache; the updated kv is returned.
+  """
+  qkv = project_qkv(x, params, dtype)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  if kv is not None:
+    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+    kv = (k, v)
+    k, v = k.astype(dtype), v.astype(dtype)
+  out = dot_product_attention(q, k, v, mask, implementation)
+  return project_out(out, params, dtype), kv
 
 
 def project_out(x: jax.Array, params: dict, dtype) -> jax.Array:

@@ -12,8 +12,10 @@ import math
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from cpm_jax import layers
 from cpm_jax.models import plug
 
 # Keys that hold no parameter of their own: tied copies of the word embedding, buffers.
@@ -147,7 +149,9 @@ def params_from_state(state: Mapping[str, Any], config: plug.PlugConfig, *, allo
   if unexpected:
     raise KeyError(f"Checkpoint has {len(unexpected)} keys this model config does not use, e.g. "
                    f"{unexpected[:5]}; check num_*_layers / encoder_pre_ln / heads in the config.")
-  fresh = plug.init(config, init_key if init_key is not None else jax.random.key(0)) if missing else None
+  groups = {e.path[0] for e in missing}
+  fresh = layers.init_from_specs({g: specs[g] for g in groups}, jax.random.key(0) if init_key is None else init_key,
+                                 jnp.dtype(config.param_dtype))
 
   stacks: dict[tuple, dict[int, np.ndarray]] = {}
   params: dict = {}
@@ -175,12 +179,13 @@ def params_from_state(state: Mapping[str, Any], config: plug.PlugConfig, *, allo
 
 def state_from_params(params: dict, config: plug.PlugConfig) -> dict[str, np.ndarray]:
   """A full PLUG-named state dict (numpy, torch layout) from our params, with the tied decoder_weight."""
+  params = jax.tree.map(to_numpy, params)
   state = {}
   for entry in entries(config):
     value = params
     for name in entry.path:
       value = value[name]
-    value = np.asarray(value if entry.layer is None else value[entry.layer])
+    value = value if entry.layer is None else value[entry.layer]
     state[entry.key] = _to_theirs(value, entry)
   state["cls.predictions.decoder_weight"] = state["bert.embeddings.word_embeddings.weight"]
   return state

@@ -1,0 +1,367 @@
+"""PLUG: a StructBERT encoder + PALM decoder (and plain post-LN BERT), as pure functions of a params pytree.
+
+Encoder: word + position + token-type embeddings -> LayerNorm; blocks pre-LN (PLUG: LN -> attention ->
+residual; LN -> FFN -> residual; a final LN) or post-LN (BERT / StructBERT: attention -> residual -> LN;
+FFN -> residual -> LN) by `encoder_pre_ln`. Decoder (PALM): the same embedding module (token type 0),
+pre-LN blocks of causal self-attention, cross-attention over the final encoder output and FFN, a final LN,
+logits tied to the word embedding without bias. erf-GELU everywhere.
+
+Params layout (block params stacked over layers on a leading `layers` axis; attention as in CPM):
+  embed/wte [vocab, embed], embed/wpe [positions, embed], embed/wtt [token_types, embed], embed/ln
+  encoder/blocks/{ln_1, attn, ln_2, mlp}, encoder/ln_f (pre-LN only)
+    pre-LN: ln_1 precedes attention, ln_2 the FFN. post-LN: ln_1 follows the attention residual
+    (BERT's attention.output.LayerNorm), ln_2 the FFN residual (BERT's output.LayerNorm).
+  decoder/blocks/{ln_1, self_attn, ln_2, cross_attn, ln_3, mlp}, decoder/ln_f
+    cross_attn: q_kernel [L, embed, heads, head_dim], q_bias, qkv_kernel [L, embed, 2, heads, head_dim]
+    (K, V over the encoder output), qkv_bias, out_kernel, out_bias
+  mlm/{dense_kernel [embed, embed], dense_bias, ln, bias [vocab]}   (decoder weight tied to wte)
+  pooler/{kernel, bias}, relation/{kernel [embed, 3], bias}   (when num_relations or num_classes > 0)
+  classifier/{kernel [embed, classes], bias}                   (when num_classes > 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from cpm_jax import layers, objectives, partitioning
+from cpm_jax.models import cpm
+
+ACT = ("batch", "length", "act_embed")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PlugConfig:
+  """Sizes and options of a PLUG / StructBERT / PALM model (defaults: PLUG 27B as released)."""
+
+  vocab_size: int = 21504  # BERT-Chinese 21128 padded to a multiple of 8 x 128
+  num_encoder_layers: int = 24
+  num_decoder_layers: int = 6  # 0: encoder only (StructBERT, BERT)
+  embed_dim: int = 8192
+  num_heads: int = 128
+  mlp_dim: int = 32768
+  max_positions: int = 2048
+  type_vocab_size: int = 3
+  encoder_pre_ln: bool = True  # False: post-LN BERT / StructBERT
+  num_relations: int = 3  # sentence-relation head classes (0: no head)
+  num_classes: int = 0  # classification head classes (0: no head)
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-5
+  init_stddev: float = 0.00707
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "none"  # one of cpm.REMAT_POLICIES
+  scan_layers: bool = True
+  attention_impl: str = "xla"  # "xla", "jax" or "cudnn"
+
+  def __post_init__(self):
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f"PlugConfig: embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}.")
+    if self.remat_policy not in cpm.REMAT_POLICIES:
+      raise ValueError(f"PlugConfig.remat_policy={self.remat_policy!r}; expected one of "
+                       f"{sorted(cpm.REMAT_POLICIES)}.")
+    if self.attention_impl not in ("xla", "jax", "cudnn"):
+      raise ValueError(f"PlugConfig.attention_impl={self.attention_impl!r}; expected 'xla', 'jax' or 'cudnn'.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def has_pooler(self) -> bool:
+    return self.num_relations > 0 or self.num_classes > 0
+
+
+# ---- params ------------------------------------------------------------------------------------
+
+def _dense_specs(din: int, dout: int, axes: tuple, std: float) -> dict:
+  return {"kernel": layers.ParamSpec((din, dout), axes, layers.normal(std)),
+          "bias": layers.ParamSpec((dout,), axes[1:], layers.zeros)}
+
+
+def param_specs(config: PlugConfig) -> dict:
+  std, e, h, d = config.init_stddev, config.embed_dim, config.num_heads, config.head_dim
+  ln = functools.partial(layers.layer_norm_specs, e)
+  attn = functools.partial(layers.attention_specs, e, h, d, std, std)
+  mlp = layers.mlp_specs(e, config.mlp_dim, std, std)
+  specs = {
+      "embed": {
+          "wte": layers.ParamSpec((config.vocab_size, e), ("vocab", "embed"), layers.normal(std)),
+          "wpe": layers.ParamSpec((config.max_positions, e), ("positions", "embed"), layers.normal(std)),
+          "wtt": layers.ParamSpec((config.type_vocab_size, e), ("token_types", "embed"), layers.normal(std)),
+          "ln": ln(),
+      },
+      "encoder": {"blocks": layers.stacked({"ln_1": ln(), "attn": attn(), "ln_2": ln(), "mlp": mlp},
+                                           config.num_encoder_layers)},
+      "mlm": {
+          "dense_kernel": layers.ParamSpec((e, e), ("embed", None), layers.normal(std)),
+          "dense_bias": layers.ParamSpec((e,), (None,), layers.zeros),
+          "ln": ln(),
+          "bias": layers.ParamSpec((config.vocab_size,), ("vocab",), layers.zeros),
+      },
+  }
+  if config.encoder_pre_ln:
+    specs["encoder"]["ln_f"] = ln()
+  if config.num_decoder_layers:
+    block = {"ln_1": ln(), "self_attn": attn(), "ln_2": ln(),
+             "cross_attn": {**attn(fused_qkv=2), **layers.query_specs(e, h, d, std)},
+             "ln_3": ln(), "mlp": mlp}
+    specs["decoder"] = {"blocks": layers.stacked(block, config.num_decoder_layers), "ln_f": ln()}
+  if config.has_pooler:
+    specs["pooler"] = _dense_specs(e, e, ("embed", None), std)
+  if config.num_relations:
+    specs["relation"] = _dense_specs(e, config.num_relations, ("embed", "classes"), std)
+  if config.num_classes:
+    specs["classifier"] = _dense_specs(e, config.num_classes, ("embed", "classes"), std)
+  return specs
+
+
+def init(config: PlugConfig, key: jax.Array) -> dict:
+  return layers.init_from_specs(param_specs(config), key, jnp.dtype(config.param_dtype))
+
+
+def logical_axes(config: PlugConfig) -> dict:
+  return layers.logical_axes(param_specs(config))
+
+
+def abstract_params(config: PlugConfig) -> dict:
+  return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
+
+
+# ---- shared pieces -----------------------------------------------------------------------------
+
+def _split(rng, n):
+  return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+def _rate(config: PlugConfig, rng) -> float:
+  return config.dropout_rate if rng is not None else 0.0
+
+
+def embed(params: dict, tokens: jax.Array, token_types: jax.Array, positions: jax.Array, config: PlugConfig,
+          rng: jax.Array | None = None) -> jax.Array:
+  """word + position + token type -> LayerNorm -> dropout, [batch, length, embed]."""
+  e = params["embed"]
+  x = (e["wte"][tokens] + e["wpe"][positions] + e["wtt"][token_types]).astype(config.compute_dtype)
+  x = layers.layer_norm(x, e["ln"], config.layer_norm_eps)
+  return partitioning.constrain(layers.dropout(x, _rate(config, rng), rng), ACT)
+
+
+def _run_layers(body, x, xs, num_layers: int, config: PlugConfig):
+  """Applies `body(x, per_layer_xs) -> (x, y)` over stacked layers (scan or loop, with remat)."""
+  if config.remat_policy != "none":
+    body = jax.checkpoint(body, policy=cpm.REMAT_POLICIES[config.remat_policy],
+                          prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    return jax.lax.scan(body, x, xs)
+  ys = []
+  for i in range(num_layers):
+    x, y = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+    ys.append(y)
+  return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def _ffn(x, params, config: PlugConfig, rngs):
+  h = layers.mlp(x, params, config.compute_dtype, approximate_gelu=False, dropout_rate=_rate(config, rngs[0]),
+                 rng=rngs[0])
+  return layers.dropout(h, _rate(config, rngs[1]), rngs[1])
+
+
+def _defaults(tokens, positions, segment_ids, offset=0):
+  batch, length = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
+  if segment_ids is None:
+    segment_ids = jnp.ones((batch, length), jnp.int32)
+  return positions, segment_ids
+
+
+# ---- encoder -----------------------------------------------------------------------------------
+
+def _encoder_block(x, params, config: PlugConfig, mask, rng):
+  dtype, eps = config.compute_dtype, config.layer_norm_eps
+  rngs = _split(rng, 3)
+
+  def attention(h):
+    out, _ = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl)
+    return layers.dropout(out, _rate(config, rngs[0]), rngs[0])
+
+  if config.encoder_pre_ln:
+    x = x + attention(layers.layer_norm(x, params["ln_1"], eps))
+    x = x + _ffn(layers.layer_norm(x, params["ln_2"], eps), params["mlp"], config, rngs[1:])
+  else:
+    x = layers.layer_norm(x + attention(x), params["ln_1"], eps)
+    x = layers.layer_norm(x + _ffn(x, params["mlp"], config, rngs[1:]), params["ln_2"], eps)
+  return partitioning.constrain(x, ACT)
+
+
+def encode(params: dict, tokens: jax.Array, config: PlugConfig, *, token_types=None, positions=None,
+           segment_ids=None, dropout_rng=None) -> jax.Array:
+  """Final encoder hidden states [batch, length, embed].
+
+  token_types default 0; positions default 0.. (restart per document in packed rows); segment_ids:
+  document id per token, 0 = padding (default all 1). Attention is bidirectional within a segment.
+  """
+  positions, segment_ids = _defaults(tokens, positions, segment_ids)
+  token_types = jnp.zeros_like(tokens) if token_types is None else token_types
+  rngs = _split(dropout_rng, 2)
+  x = embed(params, tokens, token_types, positions, config, rngs[0])
+  mask = layers.attention_mask(segment_ids, segment_ids, None, None)
+
+  def body(x, layer):
+    layer_params, index = layer
+    rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
+    return _encoder_block(x, layer_params, config, mask, rng), None
+
+  x, _ = _run_layers(body, x, (params["encoder"]["blocks"], jnp.arange(config.num_encoder_layers)),
+                     config.num_encoder_layers, config)
+  if config.encoder_pre_ln:
+    x = layers.layer_norm(x, params["encoder"]["ln_f"], config.layer_norm_eps)
+  return x
+
+
+# ---- heads -------------------------------------------------------------------------------------
+
+def mlm_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """MLM head: dense -> GELU -> LN -> tied word embedding + bias; float32 [batch, length, vocab]."""
+  dtype, p = config.compute_dtype, params["mlm"]
+  h = jnp.einsum("bte,ef->btf", hidden.astype(dtype), p["dense_kernel"].astype(dtype)) + p["dense_bias"].astype(dtype)
+  h = layers.layer_norm(layers.gelu(h, approximate=False), p["ln"], config.layer_norm_eps)
+  return cpm.logits_from_hidden(params, h, config) + p["bias"].astype(jnp.float32)
+
+
+def _dense(x, params, dtype):
+  return jnp.einsum("be,ec->bc", x.astype(dtype), params["kernel"].astype(dtype)) + params["bias"].astype(dtype)
+
+
+def pooled(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """BERT pooler: tanh(dense(first token's state)), [batch, embed]."""
+  return jnp.tanh(_dense(hidden[:, 0], params["pooler"], config.compute_dtype))
+
+
+def relation_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """Sentence-relation logits [batch, num_relations] (float32) from the pooled [CLS] state."""
+  return _dense(pooled(params, hidden, config), params["relation"], config.compute_dtype).astype(jnp.float32)
+
+
+def classification_logits(params: dict, hidden: jax.Array, config: PlugConfig,
+                          dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Classifier on the pooled [CLS] state -> dropout -> linear; float32 [batch, num_classes]."""
+  x = layers.dropout(pooled(params, hidden, config), _rate(config, dropout_rng), dropout_rng)
+  return _dense(x, params["classifier"], config.compute_dtype).astype(jnp.float32)
+
+
+# ---- decoder -----------------------------------------------------------------------------------
+
+def cross_kv(params: dict, encoder_hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """Cross-attention K/V of every decoder layer over the encoder output: [L, batch, src, 2, heads, head_dim]."""
+  p = params["decoder"]["blocks"]["cross_attn"]
+  dtype = config.compute_dtype
+  kv = jnp.einsum("bse,lenhd->lbsnhd", encoder_hidden.astype(dtype), p["qkv_kernel"].astype(dtype))
+  kv = kv + p["qkv_bias"].astype(dtype)[:, None, None]
+  return partitioning.constrain(kv, ("layers", "batch", "length", None, "act_heads", None))
+
+
+def init_cache(params: dict, config: PlugConfig, encoder_hidden: jax.Array, encoder_segment_ids: jax.Array,
+               length: int, dtype=None) -> dict:
+  """Decoder cache: empty self-attention K/V for `length` positions, and the cross-attention K/V
+  over the encoder output computed once here (every decode step reuses them)."""
+  dtype = dtype or config.compute_dtype
+  batch = encoder_hidden.shape[0]
+  shape = (config.num_decoder_layers, batch, length, config.num_heads, config.head_dim)
+  return {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "segment_ids": jnp.zeros((batch, length), jnp.int32),
+      "positions": jnp.zeros((batch, length), jnp.int32),
+      "index": jnp.zeros((), jnp.int32),
+      "cross_kv": cross_kv(params, encoder_hidden, config).astype(dtype),
+      "encoder_segment_ids": encoder_segment_ids.astype(jnp.int32),
+  }
+
+
+def cache_logical_axes() -> dict:
+  axes = cpm.cache_logical_axes()
+  axes["cross_kv"] = ("layers", "batch", "cache_length", None, "act_heads", None)
+  axes["encoder_segment_ids"] = ("batch", "cache_length")
+  return axes
+
+
+def _decoder_block(x, params, config: PlugConfig, self_mask, cross_mask, rng, memory, kv, cache_index):
+  """One pre-LN decoder block; `memory` is the encoder output [b, s, e] or this layer's cross K/V."""
+  dtype, eps = config.compute_dtype, config.layer_norm_eps
+  rngs = _split(rng, 4)
+  h = layers.layer_norm(x, params["ln_1"], eps)
+  out, kv = layers.self_attention(h, params["self_attn"], self_mask, dtype, config.attention_impl, kv, cache_index)
+  x = x + layers.dropout(out, _rate(config, rngs[0]), rngs[0])
+
+  p = params["cross_attn"]
+  h = layers.layer_norm(x, params["ln_2"], eps)
+  memory_kv = memory if memory.ndim == 5 else layers.project_qkv(memory, p, dtype)
+  out = layers.dot_product_attention(layers.project_q(h, p, dtype), memory_kv[:, :, 0].astype(dtype),
+                                     memory_kv[:, :, 1].astype(dtype), cross_mask, config.attention_impl)
+  x = x + layers.dropout(layers.project_out(out, p, dtype), _rate(config, rngs[1]), rngs[1])
+
+  x = x + _ffn(layers.layer_norm(x, params["ln_3"], eps), params["mlp"], config, rngs[2:])
+  return partitioning.constrain(x, ACT), kv
+
+
+def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidden=None, encoder_segment_ids=None,
+           positions=None, segment_ids=None, dropout_rng=None, cache: dict | None = None
+           ) -> tuple[jax.Array, dict | None]:
+  """Decoder hidden states [batch, length, embed] (after the final LN) and the updated cache.
+
+  Without a cache, `encoder_hidden` (and its segment ids, default all 1) is required and decoder segment
+  k attends encoder segment k. With a cache from `init_cache`, tokens are appended at cache["index"]
+  and the cached cross K/V are used.
+  """
+  if config.num_decoder_layers == 0:
+    raise ValueError("PlugConfig.num_decoder_layers is 0: this model has no decoder.")
+  offset = 0 if cache is None else cache["index"]
+  positions, segment_ids = _defaults(tokens, positions, segment_ids, offset)
+  rngs = _split(dropout_rng, 2)
+  x = embed(params, tokens, jnp.zeros_like(tokens), positions, config, rngs[0])
+
+  if cache is None:
+    if encoder_hidden is None:
+      raise ValueError("decode: pass encoder_hidden (or a cache from init_cache).")
+    if encoder_segment_ids is None:
+      encoder_segment_ids = jnp.ones(encoder_hidden.shape[:2], jnp.int32)
+    self_mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
+    memory, kv_cache = None, None
+  else:
+    encoder_segment_ids = cache["encoder_segment_ids"]
+    kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, offset, axis=1)
+    kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, offset, axis=1)
+    self_mask = layers.attention_mask(segment_ids, kv_segments, positions, kv_positions)
+    memory, kv_cache = cache["cross_kv"], (cache["k"], cache["v"])
+  cross_mask = layers.attention_mask(segment_ids, encoder_segment_ids, None, None)
+
+  def body(x, layer):
+    layer_params, index, layer_memory, kv = layer
+    rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
+    layer_memory = encoder_hidden if layer_memory is None else layer_memory
+    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, layer_memory, kv, offset)
+
+  xs = (params["decoder"]["blocks"], jnp.arange(config.num_decoder_layers), memory, kv_cache)
+  x, new_kv = _run_layers(body, x, xs, config.num_decoder_layers, config)
+  x = layers.layer_norm(x, params["decoder"]["ln_f"], config.layer_norm_eps)
+  if cache is None:
+    return x, None
+  return x, {**cache, "k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments, "positions": kv_positions,
+             "index": offset + tokens.shape[1]}
+
+
+def decoder_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """Tied decoder output: hidden @ wte^T (no bias), float32 [batch, length, vocab]."""
+  return cpm.logits_from_hidden(params, hidden, config)
