@@ -161,8 +161,10 @@ def test_real_tokenizer_end_to_end(small_tokenizer, demo_data_dir):  # noqa: F81
 
 
 def test_bad_arguments(documents):
-  with pytest.raises(ValueError, match="global_batch_size 6 is not divisible by the 4 processes"):
+  with pytest.raises(ValueError, match="global_batch_size 6 is not a positive multiple of the 4 processes"):
     lm_batches(documents, global_batch_size=6, process_count=4)
+  with pytest.raises(ValueError, match="Process 2 of 3 gets no documents"):
+    lm_batches(documents[:2], global_batch_size=6, process_index=2, process_count=3)
   with pytest.raises(ValueError, match=r"process_index 2 is not in \[0, process_count=2\)"):
     lm_batches(documents, process_index=2, process_count=2)
   with pytest.raises(ValueError, match="holds no documents"):

@@ -36,9 +36,9 @@ from typing import Any, Protocol
 
 import gin
 import grain
-from absl import flags
 import jax
 import numpy as np
+from absl import flags
 
 
 class Tokenizer(Protocol):
@@ -109,8 +109,8 @@ def _process(process_index: int | None, process_count: int | None, global_batch_
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
     raise ValueError(f"process_index {index} is not in [0, process_count={count}).")
-  if global_batch_size % count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the {count} processes.")
+  if global_batch_size < 1 or global_batch_size % count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of the {count} processes.")
   return index, count, global_batch_size // count
 
 
@@ -137,6 +137,8 @@ def make_lm_iterator(data_source: Sequence[Any], tokenizer: Tokenizer, *, seq_le
   """
   index, count, batch_size = _process(process_index, process_count, global_batch_size)
   documents = _documents(data_source, max_documents)[index::count]
+  if not len(documents):
+    raise ValueError(f"Process {index} of {count} gets no documents: the source holds fewer than {count}.")
   return iter(_packed_batches(documents, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
                               shuffle=shuffle, num_epochs=num_epochs, num_packing_bins=num_packing_bins,
                               read_threads=read_threads, worker_count=worker_count))
