@@ -161,7 +161,7 @@ def _truncate_longest_first(a: list[int], b: list[int] | None, budget: int) -> t
     return a[:budget], None
   if len(a) + len(b) <= budget:
     return a, b
-  short, long_ = sorted((len(a), len(b)))
+  short = min(len(a), len(b))
   keep_short = short if short <= budget - short else budget // 2
   keep = (keep_short, budget - keep_short) if len(a) <= len(b) else (budget - keep_short, keep_short)
   return a[:keep[0]], b[:keep[1]]
