@@ -1,0 +1,211 @@
+"""The training loop: data -> sharded train_step -> metrics, evaluation and checkpoints.
+
+`train(workdir)` is configured by gin (model, data, mesh, optimizer, steps); experiments/train.py is a
+thin absl wrapper around it. It resumes from the latest complete checkpoint in `workdir/checkpoints`
+and, on SIGTERM, finishes the current step, saves, and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging as logging_std
+import math
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import gin
+import jax
+import numpy as np
+from absl import logging
+
+from cpm_jax import checkpointing, flops, partitioning, training
+from cpm_jax.data import pipeline, sources
+from cpm_jax.tokenization import CPMTokenizer
+
+
+def quiet_library_logs() -> None:
+  """Keeps Orbax's per-save INFO chatter out of the training log (warnings and errors still show)."""
+  class _DropOrbaxInfo(logging_std.Filter):
+    def filter(self, record: logging_std.LogRecord) -> bool:
+      return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+  logging.get_absl_handler().addFilter(_DropOrbaxInfo())
+
+
+class TrainingDiverged(RuntimeError):
+  """Raised after too many consecutive steps with a non-finite loss or gradient."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LMData:
+  """Packed LM batches from a TFDS text dataset (default: the embedded People's Daily demo corpus)."""
+
+  tokenizer_path: str = gin.REQUIRED
+  dataset: str = "peoples_daily_1998"
+  data_dir: str = "~/tensorflow_datasets"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  seq_len: int = 256
+  global_batch_size: int = 8
+  max_documents: int | None = None
+  eval_max_documents: int | None = None
+
+  @property
+  def tokenizer(self) -> CPMTokenizer:
+    return CPMTokenizer(os.path.expanduser(self.tokenizer_path))
+
+  def _source(self, split: str):
+    return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))
+
+  def train_iterator(self, seed: int) -> Iterator[dict]:
+    return pipeline.make_lm_iterator(self._source(self.train_split), self.tokenizer, seq_len=self.seq_len,
+                                     global_batch_size=self.global_batch_size, seed=seed,
+                                     max_documents=self.max_documents)
+
+  def eval_batches(self) -> Iterable[dict]:
+    return pipeline.make_eval_iterator(self._source(self.eval_split), self.tokenizer, seq_len=self.seq_len,
+                                       global_batch_size=self.global_batch_size,
+                                       max_documents=self.eval_max_documents)
+
+
+class MetricsLog:
+  """Console progress and TensorBoard scalars, written once (process 0)."""
+
+  def __init__(self, workdir: str, start_step: int, total_steps: int, flops_per_step: float, peak_flops: float):
+    self._writer = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._total_steps = total_steps
+    self._flops_per_step = flops_per_step
+    self._peak_flops = peak_flops
+    self._last = (start_step, time.perf_counter())  # throughput is measured from here
+
+  def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
+    if self._writer is not None:
+      for name, value in values.items():
+        self._writer.add_scalar(f"{prefix}/{name}", value, step)
+      self._writer.flush()
+
+  def restart(self, step: int) -> None:
+    """Measures throughput from now on (after evaluation or checkpoint waits)."""
+    self._last = (step, time.perf_counter())
+
+  def train(self, step: int, metrics: dict[str, float], tokens_per_step: float) -> None:
+    """Logs a step's metrics with throughput since the previous call (the first includes compilation)."""
+    now = time.perf_counter()
+    last_step, last_time = self._last
+    self._last = (step, now)
+    seconds = max(now - last_time, 1e-9)
+    steps_per_second = (step - last_step) / seconds
+    metrics = dict(metrics, tokens_per_second=steps_per_second * tokens_per_step,
+                   mfu=steps_per_second * self._flops_per_step / self._peak_flops,
+                   steps_per_second=steps_per_second)
+    eta = (self._total_steps - step) / max(steps_per_second, 1e-9)
+    logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  MFU %.1f%%  ETA %s%s", step, self._total_steps,
+                 metrics["loss"], metrics["learning_rate"], metrics["tokens_per_second"], 100 * metrics["mfu"],
+                 time.strftime("%H:%M:%S", time.gmtime(eta)),
+                 f"  skipped {int(metrics['skipped_steps'])}" if metrics["skipped_steps"] else "")
+    self.scalars(step, metrics, "train")
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def evaluate(steps: training.ShardedSteps, params: Any, batches: Iterable[dict], mesh, max_batches: int | None) -> dict:
+  """Token-weighted loss, perplexity and accuracy over (at most max_batches of) the evaluation batches."""
+  totals: dict[str, float] = {}
+  for i, batch in enumerate(batches):
+    if max_batches is not None and i >= max_batches:
+      break
+    sums = steps.evaluate(params, training.global_batch(batch, mesh))
+    for name, value in sums.items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  weight = max(totals.get("weight_sum", 0.0), 1.0)
+  loss = totals.get("loss_sum", math.nan) / weight
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": totals.get("correct_sum", 0.0) / weight,
+          "tokens": totals.get("weight_sum", 0.0)}
+
+
+def _write_config(workdir: str) -> None:
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "config.gin")
+    with open(path + ".tmp", "w") as f:
+      f.write(gin.config_str())
+    os.replace(path + ".tmp", path)
+
+
+@gin.configurable(denylist=["workdir"])
+def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin.REQUIRED,
+          mesh_config: partitioning.MeshConfig | None = None, num_steps: int = 1000, num_microbatches: int = 1,
+          seed: int = 0, log_every: int = 10, eval_every: int = 200, eval_max_batches: int | None = 20,
+          max_consecutive_bad_steps: int = 10, peak_flops: float | None = None) -> dict:
+  """Trains `model` on `data` for num_steps, resuming from workdir/checkpoints; returns the last metrics.
+
+  data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches) and
+  eval_batches(). peak_flops: total peak FLOP/s for MFU (default: published per-device figures, or the
+  measured matmul peak on CPU, where all fake devices share the same cores).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh = partitioning.make_mesh(mesh_config)
+  optimizer = training.make_optimizer()
+  steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches)
+  train_iterator = data.train_iterator(seed)
+  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator)
+    logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
+  else:
+    state = training.create_train_state(model, optimizer, mesh, seed)
+  _write_config(workdir)
+
+  if peak_flops is None:
+    per_device, source = flops.peak_flops_per_device()
+    devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
+    peak_flops = per_device * devices
+    logging.info("MFU against %.3g FLOP/s (%s x %d).", peak_flops, source, devices)
+  seq_len = getattr(data, "seq_len", 0)
+  tokens_per_step = data.global_batch_size * seq_len
+  step = int(state.step)
+  log = MetricsLog(workdir, step, num_steps, model.flops_per_token(seq_len) * tokens_per_step, peak_flops)
+  schedule = training.learning_rate_schedule()
+
+  last_metrics: dict[str, float] = {}
+  with checkpointing.PreemptionGuard() as preemption:
+    while step < num_steps:
+      state, metrics = steps.train(state, training.global_batch(next(train_iterator), mesh))
+      step += 1
+      if step % log_every == 0 or step == num_steps:
+        last_metrics = {name: float(value) for name, value in metrics.items()}
+        last_metrics.update(learning_rate=float(schedule(step - 1)), skipped_steps=int(state.skipped_steps))
+        log.train(step, last_metrics, tokens_per_step)
+      bad = int(state.consecutive_bad_steps)
+      if bad >= max_consecutive_bad_steps:
+        checkpointer.close()
+        raise TrainingDiverged(f"Stopped at step {step}: {bad} consecutive steps had a non-finite loss or "
+                               f"gradient (max_consecutive_bad_steps={max_consecutive_bad_steps}); params are "
+                               "those of the last finite step.")
+      if step % eval_every == 0 or step == num_steps:
+        results = evaluate(steps, state.params, data.eval_batches(), mesh, eval_max_batches)
+        logging.info("step %d  validation loss %.4f  perplexity %.2f", step, results["loss"], results["perplexity"])
+        log.scalars(step, results, "validation")
+        last_metrics.update({f"validation_{k}": v for k, v in results.items()})
+        log.restart(step)
+      stop = preemption.should_stop(step)
+      checkpointer.maybe_save(step, state, train_iterator, force=stop or step == num_steps)
+      if stop:
+        checkpointer.wait()
+        logging.info("Preempted: saved step %d to %s; exiting.", step, checkpointer.directory)
+        last_metrics["preempted_at_step"] = step
+        break
+  checkpointer.close()
+  log.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "final_metrics.json.tmp"), "w") as f:
+      json.dump(last_metrics, f, indent=1)
+    os.replace(os.path.join(workdir, "final_metrics.json.tmp"), os.path.join(workdir, "final_metrics.json"))
+  return last_metrics
