@@ -13,6 +13,7 @@ import transformers
 
 from cpm_jax import layers
 from cpm_jax.convert import plug as convert_plug
+from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import plug
 
 GIN_MODELS = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "models"
@@ -79,8 +80,8 @@ def test_post_ln_encoder_and_mlm_head_match_transformers_bert(plug_vocab_path):
   config = plug.PlugConfig(vocab_size=21128, num_encoder_layers=2, num_decoder_layers=0, embed_dim=64, num_heads=8,
                            mlp_dim=128, max_positions=128, type_vocab_size=2, encoder_pre_ln=False, num_relations=0,
                            layer_norm_eps=1e-12)
-  params, initialised = convert_plug.params_from_hf_bert(model.state_dict(), config)
-  assert initialised == []
+  params, notes = convert_plug.params_from_hf_state(model.state_dict(), config)
+  assert notes == []
   mask = batch["attention_mask"].numpy().astype(bool)
   assert not mask.all()  # the second row is padded
   hidden = encode(params, jnp.asarray(batch["input_ids"].numpy()), config,
@@ -97,12 +98,17 @@ def test_hf_bert_model_without_mlm_head_initialises_heads():
   config = plug.PlugConfig(vocab_size=64, num_encoder_layers=1, num_decoder_layers=0, embed_dim=16, num_heads=2,
                            mlp_dim=32, max_positions=32, type_vocab_size=2, encoder_pre_ln=False, num_classes=5,
                            num_relations=0)
-  params, initialised = convert_plug.params_from_hf_bert(transformers.BertModel(hf_config).state_dict(), config)
-  assert "bert.pooler.dense.weight" not in initialised  # BertModel has a pooler
-  assert {"classifier.weight", "cls.predictions.bias", "cls.predictions.transform.dense.weight"} <= set(initialised)
+  state = transformers.BertModel(hf_config).state_dict()
+  params, notes = convert_plug.params_from_hf_state(state, config)
+  assert notes == ["initialised classifier from the config (not in the checkpoint)",
+                   "initialised mlm from the config (not in the checkpoint)"]  # BertModel has a pooler
+  np.testing.assert_array_equal(params["pooler"]["kernel"], state["pooler.dense.weight"].numpy().T)
   assert params["classifier"]["kernel"].shape == (16, 5)
-  with pytest.raises(ValueError, match="post-LN"):
-    convert_plug.params_from_hf_bert({}, tiny())
+  with pytest.raises(ConversionError, match="post-LN"):
+    convert_plug.params_from_hf_state(state, tiny())
+  del state["encoder.layer.0.attention.self.key.bias"]
+  with pytest.raises(ConversionError, match="attention.self.key.bias"):
+    convert_plug.params_from_hf_state(state, config)
 
 
 # ---- torch reference of PLUG, written from FORMATS.md over the release's key names ----------------
@@ -218,5 +224,3 @@ def test_bad_configs_and_inputs_raise_clear_errors():
   encoder_only = tiny(num_decoder_layers=0)
   with pytest.raises(ValueError, match="no decoder"):
     plug.decode({}, jnp.zeros((1, 2), jnp.int32), encoder_only, encoder_hidden=jnp.zeros((1, 2, 64)))
-  with pytest.raises(KeyError, match="lacks"):
-    convert_plug.params_from_state({}, tiny())

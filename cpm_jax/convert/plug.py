@@ -1,219 +1,344 @@
 """PLUG / StructBERT / BERT checkpoints <-> cpm_jax.models.plug params.
 
-A full (merged) PLUG state dict uses the release's key names (FORMATS.md); torch Linear weights are
-[out, in]. Hugging Face BertModel / BertForMaskedLM state dicts are mapped onto the same names first
-(separate query/key/value fused into query_key_value), so one table serves both.
+One table (`entries`) names every tensor by the release's key (FORMATS.md), with how it is split over
+DeepSpeed model-parallel ranks and how its torch layout (Linear weights [out, in]) maps onto our array.
+Sources: PLUG's `mp_rank_XX_model_states.pt` shards (any rank count), Hugging Face BertModel /
+BertForMaskedLM / BertForPreTraining (post-LN; separate query/key/value are fused on the fly), and our
+own Orbax params. Every parameter is assigned exactly once and every source key must be used (the
+shared ledgers of `cpm_jax.convert.common`); outputs appear only when complete.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from typing import Any, Mapping
+import os
+import pathlib
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import layers
+from cpm_jax import checkpointing, layers, partitioning
+from cpm_jax.convert import hf, megatron, torch_io
+from cpm_jax.convert.common import ConversionError, KeyLedger, TargetParams, device_placer, flatten
+from cpm_jax.convert.cpm import Loaded
 from cpm_jax.models import plug
 
-# Keys that hold no parameter of their own: tied copies of the word embedding, buffers.
-TIED_KEYS = ("cls.predictions.decoder_weight", "cls.predictions.decoder.weight")
+DECODER_WEIGHT = "cls.predictions.decoder_weight"  # PLUG's tied copy of the word embedding (vocab-split)
+# Heads a source may lack; they are initialised from the config (and reported) when absent.
+OPTIONAL_GROUPS = ("mlm", "pooler", "relation", "classifier")
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  """One checkpoint tensor: its key, our param path, layer index (stacked) and layout.
+  """One release tensor ("{i}" = layer): our param path, its split over ranks, and its torch layout.
 
-  in_dims: None for vectors / embeddings (reshaped as is); k for a torch Linear weight [out, in] whose
-  transpose is our kernel with the first k dims forming `in`.
+  in_dims: how many leading dims of our (per-layer) array form the torch tensor's first dim (0: a
+  flattened vector). linear: a torch Linear weight, i.e. that 2-D form transposed ([out, in]).
   """
 
   key: str
-  path: tuple[str, ...]
-  layer: int | None = None
-  in_dims: int | None = None
+  target: str
+  split: megatron.Split = megatron.REPLICATED
+  in_dims: int = 0
+  linear: bool = False
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.key
 
 
-def to_numpy(value: Any) -> np.ndarray:
-  """A numpy array from a numpy / jax array or a torch tensor (bfloat16 tensors become float32)."""
-  if hasattr(value, "detach"):
-    value = value.detach().cpu()
-    if str(value.dtype) == "torch.bfloat16":
-      value = value.float()
-    return value.numpy()
-  return np.asarray(value)
+def _linear(key: str, target: str, weight: str, bias: str, split: megatron.Split, in_dims: int = 1) -> list[Entry]:
+  """A torch Linear: column-parallel weights split their bias the same way; row-parallel biases are replicated."""
+  bias_split = megatron.REPLICATED if split == megatron.ROW else split
+  return [Entry(f"{key}.weight", f"{target}/{weight}", split, in_dims, linear=True),
+          Entry(f"{key}.bias", f"{target}/{bias}", bias_split)]
 
 
-def _linear(prefix: str, path: tuple, weight: str, bias: str, layer=None, in_dims=1) -> list[Entry]:
-  return [Entry(f"{prefix}.weight", path[:-1] + (weight,), layer, in_dims),
-          Entry(f"{prefix}.bias", path[:-1] + (bias,), layer)]
+def _norm(key: str, target: str) -> list[Entry]:
+  return [Entry(f"{key}.weight", f"{target}/scale"), Entry(f"{key}.bias", f"{target}/bias")]
 
 
-def _norm(prefix: str, path: tuple, layer=None) -> list[Entry]:
-  return [Entry(f"{prefix}.weight", path + ("scale",), layer), Entry(f"{prefix}.bias", path + ("bias",), layer)]
+def _dense(key: str, target: str) -> list[Entry]:
+  return _linear(key, target, "kernel", "bias", megatron.REPLICATED)
 
 
 def entries(config: plug.PlugConfig) -> list[Entry]:
-  """Every checkpoint tensor of a model with this config, in the release's key names."""
-  out = [Entry("bert.embeddings.word_embeddings.weight", ("embed", "wte")),
-         Entry("bert.embeddings.position_embeddings.weight", ("embed", "wpe")),
-         Entry("bert.embeddings.token_type_embeddings.weight", ("embed", "wtt")),
-         *_norm("bert.embeddings.LayerNorm", ("embed", "ln"))]
-  blocks = ("encoder", "blocks")
-  for n in range(config.num_encoder_layers):
-    p = f"bert.encoder.layer.{n}."
-    attn = blocks + ("attn", "_")
-    out += _linear(p + "attention.self.query_key_value", attn, "qkv_kernel", "qkv_bias", n)
-    out += _linear(p + "attention.output.dense", attn, "out_kernel", "out_bias", n, in_dims=2)
-    out += _linear(p + "intermediate.dense", blocks + ("mlp", "_"), "in_kernel", "in_bias", n)
-    out += _linear(p + "output.dense", blocks + ("mlp", "_"), "out_kernel", "out_bias", n)
-    ln_1, ln_2 = ("attention.LayerNorm", "LayerNorm") if config.encoder_pre_ln else (
-        "attention.output.LayerNorm", "output.LayerNorm")
-    out += _norm(p + ln_1, blocks + ("ln_1",), n) + _norm(p + ln_2, blocks + ("ln_2",), n)
+  """Every release tensor of a model with this config."""
+  col, row, rep = megatron.COLUMN, megatron.ROW, megatron.REPLICATED
+  e = "bert.encoder.layer.{i}."
+  ln_1, ln_2 = ("attention.LayerNorm", "LayerNorm") if config.encoder_pre_ln else (
+      "attention.output.LayerNorm", "output.LayerNorm")
+  out = [Entry("bert.embeddings.word_embeddings.weight", "embed/wte", col, 1),
+         Entry("bert.embeddings.position_embeddings.weight", "embed/wpe", rep, 1),
+         Entry("bert.embeddings.token_type_embeddings.weight", "embed/wtt", rep, 1),
+         *_norm("bert.embeddings.LayerNorm", "embed/ln"),
+         *_norm(e + ln_1, "encoder/blocks/ln_1"),
+         *_linear(e + "attention.self.query_key_value", "encoder/blocks/attn", "qkv_kernel", "qkv_bias",
+                  megatron.QKV),
+         *_linear(e + "attention.output.dense", "encoder/blocks/attn", "out_kernel", "out_bias", row, 2),
+         *_norm(e + ln_2, "encoder/blocks/ln_2"),
+         *_linear(e + "intermediate.dense", "encoder/blocks/mlp", "in_kernel", "in_bias", col),
+         *_linear(e + "output.dense", "encoder/blocks/mlp", "out_kernel", "out_bias", row)]
   if config.encoder_pre_ln:
-    out += _norm("bert.encoder.LayerNorm", ("encoder", "ln_f"))
-  blocks = ("decoder", "blocks")
-  for n in range(config.num_decoder_layers):
-    p = f"decoder.decoder.layer.{n}."
-    self_attn, cross = blocks + ("self_attn", "_"), blocks + ("cross_attn", "_")
-    out += _linear(p + "attention.query_key_value", self_attn, "qkv_kernel", "qkv_bias", n)
-    out += _linear(p + "attention.dense", self_attn, "out_kernel", "out_bias", n, in_dims=2)
-    out += _linear(p + "cross_attention.query", cross, "q_kernel", "q_bias", n)
-    out += _linear(p + "cross_attention.key_value", cross, "qkv_kernel", "qkv_bias", n)
-    out += _linear(p + "cross_attention.dense", cross, "out_kernel", "out_bias", n, in_dims=2)
-    out += _norm(p + "input_layernorm", blocks + ("ln_1",), n)
-    out += _norm(p + "post_attention_layernorm", blocks + ("ln_2",), n)
-    out += _norm(p + "post_cross_attention_layernorm", blocks + ("ln_3",), n)
-    out += _linear(p + "intermediate", blocks + ("mlp", "_"), "in_kernel", "in_bias", n)
-    out += _linear(p + "output", blocks + ("mlp", "_"), "out_kernel", "out_bias", n)
+    out += _norm("bert.encoder.LayerNorm", "encoder/ln_f")
   if config.num_decoder_layers:
-    out += _norm("decoder.decoder.final_layernorm", ("decoder", "ln_f"))
-  out += _linear("cls.predictions.transform.dense", ("mlm", "_"), "dense_kernel", "dense_bias")
-  out += _norm("cls.predictions.transform.LayerNorm", ("mlm", "ln"))
-  out.append(Entry("cls.predictions.bias", ("mlm", "bias")))
+    d, b = "decoder.decoder.layer.{i}.", "decoder/blocks"
+    out += [*_norm(d + "input_layernorm", f"{b}/ln_1"),
+            *_linear(d + "attention.query_key_value", f"{b}/self_attn", "qkv_kernel", "qkv_bias", megatron.QKV),
+            *_linear(d + "attention.dense", f"{b}/self_attn", "out_kernel", "out_bias", row, 2),
+            *_norm(d + "post_attention_layernorm", f"{b}/ln_2"),
+            *_linear(d + "cross_attention.query", f"{b}/cross_attn", "q_kernel", "q_bias", col),
+            *_linear(d + "cross_attention.key_value", f"{b}/cross_attn", "qkv_kernel", "qkv_bias", megatron.KV),
+            *_linear(d + "cross_attention.dense", f"{b}/cross_attn", "out_kernel", "out_bias", row, 2),
+            *_norm(d + "post_cross_attention_layernorm", f"{b}/ln_3"),
+            *_linear(d + "intermediate", f"{b}/mlp", "in_kernel", "in_bias", col),
+            *_linear(d + "output", f"{b}/mlp", "out_kernel", "out_bias", row),
+            *_norm("decoder.decoder.final_layernorm", "decoder/ln_f")]
+  out += [*_linear("cls.predictions.transform.dense", "mlm", "dense_kernel", "dense_bias", rep),
+          *_norm("cls.predictions.transform.LayerNorm", "mlm/ln"),
+          Entry("cls.predictions.bias", "mlm/bias", col)]
   if config.has_pooler:
-    out += _linear("bert.pooler.dense", ("pooler", "_"), "kernel", "bias")
+    out += _dense("bert.pooler.dense", "pooler")
   if config.num_relations:
-    out += _linear("cls.seq_relationship", ("relation", "_"), "kernel", "bias")
+    out += _dense("cls.seq_relationship", "relation")
   if config.num_classes:
-    out += _linear("classifier", ("classifier", "_"), "kernel", "bias")
+    out += _dense("classifier", "classifier")
   return out
 
 
-def _shape_of(specs: dict, entry: Entry) -> tuple[int, ...]:
-  spec = specs
-  for name in entry.path:
-    spec = spec[name]
-  return spec.shape[1:] if entry.layer is not None else spec.shape
+def _num_layers(entry: Entry, config: plug.PlugConfig) -> int:
+  return config.num_encoder_layers if entry.target.startswith("encoder/") else config.num_decoder_layers
 
 
-def _to_ours(array: np.ndarray, entry: Entry, shape: tuple[int, ...]) -> np.ndarray:
-  if entry.in_dims is not None:
-    array = array.T
-  if array.size != math.prod(shape):
-    raise ValueError(f"Checkpoint key {entry.key!r} has shape {array.shape}; expected "
-                     f"{math.prod(shape)} elements for {'/'.join(entry.path)} {shape}. Check the model config.")
-  return array.reshape(shape)
+def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The release's shape of one layer of our array of `shape`."""
+  if not entry.in_dims:
+    return (math.prod(shape),)
+  rows, cols = math.prod(shape[:entry.in_dims]), math.prod(shape[entry.in_dims:])
+  return (cols, rows) if entry.linear else (rows, cols)
 
 
-def _to_theirs(array: np.ndarray, entry: Entry) -> np.ndarray:
-  if entry.in_dims is None:
-    return array.reshape(-1) if array.ndim > 1 and entry.path[-1].endswith("bias") else array
-  return array.reshape(math.prod(array.shape[:entry.in_dims]), -1).T
+def _to_ours(entry: Entry, array: np.ndarray, origin: str, shape: tuple[int, ...]) -> np.ndarray:
+  if tuple(array.shape) != torch_shape(entry, shape):
+    raise ConversionError(f"{origin}: shape {tuple(array.shape)}, expected {torch_shape(entry, shape)} for "
+                          f"{entry.target} {shape}; the checkpoint does not match the model config (layers, "
+                          "hidden, heads, FFN, vocab, positions, token types).")
+  return (array.T if entry.linear else array).reshape(shape)
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-  for name in path[:-1]:
-    tree = tree.setdefault(name, {})
-  tree[path[-1]] = value
+def _to_theirs(entry: Entry, array: np.ndarray) -> np.ndarray:
+  out = array.reshape(torch_shape(entry, array.shape)[::-1] if entry.linear else torch_shape(entry, array.shape))
+  return out.T if entry.linear else out
 
 
-def params_from_state(state: Mapping[str, Any], config: plug.PlugConfig, *, allow_missing: tuple[str, ...] = (),
-                      init_key: jax.Array | None = None) -> tuple[dict, list[str]]:
-  """Our params from a full PLUG-named state dict of numpy arrays; returns (params, initialised keys).
+# ---- loading -----------------------------------------------------------------------------------
 
-  Keys missing from `state` are an error unless their our-side top-level group (e.g. "pooler",
-  "relation", "classifier") is in `allow_missing`; those get fresh values from the config's init
-  (`init_key`). Unknown keys are an error, except tied copies of the word embedding, which must equal it.
+Reader = Callable[[str, megatron.Split], tuple[np.ndarray, str]]  # (key, split) -> (array, "file: key")
+
+
+def load_params(config: plug.PlugConfig, read: Reader, present: Callable[[str], bool],
+                mesh: jax.sharding.Mesh | None = None, init_key: jax.Array | None = None) -> tuple[dict, list[str]]:
+  """Params of `config` read group by group (placed on `mesh` as they arrive); returns (params, notes).
+
+  Optional head groups whose first key is not `present` are initialised from the config (noted).
   """
-  specs = plug.param_specs(config)
+  abstract = plug.abstract_params(config)
+  place = None
+  if mesh is not None:
+    place = device_placer(partitioning.tree_shardings(plug.logical_axes(config), mesh, abstract))
+  target = TargetParams(abstract, place)
   wanted = entries(config)
-  missing = [e for e in wanted if e.key not in state]
-  not_allowed = [e.key for e in missing if e.path[0] not in allow_missing]
-  if not_allowed:
-    raise KeyError(f"Checkpoint lacks {len(not_allowed)} keys the model needs, e.g. {not_allowed[:5]}.")
-  known = {e.key for e in wanted}
-  unexpected = sorted(k for k in state if k not in known and k not in TIED_KEYS and not k.endswith("position_ids"))
-  if unexpected:
-    raise KeyError(f"Checkpoint has {len(unexpected)} keys this model config does not use, e.g. "
-                   f"{unexpected[:5]}; check num_*_layers / encoder_pre_ln / heads in the config.")
-  groups = {e.path[0] for e in missing}
-  fresh = layers.init_from_specs({g: specs[g] for g in groups}, jax.random.key(0) if init_key is None else init_key,
-                                 jnp.dtype(config.param_dtype))
-
-  stacks: dict[tuple, dict[int, np.ndarray]] = {}
-  params: dict = {}
+  absent = sorted({e.target.split("/")[0] for e in wanted if e.target.split("/")[0] in OPTIONAL_GROUPS
+                   and not any(present(x.key) for x in wanted if x.target.split("/")[0] == e.target.split("/")[0])})
   for entry in wanted:
-    if entry.key not in state:
-      value = fresh
-      for name in entry.path:
-        value = value[name]
-      _set(params, entry.path, np.asarray(value))
+    if entry.target.split("/")[0] in absent:
       continue
-    value = _to_ours(to_numpy(state[entry.key]), entry, _shape_of(specs, entry))
-    if entry.layer is None:
-      _set(params, entry.path, value)
+    shape = target.specs[entry.target].shape
+    if entry.per_layer:
+      buffer = target.new_buffer(entry.target)
+      for layer in range(_num_layers(entry, config)):
+        key = entry.key.format(i=layer)
+        buffer[layer] = _to_ours(entry, *read(key, entry.split), shape[1:])
+      target.assign(entry.target, buffer, entry.key)
     else:
-      stacks.setdefault(entry.path, {})[entry.layer] = value
-  for path, by_layer in stacks.items():
-    if path not in {e.path for e in missing}:
-      _set(params, path, np.stack([by_layer[i] for i in range(len(by_layer))]))
-  wte = params["embed"]["wte"]
-  for key in TIED_KEYS:
-    if key in state and not np.array_equal(to_numpy(state[key]), wte):
-      raise ValueError(f"Checkpoint key {key!r} should be tied to the word embedding but differs from it.")
-  return params, sorted({e.key for e in missing})
+      array, origin = read(entry.key, entry.split)
+      target.assign(entry.target, _to_ours(entry, array, origin, shape), origin)
+  if absent:
+    key = jax.random.key(0) if init_key is None else init_key
+    specs = plug.param_specs(config)
+    fresh = layers.init_from_specs({group: specs[group] for group in absent}, key, jnp.dtype(config.param_dtype))
+    for path, value in flatten(fresh).items():
+      target.assign(path, np.asarray(value), "fresh init")
+  notes = [f"initialised {group} from the config (not in the checkpoint)" for group in absent]
+  return target.result(), notes
+
+
+def _check_tied(params: dict, tied: np.ndarray, origin: str) -> None:
+  wte = np.asarray(params["embed"]["wte"])
+  if not np.array_equal(tied.astype(wte.dtype), wte):
+    raise ConversionError(f"{origin}: should be tied to bert.embeddings.word_embeddings.weight but differs from it.")
+
+
+def load_deepspeed(path: str | os.PathLike, *, config: plug.PlugConfig | None = None, tag: str | None = None,
+                   dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                   trust_pickle: bool = False) -> Loaded:
+  """PLUG params from its model-parallel DeepSpeed shards (any rank count), merged tensor by tensor.
+
+  Heads cannot be read from the weights, so the shapes are checked against `config` (default: PLUG 27B).
+  """
+  shards = megatron.read_shards(path, tag, trust_pickle)
+  source_dtype = torch_io.to_numpy(shards.modules[0]["bert.embeddings.word_embeddings.weight"]).dtype
+  config = dataclasses.replace(config or plug.PlugConfig(), param_dtype=dtype or source_dtype.name)
+  keys = set(shards.keys())
+  where = f"{shards.directory} (mp_rank_*_model_states.pt)"
+
+  def read(key: str, split: megatron.Split) -> tuple[np.ndarray, str]:
+    return shards.take(key, split), f"{where}: {key}"
+
+  params, notes = load_params(config, read, keys.__contains__, mesh)
+  if DECODER_WEIGHT in keys:
+    _check_tied(params, shards.take(DECODER_WEIGHT, megatron.COLUMN), f"{where}: {DECODER_WEIGHT}")
+  shards.ledger.check_all_taken()
+  return Loaded(params, config, notes + [f"merged {shards.num_ranks} model-parallel rank(s) of {shards.directory}"])
+
+
+class _HFBert:
+  """Reads a Hugging Face BERT state under PLUG's key names (q/k/v fused, `bert.` prefix as needed)."""
+
+  def __init__(self, keys: list[str], read: Callable[[str], tuple[np.ndarray, str]]):
+    self._keys, self._read = set(keys), read
+    self._prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
+
+  def name(self, key: str) -> str:
+    return self._prefix + key[len("bert."):] if key.startswith("bert.") else key
+
+  def present(self, key: str) -> bool:
+    return self.name(key.replace("query_key_value", "query")) in self._keys
+
+  def read(self, key: str, split: megatron.Split) -> tuple[np.ndarray, str]:
+    del split
+    if ".query_key_value." not in key:
+      return self._read(self.name(key))
+    parts = [self._read(self.name(key.replace("query_key_value", p))) for p in ("query", "key", "value")]
+    return np.concatenate([array for array, _ in parts]), parts[0][1].replace(".query.", ".{query,key,value}.")
+
+
+def _load_hf_bert(keys: list[str], read, ledger: KeyLedger, config: plug.PlugConfig, mesh, init_key) -> tuple:
+  if config.encoder_pre_ln or config.num_decoder_layers:
+    raise ConversionError("A Hugging Face BERT checkpoint is a post-LN encoder: use a model config with "
+                          "encoder_pre_ln=False and num_decoder_layers=0 (e.g. gin_configs/models/structbert_large.gin).")
+  source = _HFBert(keys, read)
+  params, notes = load_params(config, source.read, source.present, mesh, init_key)
+  for tied in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+    if tied in ledger:
+      reference = params["embed"]["wte"] if tied.endswith("weight") else params["mlm"]["bias"]
+      array, origin = read(tied)
+      if not np.array_equal(array.astype(np.asarray(reference).dtype), np.asarray(reference)):
+        raise ConversionError(f"{origin}: should be tied but differs from the parameter it is tied to.")
+  ledger.check_all_taken(ignore=lambda key: key.endswith("position_ids"))
+  return params, notes
+
+
+def params_from_hf_state(state: Mapping[str, Any], config: plug.PlugConfig,
+                         init_key: jax.Array | None = None) -> tuple[dict, list[str]]:
+  """Params from an in-memory HF BertModel / BertForMaskedLM state dict (e.g. `model.state_dict()`);
+  returns (params, notes on heads initialised from the config)."""
+  ledger = KeyLedger(state, "Hugging Face BERT state dict")
+
+  def read(key: str) -> tuple[np.ndarray, str]:
+    ledger.take(key)
+    value = state[key]
+    return (torch_io.to_numpy(value) if hasattr(value, "detach") else np.asarray(value)), key
+
+  return _load_hf_bert(list(state), read, ledger, config, None, init_key)
+
+
+def load_hf_bert(path: str | os.PathLike, *, config: plug.PlugConfig, dtype: str | None = None,
+                 mesh: jax.sharding.Mesh | None = None, trust_pickle: bool = False) -> Loaded:
+  """Encoder params from a Hugging Face BERT directory (config.json + safetensors / pytorch_model.bin)."""
+  directory = pathlib.Path(path)
+  try:
+    hf_config = json.loads((directory / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{directory / 'config.json'}: cannot read a BERT config ({e}).") from e
+  expected = {"hidden_act": "gelu", "num_attention_heads": config.num_heads, "layer_norm_eps": config.layer_norm_eps,
+              "num_hidden_layers": config.num_encoder_layers}
+  wrong = [f"{name}={hf_config.get(name)!r} (model config: {value!r})" for name, value in expected.items()
+           if hf_config.get(name, value) != value]
+  if wrong:
+    raise ConversionError(f"{directory / 'config.json'} does not match the model config: {'; '.join(wrong)}.")
+  weights = hf.Weights(directory, trust_pickle)
+  config = dataclasses.replace(config, param_dtype=dtype or config.param_dtype)
+  params, notes = _load_hf_bert(weights.keys(), weights.read, weights.ledger, config, mesh, None)
+  return Loaded(params, config, notes + [f"read Hugging Face BERT {directory}"])
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+def torch_arrays(params: dict, config: plug.PlugConfig) -> Iterator[tuple[Entry, str, np.ndarray]]:
+  """(entry, key, release-layout array) for every tensor; one param group is on the host at a time."""
+  flat = flatten(params)
+  for entry in entries(config):
+    group = np.asarray(flat[entry.target])
+    for layer in range(_num_layers(entry, config)) if entry.per_layer else (None,):
+      yield entry, entry.key.format(i=layer), _to_theirs(entry, group if layer is None else group[layer])
 
 
 def state_from_params(params: dict, config: plug.PlugConfig) -> dict[str, np.ndarray]:
-  """A full PLUG-named state dict (numpy, torch layout) from our params, with the tied decoder_weight."""
-  params = jax.tree.map(to_numpy, params)
-  state = {}
-  for entry in entries(config):
-    value = params
-    for name in entry.path:
-      value = value[name]
-    value = value if entry.layer is None else value[entry.layer]
-    state[entry.key] = _to_theirs(value, entry)
-  state["cls.predictions.decoder_weight"] = state["bert.embeddings.word_embeddings.weight"]
+  """The full (merged) release state dict, numpy, including the tied decoder_weight."""
+  state = {key: array for _, key, array in torch_arrays(params, config)}
+  state[DECODER_WEIGHT] = state["bert.embeddings.word_embeddings.weight"]
   return state
 
 
-# ---- Hugging Face BERT ---------------------------------------------------------------------------
+def save_deepspeed(params: dict, config: plug.PlugConfig, path: str | os.PathLike, num_ranks: int,
+                   tag: str = "release") -> pathlib.Path:
+  """Writes PLUG's DeepSpeed layout split over `num_ranks` model-parallel ranks, atomically."""
+  for name, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size), ("mlp_dim", config.mlp_dim)):
+    if size % num_ranks:
+      raise ConversionError(f"--mp={num_ranks} must divide {name}={size} of the model.")
 
-def state_from_hf_bert(hf_state: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Renames a BertModel / BertForMaskedLM state dict to PLUG's post-LN key names (q, k, v fused)."""
-  state = {(k if k.startswith(("bert.", "cls.")) else "bert." + k): to_numpy(v) for k, v in hf_state.items()}
-  state.pop("cls.predictions.decoder.bias", None)  # HF ties it to cls.predictions.bias
-  layer_prefixes = {k.split(".attention.self.")[0] for k in state if ".attention.self.query." in k}
-  for prefix in layer_prefixes:
-    for kind in ("weight", "bias"):
-      parts = [state.pop(f"{prefix}.attention.self.{p}.{kind}") for p in ("query", "key", "value")]
-      state[f"{prefix}.attention.self.query_key_value.{kind}"] = np.concatenate(parts, axis=0)
-  return state
+  def rank_module(rank: int) -> dict:
+    module = {}
+    for entry, key, array in torch_arrays(params, config):
+      module[key] = torch_io.from_numpy(megatron.split_tensor(array, entry.split, num_ranks, key)[rank])
+    module[DECODER_WEIGHT] = module["bert.embeddings.word_embeddings.weight"]
+    return module
+
+  return megatron.write_shards(path, num_ranks, rank_module, tag)
 
 
-def params_from_hf_bert(hf_state: Mapping[str, Any], config: plug.PlugConfig,
-                        init_key: jax.Array | None = None) -> tuple[dict, list[str]]:
-  """Our encoder params from a Hugging Face BertModel / BertForMaskedLM (post-LN) state dict.
+# ---- Orbax -------------------------------------------------------------------------------------
 
-  Heads the HF checkpoint lacks (MLM head for BertModel; pooler / relation / classifier for
-  BertForMaskedLM) are initialised from the config; their keys are returned.
-  """
-  if config.encoder_pre_ln or config.num_decoder_layers:
-    raise ValueError("params_from_hf_bert: BERT is a post-LN encoder; use a config with encoder_pre_ln=False "
-                     "and num_decoder_layers=0.")
-  return params_from_state(state_from_hf_bert(hf_state), config,
-                           allow_missing=("mlm", "pooler", "relation", "classifier"), init_key=init_key)
+def metadata(config: plug.PlugConfig, **extra) -> dict:
+  return {"model": "plug", "model_config": dataclasses.asdict(config), **extra}
+
+
+def load_orbax(path: str | os.PathLike, *, config: plug.PlugConfig | None = None, dtype: str | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> Loaded:
+  """PLUG params written by `save_orbax`, read straight into their shardings on `mesh`."""
+  where = f"{path}/{checkpointing.METADATA_FILE}"
+  try:
+    meta = checkpointing.read_metadata(path)
+  except FileNotFoundError as e:
+    raise ConversionError(str(e)) from e
+  if meta.get("model") != "plug" or "model_config" not in meta:
+    raise ConversionError(f"{where}: names no PLUG model config (model={meta.get('model')!r}).")
+  stored = plug.PlugConfig(**meta["model_config"])
+  config = dataclasses.replace(config or stored, param_dtype=dtype or stored.param_dtype)
+  abstract = plug.abstract_params(config)
+  shardings = None if mesh is None else partitioning.tree_shardings(plug.logical_axes(config), mesh, abstract)
+  try:
+    params, _ = checkpointing.restore_params(path, abstract, shardings)
+  except ValueError as e:
+    raise ConversionError(f"{path}: {e}") from e
+  return Loaded(params, config, [], meta)
+
+
+def save_orbax(params: dict, config: plug.PlugConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
+  """A params-only Orbax checkpoint (atomic) whose metadata holds the PLUG config."""
+  return pathlib.Path(checkpointing.save_params(path, params, metadata(config, **extra_metadata)))

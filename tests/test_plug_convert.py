@@ -1,0 +1,110 @@
+"""PLUG checkpoint conversion: release-style DeepSpeed shards (split here by hand from FORMATS.md) <-> params <-> Orbax."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from cpm_jax import partitioning
+from cpm_jax.convert import plug as convert_plug
+from cpm_jax.convert.common import ConversionError
+from cpm_jax.models import plug
+
+CONFIG = plug.PlugConfig(vocab_size=512, num_encoder_layers=2, num_decoder_layers=2, embed_dim=64, num_heads=8,
+                         mlp_dim=128, max_positions=32, type_vocab_size=3)
+
+QKV = re.compile(r"(attention\.self\.query_key_value|decoder\.layer\.\d+\.attention\.query_key_value)\.")
+COLUMN = re.compile(r"word_embeddings\.weight|decoder_weight|cls\.predictions\.bias|intermediate(\.dense)?\.|"
+                    r"cross_attention\.query\.")
+ROW = re.compile(r"(attention\.output\.dense|\d+\.output\.dense|attention\.dense|cross_attention\.dense|"
+                 r"decoder\.layer\.\d+\.output)\.weight")
+
+
+def release_split(state: dict, ranks: int) -> list[dict]:
+  """Per-rank modules exactly as FORMATS.md describes PLUG's tensor-parallel layout."""
+  modules = [{} for _ in range(ranks)]
+  for key, x in state.items():
+    if QKV.search(key) or "cross_attention.key_value." in key:
+      parts = np.split(x, 3 if QKV.search(key) else 2)
+      pieces = [np.concatenate([np.split(p, ranks)[r] for p in parts]) for r in range(ranks)]
+    elif COLUMN.search(key):
+      pieces = np.split(x, ranks, axis=0)
+    elif ROW.search(key):
+      pieces = np.split(x, ranks, axis=-1)
+    else:
+      pieces = [x] * ranks
+    for module, piece in zip(modules, pieces):
+      module[key] = torch.tensor(np.ascontiguousarray(piece))
+  return modules
+
+
+def write_release(directory, modules, tag="release"):
+  (directory / tag).mkdir(parents=True)
+  (directory / "latest").write_text(tag)
+  for rank, module in enumerate(modules):
+    torch.save({"module": module, "mp_world_size": len(modules)}, directory / tag / f"mp_rank_{rank:02d}_model_states.pt")
+  return directory
+
+
+@pytest.fixture(scope="module")
+def params():
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), plug.abstract_params(CONFIG))
+
+
+def assert_same(a, b):
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a), jax.tree.map(np.asarray, b))
+
+
+def test_release_shards_at_8_and_2_ranks_convert_to_identical_params(params, tmp_path):
+  state = convert_plug.state_from_params(params, CONFIG)
+  assert len(state) == 12 * 2 + 20 * 2 + 19  # encoder / decoder layers; embeddings, final LNs, heads, tied copy
+  for ranks in (8, 2):
+    modules = release_split(state, ranks)
+    assert modules[0]["bert.embeddings.word_embeddings.weight"].shape == (512 // ranks, 64)
+    loaded = convert_plug.load_deepspeed(write_release(tmp_path / f"mp{ranks}", modules), config=CONFIG)
+    assert_same(loaded.params, params)
+    assert loaded.config.param_dtype == "float32"
+
+
+def test_export_splits_exactly_as_released_and_round_trips(params, tmp_path):
+  out = convert_plug.save_deepspeed(params, CONFIG, tmp_path / "out", num_ranks=4)
+  expected = release_split(convert_plug.state_from_params(params, CONFIG), 4)
+  for rank in range(4):
+    written = torch.load(out / "release" / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
+    assert written["mp_world_size"] == 4
+    assert sorted(written["module"]) == sorted(expected[rank])
+    for key, tensor in expected[rank].items():
+      torch.testing.assert_close(written["module"][key], tensor, rtol=0, atol=0, msg=key)
+  assert_same(convert_plug.load_deepspeed(out, config=CONFIG).params, params)
+
+
+def test_orbax_round_trip_onto_a_tensor_parallel_mesh(params, tmp_path):
+  convert_plug.save_orbax(params, CONFIG, tmp_path / "orbax", tokenizer="vocab.txt")
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=1, tensor=8))
+  loaded = convert_plug.load_orbax(tmp_path / "orbax", mesh=mesh)
+  assert loaded.config == CONFIG and loaded.metadata["tokenizer"] == "vocab.txt"
+  assert loaded.params["embed"]["wte"].sharding.spec == partitioning.logical_to_spec(("vocab", "embed"))
+  assert_same(loaded.params, params)
+
+
+def test_bad_shards_fail_clearly_without_output(params, tmp_path):
+  state = convert_plug.state_from_params(params, CONFIG)
+  modules = release_split(state, 2)
+  broken = write_release(tmp_path / "untied", [{**m, "cls.predictions.decoder_weight": m["cls.predictions.bias"][:, None]
+                                                .expand(-1, 64).contiguous()} for m in modules])
+  with pytest.raises(ConversionError, match="tied"):
+    convert_plug.load_deepspeed(broken, config=CONFIG)
+  with pytest.raises(ConversionError, match=r"unknown keys 'decoder\.decoder\.layer\.1\."):
+    convert_plug.load_deepspeed(write_release(tmp_path / "deeper", modules),
+                                config=plug.PlugConfig(**{**CONFIG.__dict__, "num_decoder_layers": 1}))
+  with pytest.raises(ConversionError, match=r"word_embeddings.weight: shape \(512, 64\), expected \(256, 64\)"):
+    convert_plug.load_deepspeed(tmp_path / "deeper", config=plug.PlugConfig(**{**CONFIG.__dict__, "vocab_size": 256}))
+  missing = [{k: v for k, v in m.items() if "cross_attention.query" not in k} for m in modules]
+  with pytest.raises(ConversionError, match="cross_attention.query"):
+    convert_plug.load_deepspeed(write_release(tmp_path / "missing", missing), config=CONFIG)
+  with pytest.raises(ConversionError, match="must divide num_heads=8"):
+    convert_plug.save_deepspeed(params, CONFIG, tmp_path / "mp3", num_ranks=3)
+  assert not (tmp_path / "mp3").exists()
