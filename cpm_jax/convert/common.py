@@ -17,34 +17,21 @@ from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 
 class ConversionError(ValueError):
   """A checkpoint could not be converted; the message names the file, key and what was expected."""
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict) -> dict[str, Any]:
   """Nested dicts -> {"a/b/c": leaf}."""
-  flat = {}
-  for name, node in tree.items():
-    path = f"{prefix}{name}"
-    if isinstance(node, dict):
-      flat.update(flatten(node, path + "/"))
-    else:
-      flat[path] = node
-  return flat
+  return traverse_util.flatten_dict(tree, sep="/")
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
   """{"a/b/c": leaf} -> nested dicts."""
-  tree: dict = {}
-  for path, leaf in flat.items():
-    *parents, name = path.split("/")
-    node = tree
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[name] = leaf
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 class KeyLedger:

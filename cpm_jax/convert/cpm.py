@@ -15,6 +15,7 @@ import re
 from typing import Any, Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cpm_jax import checkpointing, partitioning
@@ -87,6 +88,7 @@ class Loaded:
   params: dict
   config: cpm.CPMConfig
   notes: list[str]
+  metadata: dict = dataclasses.field(default_factory=dict)  # what an Orbax input stored beside its params
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -116,6 +118,10 @@ def resolve_config(found: dict[str, Any], where: str, base: cpm.CPMConfig | None
     raise ConversionError(f"{where}: the number of attention heads cannot be read from the weights (hidden size "
                           f"{found['embed_dim']} is no released CPM size {sorted(KNOWN_HEADS)}); pass --num_heads "
                           "or a gin model config.")
+  try:
+    jnp.dtype(dtype)
+  except TypeError as e:
+    raise ConversionError(f"dtype {dtype!r} is not a dtype name (e.g. float32, bfloat16, float16).") from e
   ffn = found.pop("ffn_dim")
   if base is not None:
     mismatched = [f"{name}: checkpoint {value}, gin {getattr(base, name)}" for name, value in found.items()
@@ -290,7 +296,7 @@ def load_orbax(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, 
   abstract = cpm.abstract_params(config)
   shardings = None if mesh is None else partitioning.tree_shardings(cpm.logical_axes(config), mesh, abstract)
   params, _ = checkpointing.restore_params(path, abstract, shardings)
-  return Loaded(params, config, [note])
+  return Loaded(params, config, [note], meta)
 
 
 def save_orbax(params: dict, config: cpm.CPMConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:

@@ -104,7 +104,6 @@ class ShardSet:
   def __init__(self, directory: pathlib.Path, tag: str, files: list[pathlib.Path], states: list[dict]):
     self.directory, self.tag, self.files = directory, tag, files
     self.modules = [state.get("module", state) for state in states]
-    self.bookkeeping = {key: value for key, value in states[0].items() if key != "module"}
     self.ledger = KeyLedger(self.modules[0], f"{directory} (mp_rank_*_model_states.pt)")
     self._check(states)
 

@@ -14,12 +14,12 @@ import pathlib
 import struct
 from typing import Iterable, Sequence
 
-import ml_dtypes
 import numpy as np
+from jax.numpy import bfloat16
 
 from cpm_jax.convert.common import ConversionError
 
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(dtype): name for name, dtype in DTYPES.items()}
 

@@ -11,8 +11,8 @@ import pathlib
 import pickle
 import zipfile
 
-import ml_dtypes
 import numpy as np
+from jax.numpy import bfloat16
 
 from cpm_jax.convert.common import ConversionError
 
@@ -62,7 +62,7 @@ def to_numpy(tensor) -> np.ndarray:
 
   tensor = tensor.detach()
   if tensor.dtype == torch.bfloat16:
-    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.view(torch.int16).numpy().view(bfloat16)
   return tensor.numpy()
 
 
@@ -71,6 +71,6 @@ def from_numpy(array: np.ndarray):
   import torch
 
   array = np.array(array, order="C")
-  if array.dtype == ml_dtypes.bfloat16:
+  if array.dtype == bfloat16:
     return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
   return torch.from_numpy(array)
