@@ -1,0 +1,103 @@
+"""Greedy decode throughput of cpm_jax.decoding against transformers' GPT2LMHeadModel.generate.
+
+Same architecture (cpm_small shape unless overridden), same prompt (32 tokens), 64 new tokens, batch 1
+and 8, float32 on CPU, PyTorch with one thread per core like XLA. Also prints the physical limit at batch 1: every
+weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (bytes of params).
+
+  .venv/bin/python benchmarks/decode_throughput.py
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
+flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row.")
+flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row (no early stop).")
+flags.DEFINE_integer("repeats", 3, "Timed runs per setting (the best is reported).")
+flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch threads (XLA uses one per core).")
+flags.DEFINE_integer("num_layers", 12, "Model shape: layers (cpm_small: 12).")
+flags.DEFINE_integer("embed_dim", 768, "Model shape: hidden size (cpm_small: 768).")
+flags.DEFINE_integer("num_heads", 12, "Model shape: heads (cpm_small: 12).")
+FLAGS = flags.FLAGS
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # warm-up / compile
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+def matvec_bandwidth(repeats: int) -> tuple[float, float]:
+  """GB/s streamed by a batch-1 float32 matrix-vector product over a 256 MB matrix: (XLA, PyTorch)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  matrix = np.random.default_rng(0).standard_normal((8192, 8192), dtype=np.float32)
+  w, x = jnp.asarray(matrix), jnp.ones((1, 8192), jnp.float32)
+  product = jax.jit(lambda x, w: x @ w)
+  xla = best_time(lambda: product(x, w).block_until_ready(), 5 * repeats)
+  wt, xt = torch.from_numpy(matrix), torch.ones(1, 8192)
+  with torch.inference_mode():
+    pt = best_time(lambda: xt @ wt, 5 * repeats)
+  return matrix.nbytes / xla / 1e9, matrix.nbytes / pt / 1e9
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+  import torch
+  import transformers
+
+  from cpm_jax import decoding, layers
+  from cpm_jax.models import cpm
+
+  torch.set_num_threads(FLAGS.threads)
+  config = cpm.CPMConfig(num_layers=FLAGS.num_layers, embed_dim=FLAGS.embed_dim, num_heads=FLAGS.num_heads,
+                         dropout_rate=0.0)
+  params = cpm.init(config, jax.random.key(0))
+  param_bytes = layers.count_params(params) * 4
+  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=config.vocab_size, n_positions=config.max_positions, n_embd=config.embed_dim,
+      n_layer=config.num_layers, n_head=config.num_heads, activation_function="gelu_new",
+      layer_norm_epsilon=config.layer_norm_eps, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+      bos_token_id=None, eos_token_id=None)).eval()
+  greedy = decoding.SamplingConfig(max_new_tokens=FLAGS.new_tokens, greedy=True)
+  new = FLAGS.new_tokens
+
+  print(f"model: {config.num_layers} layers x {config.embed_dim}, {param_bytes / 1e6:.0f} MB float32 params; "
+        f"prompt {FLAGS.prompt_length}, {new} new tokens, greedy; {FLAGS.threads} threads; "
+        f"load average {os.getloadavg()[0]:.1f}")
+  xla_bw, torch_bw = matvec_bandwidth(FLAGS.repeats)
+  limit = xla_bw * 1e9 / param_bytes
+  print(f"matvec bandwidth: XLA {xla_bw:.1f} GB/s, PyTorch {torch_bw:.1f} GB/s -> batch-1 limit "
+        f"{limit:.1f} tokens/s")
+  for batch in map(int, FLAGS.batch_sizes):
+    prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, FLAGS.prompt_length))
+    ours = best_time(lambda: decoding.generate(params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
+                     FLAGS.repeats)
+    inputs = torch.from_numpy(prompts)
+    with torch.inference_mode():
+      theirs = best_time(lambda: hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
+                                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0),
+                         FLAGS.repeats)
+    ours_tps, theirs_tps = batch * new / ours, batch * new / theirs
+    line = (f"batch {batch}: cpm_jax {ours_tps:.1f} tokens/s, transformers {theirs_tps:.1f} tokens/s, "
+            f"ratio {ours_tps / theirs_tps:.2f}x")
+    if batch == 1:
+      line += f"; {100 * ours_tps / limit:.0f}% of the weight-streaming limit"
+    print(line)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,368 @@
+"""Prefill + cached incremental decoding on device: sampling and beam search.
+
+The decode loops are generic: they drive any model through a step function
+
+    step_fn(params, tokens [batch, 1], cache) -> (float32 logits [batch, 1, vocab], cache)
+
+over a cache pytree whose leaves carry logical axes (the `batch` axis is what beam search reorders and
+what shards over the mesh's data axes). CPM-LM's adapter (`cpm_prefill`, `cpm_step_fn`) is below;
+PLUG's encoder-decoder plugs in the same way (prefill = run the encoder, step = one decoder token).
+Every loop is a `lax.while_loop` on device: one compiled program per shape bucket, no Python per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+from typing import Any, Callable, Sequence
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpm_jax import partitioning
+from cpm_jax.models import cpm
+
+StepFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
+NEG_INF = -1e30  # finite stand-in for -inf in log-space (keeps arithmetic NaN-free)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Greedy or sampled decoding.
+
+  Logits are processed in CPM's order: repetition penalty, then top-k, then top-p (nucleus, on the
+  probabilities renormalised over the top-k), then temperature, then a categorical draw. With
+  `greedy` the token is the argmax after the repetition penalty. top_k=0 / top_p=1.0 disable them.
+  """
+
+  max_new_tokens: int = 64
+  greedy: bool = False
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0  # CTRL's: seen tokens' logits divided (if > 0) or multiplied by it
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens={self.max_new_tokens}; expected >= 1.")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"SamplingConfig.temperature={self.temperature}; expected > 0 (or greedy=True).")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k={self.top_k}; expected >= 0 (0 disables it).")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p={self.top_p}; expected in (0, 1].")
+    if self.repetition_penalty <= 0:
+      raise ValueError(f"SamplingConfig.repetition_penalty={self.repetition_penalty}; expected > 0.")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class BeamSearchConfig:
+  """Beam search scored by log-probability / GNMT length penalty ((5 + length) / 6) ** alpha.
+
+  <eod> is forbidden before `min_length` new tokens. Beams that reach max_new_tokens without <eod>
+  compete with the finished ones at that length.
+  """
+
+  max_new_tokens: int = 64
+  beam_size: int = 5
+  length_penalty: float = 0.6
+  min_length: int = 5
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1 or self.beam_size < 1:
+      raise ValueError(f"BeamSearchConfig: max_new_tokens={self.max_new_tokens} and beam_size="
+                       f"{self.beam_size}; both must be >= 1.")
+    if self.length_penalty < 0:
+      raise ValueError(f"BeamSearchConfig.length_penalty={self.length_penalty}; expected >= 0.")
+    if not 0 <= self.min_length <= self.max_new_tokens:
+      raise ValueError(f"BeamSearchConfig.min_length={self.min_length}; expected in [0, max_new_tokens="
+                       f"{self.max_new_tokens}].")
+
+
+DecodingConfig = SamplingConfig | BeamSearchConfig
+
+
+# ---- logits processing -------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+  """CTRL's penalty on tokens already in the row (`seen` bool [batch, vocab])."""
+  penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+  return jnp.where(seen, penalised, logits)
+
+
+def choose_tokens(logits: jax.Array, config: SamplingConfig, rng: jax.Array) -> jax.Array:
+  """Next tokens [batch] from float32 logits [batch, vocab]: top-k, top-p, temperature, draw."""
+  if config.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  vocab = logits.shape[-1]
+  k = min(config.top_k or vocab, vocab)
+  indices = None
+  if k < vocab or config.top_p < 1.0:
+    logits, indices = jax.lax.top_k(logits, k)  # sorted, largest first
+  if config.top_p < 1.0:
+    cumulative = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose probability reaches top_p (the first token always stays).
+    before = jnp.pad(cumulative[:, :-1], ((0, 0), (1, 0)))
+    logits = jnp.where(before > config.top_p, NEG_INF, logits)
+  choice = jax.random.categorical(rng, logits / config.temperature, axis=-1)
+  if indices is not None:
+    choice = jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0]
+  return choice.astype(jnp.int32)
+
+
+def _seen_tokens(tokens: jax.Array, valid: jax.Array, vocab: int) -> jax.Array:
+  """bool [batch, vocab]: which ids occur at the valid positions of each row."""
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(valid)
+
+
+# ---- generic loops -----------------------------------------------------------------------------
+
+def sample_loop(step_fn: StepFn, params: Any, cache: Any, last_tokens: jax.Array, config: SamplingConfig,
+                *, eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array,
+                seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+  """Greedy / sampled decoding until every row has produced <eod> or max_new_tokens.
+
+  last_tokens [batch]: the token each row feeds first (the last prompt token, whose predecessors are
+  already in `cache`). seen: bool [batch, vocab] of prompt tokens, needed for a repetition penalty.
+  Returns tokens [batch, max_new_tokens] (pad_id after a row's <eod>), lengths [batch] (new tokens
+  before <eod>) and the final cache.
+  """
+  batch, steps = last_tokens.shape[0], config.max_new_tokens
+  penalise = config.repetition_penalty != 1.0
+  if penalise and seen is None:
+    seen = _seen_tokens(last_tokens[:, None], jnp.ones((batch, 1), bool), vocab_size)
+
+  def cond(state):
+    step, _, _, done, _, _ = state
+    return (step < steps) & ~done.all()
+
+  def body(state):
+    step, out, last, done, cache, seen = state
+    logits, cache = step_fn(params, last[:, None], cache)
+    logits = logits[:, -1].astype(jnp.float32)
+    if penalise:
+      logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    token = choose_tokens(logits, config, jax.random.fold_in(rng, step))
+    token = jnp.where(done, pad_id, token)
+    if penalise:
+      seen = seen.at[jnp.arange(batch), token].set(True)
+    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+    return step + 1, out, token, done | (token == eod_id), cache, seen
+
+  out = jnp.full((batch, steps), pad_id, jnp.int32)
+  state = (jnp.zeros((), jnp.int32), out, last_tokens.astype(jnp.int32), jnp.zeros((batch,), bool), cache,
+           seen if penalise else None)
+  _, out, _, _, cache, _ = jax.lax.while_loop(cond, body, state)
+  return out, _lengths(out, eod_id), cache
+
+
+def _lengths(tokens: jax.Array, eod_id: int) -> jax.Array:
+  """New tokens before the first <eod> of each row (all of them if there is none)."""
+  stop = tokens == eod_id
+  return jnp.where(stop.any(-1), jnp.argmax(stop, -1), tokens.shape[-1]).astype(jnp.int32)
+
+
+def _batch_axis(axes: tuple) -> int | None:
+  return axes.index("batch") if "batch" in axes else None
+
+
+def map_batch(fn: Callable[[jax.Array, int], jax.Array], cache: Any, cache_axes: Any) -> Any:
+  """Applies fn(leaf, batch_axis) to every cache leaf with a `batch` logical axis."""
+  def apply(axes, leaf):
+    axis = _batch_axis(axes)
+    return leaf if axis is None else fn(leaf, axis)
+  return jax.tree.map(apply, cache_axes, cache, is_leaf=partitioning.is_logical_axes)
+
+
+def _gnmt_penalty(length, alpha: float):
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, last_tokens: jax.Array,
+                     config: BeamSearchConfig, *, eod_id: int, pad_id: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Beam search over `step_fn`; cache and last_tokens hold one row per example (beams are made here).
+
+  Returns the best hypothesis per example: tokens [batch, max_new_tokens] (<eod> then pad_id),
+  lengths [batch] (new tokens before <eod>) and scores [batch] (log-prob / length penalty).
+  """
+  batch, beams, steps = last_tokens.shape[0], config.beam_size, config.max_new_tokens
+  cache = map_batch(lambda x, axis: jnp.repeat(x, beams, axis=axis), cache, cache_axes)
+  last = jnp.repeat(last_tokens.astype(jnp.int32), beams)
+  live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32), (batch, 1))
+  live = jnp.full((batch, beams, steps), pad_id, jnp.int32)
+  finished = jnp.full((batch, beams, steps), pad_id, jnp.int32)
+  finished_scores = jnp.full((batch, beams), NEG_INF, jnp.float32)
+  final_penalty = _gnmt_penalty(steps, config.length_penalty)
+
+  def cond(state):
+    step, _, live_logp, _, finished_scores, _, _ = state
+    # Scores only fall with length, so a live beam can at best reach its log-prob / the largest penalty.
+    hopeless = finished_scores.min(-1) > live_logp.max(-1) / final_penalty
+    return (step < steps) & ~hopeless.all()
+
+  def body(state):
+    step, live, live_logp, finished, finished_scores, last, cache = state
+    logits, cache = step_fn(params, last[:, None], cache)
+    logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+    vocab = logp.shape[-1]
+    logp = jnp.where((step < config.min_length) & (jnp.arange(vocab) == eod_id), NEG_INF, logp)
+    candidates = (live_logp[:, :, None] + logp.reshape(batch, beams, vocab)).reshape(batch, beams * vocab)
+    top_logp, top_index = jax.lax.top_k(candidates, 2 * beams)
+    top_beam, top_token = top_index // vocab, top_index % vocab
+    top_seqs = jnp.take_along_axis(live, top_beam[:, :, None], axis=1)
+    top_seqs = jax.lax.dynamic_update_slice_in_dim(top_seqs, top_token[:, :, None], step, axis=2)
+    ended = top_token == eod_id
+
+    # Finished: merge the new <eod> hypotheses into the kept ones.
+    ended_real = ended & (top_logp > NEG_INF / 2)  # not an expansion of an empty initial beam
+    new_scores = jnp.where(ended_real, top_logp / _gnmt_penalty(step + 1, config.length_penalty), NEG_INF)
+    pool_scores = jnp.concatenate([finished_scores, new_scores], axis=1)
+    finished_scores, keep = jax.lax.top_k(pool_scores, beams)
+    finished = jnp.take_along_axis(jnp.concatenate([finished, top_seqs], axis=1), keep[:, :, None], axis=1)
+
+    # Live: the best candidates that did not end.
+    live_logp, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logp), beams)
+    live = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+    source = jnp.take_along_axis(top_beam, keep, axis=1) + jnp.arange(batch)[:, None] * beams
+    cache = map_batch(lambda x, axis: jnp.take(x, source.reshape(-1), axis=axis), cache, cache_axes)
+    last = jnp.take_along_axis(top_token, keep, axis=1).reshape(-1)
+    return step + 1, live, live_logp, finished, finished_scores, last, cache
+
+  state = (jnp.zeros((), jnp.int32), live, live_logp, finished, finished_scores, last, cache)
+  step, live, live_logp, finished, finished_scores, _, _ = jax.lax.while_loop(cond, body, state)
+  # Live beams still running at the end compete at their current length.
+  live_scores = jnp.where(live_logp > NEG_INF / 2, live_logp / _gnmt_penalty(step, config.length_penalty),
+                          NEG_INF)
+  scores = jnp.concatenate([finished_scores, live_scores], axis=1)
+  best = jnp.argmax(scores, axis=1)
+  tokens = jnp.take_along_axis(jnp.concatenate([finished, live], axis=1), best[:, None, None], axis=1)[:, 0]
+  return tokens, _lengths(tokens, eod_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
+
+
+# ---- CPM-LM adapter ----------------------------------------------------------------------------
+
+def cpm_cache_logical_axes() -> dict:
+  return {"lm": cpm.cache_logical_axes(), "position": ("batch",)}
+
+
+def cpm_prefill(params: dict, prompts: jax.Array, lengths: jax.Array, config: cpm.CPMConfig,
+                cache_length: int) -> tuple[dict, jax.Array]:
+  """Runs left-padded prompts [batch, width] (lengths [batch] >= 1) through the model.
+
+  All but the last column go into a fresh KV cache of `cache_length` slots (padding gets segment id 0
+  and is never attended); returns (cache, last prompt token [batch]) for `sample_loop` /
+  `beam_search_loop`, whose first step feeds that last token.
+  """
+  batch, width = prompts.shape
+  start = width - lengths[:, None]
+  columns = jnp.arange(width)[None, :]
+  segment_ids = (columns >= start).astype(jnp.int32)
+  positions = jnp.maximum(columns - start, 0).astype(jnp.int32)
+  lm = cpm.init_cache(config, batch, cache_length)
+  lm = jax.tree.map(partitioning.constrain, lm, cpm.cache_logical_axes(),
+                    is_leaf=partitioning.is_logical_axes)
+  if width > 1:
+    _, lm = cpm.hidden_states(params, prompts[:, :-1], config, positions=positions[:, :-1],
+                              segment_ids=segment_ids[:, :-1], cache=lm)
+  return {"lm": lm, "position": positions[:, -1]}, prompts[:, -1]
+
+
+def cpm_step_fn(config: cpm.CPMConfig) -> StepFn:
+  """One cached CPM step: tokens [batch, 1] at each row's next position."""
+  def step(params, tokens, cache):
+    position = cache["position"]
+    logits, lm = cpm.forward(params, tokens, config, positions=position[:, None],
+                             segment_ids=jnp.ones_like(tokens), cache=cache["lm"])
+    return logits, {"lm": lm, "position": position + 1}
+  return step
+
+
+# ---- host side: prompts in, token lists out ------------------------------------------------------
+
+def prepare_prompts(prompts: Sequence[Sequence[int]], max_prompt_length: int, *, eod_id: int, pad_id: int,
+                    strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists into [batch, width] (width a power-of-two bucket) and their lengths.
+
+  An empty prompt becomes [eod_id] (generation then starts a fresh document). A prompt longer than
+  max_prompt_length keeps its last max_prompt_length tokens with a warning, or raises when strict.
+  """
+  if max_prompt_length < 1:
+    raise ValueError(f"No room for a prompt: max_prompt_length={max_prompt_length}; lower max_new_tokens.")
+  rows = []
+  for i, prompt in enumerate(prompts):
+    prompt = [int(t) for t in prompt] or [eod_id]
+    if len(prompt) > max_prompt_length:
+      message = (f"Prompt {i} has {len(prompt)} tokens but only {max_prompt_length} fit "
+                 "(max_positions - max_new_tokens)")
+      if strict:
+        raise ValueError(message + "; shorten it or lower max_new_tokens.")
+      logging.warning("%s; keeping its last %d tokens.", message, max_prompt_length)
+      prompt = prompt[-max_prompt_length:]
+    rows.append(prompt)
+  longest = max(len(row) for row in rows)
+  width = min(max(8, 1 << (longest - 1).bit_length()), max(longest, max_prompt_length))
+  tokens = np.full((len(rows), width), pad_id, np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, width - len(row):] = row
+  return tokens, np.array([len(row) for row in rows], np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpm_decoder(config: cpm.CPMConfig, decoding: DecodingConfig, eod_id: int, pad_id: int, mesh):
+  """Jitted prompts -> (tokens, lengths) for one model/decoding setting (compiled per shape bucket)."""
+  step_fn = cpm_step_fn(config)
+
+  def run(params, prompts, lengths, rng):
+    cache_length = prompts.shape[1] - 1 + decoding.max_new_tokens
+    cache, last = cpm_prefill(params, prompts, lengths, config, cache_length)
+    if isinstance(decoding, BeamSearchConfig):
+      tokens, new_lengths, _ = beam_search_loop(step_fn, params, cache, cpm_cache_logical_axes(), last,
+                                                decoding, eod_id=eod_id, pad_id=pad_id)
+      return tokens, new_lengths
+    seen = None
+    if decoding.repetition_penalty != 1.0:
+      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
+      seen = _seen_tokens(prompts, valid, config.vocab_size)
+    tokens, new_lengths, _ = sample_loop(step_fn, params, cache, last, decoding, eod_id=eod_id, pad_id=pad_id,
+                                         vocab_size=config.vocab_size, rng=rng, seen=seen)
+    return tokens, new_lengths
+
+  return jax.jit(run)
+
+
+def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConfig, decoding: DecodingConfig,
+             *, eod_id: int, pad_id: int, batch_size: int | None = None, strict: bool = False,
+             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+  """CPM-LM continuations (new token ids, without <eod>) of token-id prompts.
+
+  Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
+  has one shape). With `mesh`, the model's activations and the cache are sharded by the logical-axis
+  rules (params should already be placed, e.g. by checkpointing.restore_params with shardings).
+  """
+  if not prompts:
+    return []
+  max_prompt = config.max_positions - decoding.max_new_tokens
+  batch_size = batch_size or len(prompts)
+  rng = jax.random.key(getattr(decoding, "seed", 0))
+  if isinstance(decoding, SamplingConfig):
+    decoding = dataclasses.replace(decoding, seed=0)  # the seed is an input, not a reason to recompile
+  run = _cpm_decoder(config, decoding, eod_id, pad_id, mesh)
+  results = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    chunk += [[]] * (batch_size - len(chunk))
+    tokens, lengths = prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
+    with partitioning.activate(mesh) if mesh is not None else contextlib.nullcontext():
+      out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, start))
+    out, out_lengths = np.asarray(out), np.asarray(out_lengths)
+    results += [out[i, :out_lengths[i]].tolist() for i in range(len(prompts[start:start + batch_size]))]
+  return results
