@@ -365,3 +365,116 @@ def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidde
 def decoder_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
   """Tied decoder output: hidden @ wte^T (no bias), float32 [batch, length, vocab]."""
   return cpm.logits_from_hidden(params, hidden, config)
+
+
+# ---- models as the training loop sees them -----------------------------------------------------
+
+def _encoder_inputs(params: dict, batch: dict, config: PlugConfig, dropout_rng) -> jax.Array:
+  return encode(params, batch["inputs"], config, token_types=batch.get("token_types"),
+                positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+
+
+def _matmul_params(config: PlugConfig) -> tuple[int, int]:
+  """(encoder, decoder) matmul parameters per token, output heads included."""
+  e, f = config.embed_dim, config.mlp_dim
+  encoder = config.num_encoder_layers * (4 * e * e + 2 * e * f) + e * e + config.vocab_size * e
+  decoder = config.num_decoder_layers * (8 * e * e + 2 * e * f) + config.vocab_size * e
+  return encoder, decoder
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class StructBertModel:
+  """Stage 1: the encoder trained on MLM (with word-structural targets) + sentence relation.
+
+  Batches from data.plug_pipeline.StructBertData.
+  """
+
+  config: PlugConfig = dataclasses.field(default_factory=PlugConfig)
+
+  def param_specs(self) -> dict:
+    return param_specs(self.config)
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    rngs = _split(dropout_rng, 1)
+    hidden = _encoder_inputs(params, batch, self.config, rngs[0])
+    return objectives.structbert_loss(mlm_logits(params, hidden, self.config), batch["targets"], batch["weights"],
+                                      relation_logits(params, hidden, self.config), batch["relation_labels"],
+                                      batch["relation_weights"])
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """6 x matmul params + attention (12 x layers x embed x seq_len), per encoder token."""
+    return 6.0 * _matmul_params(self.config)[0] + 12.0 * self.config.num_encoder_layers * self.config.embed_dim * seq_len
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqModel:
+  """Stage 2 (PALM: encoder MLM on the prefix + decoder LM on the continuation) and NLG fine-tuning
+  (source -> target; the batches' MLM weights are 0). Batches from PalmData / Seq2SeqData."""
+
+  config: PlugConfig = dataclasses.field(default_factory=PlugConfig)
+
+  def param_specs(self) -> dict:
+    return param_specs(self.config)
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    rngs = _split(dropout_rng, 2)
+    hidden = _encoder_inputs(params, batch, self.config, rngs[0])
+    decoded, _ = decode(params, batch["decoder_inputs"], self.config, encoder_hidden=hidden,
+                        encoder_segment_ids=batch.get("segment_ids"), positions=batch.get("decoder_positions"),
+                        segment_ids=batch.get("decoder_segment_ids"), dropout_rng=rngs[1])
+    return objectives.palm_loss(mlm_logits(params, hidden, self.config), batch["targets"], batch["weights"],
+                                decoder_logits(params, decoded, self.config), batch["decoder_targets"],
+                                batch["decoder_weights"])
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Per encoder token, counting one decoder token per encoder token (an upper bound for PALM's 80/20)."""
+    c = self.config
+    attention = 12.0 * (c.num_encoder_layers + 2 * c.num_decoder_layers) * c.embed_dim * seq_len
+    return 6.0 * sum(_matmul_params(c)) + attention
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClassifierModel:
+  """NLU fine-tuning: pooled [CLS] -> dropout -> linear (config.num_classes > 0). Batches from ClassificationData."""
+
+  config: PlugConfig = dataclasses.field(default_factory=PlugConfig)
+
+  def __post_init__(self):
+    if not self.config.num_classes:
+      raise ValueError("ClassifierModel needs PlugConfig.num_classes > 0.")
+
+  def param_specs(self) -> dict:
+    return param_specs(self.config)
+
+  def logits(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+    rngs = _split(dropout_rng, 2)
+    hidden = _encoder_inputs(params, batch, self.config, rngs[0])
+    return classification_logits(params, hidden, self.config, rngs[1])
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    return objectives.lm_loss(self.logits(params, batch, dropout_rng)[:, None], batch["labels"],
+                              batch["label_weights"])
+
+  def flops_per_token(self, seq_len: int) -> float:
+    c = self.config
+    return 6.0 * c.num_encoder_layers * (4 * c.embed_dim ** 2 + 2 * c.embed_dim * c.mlp_dim) + \
+        12.0 * c.num_encoder_layers * c.embed_dim * seq_len
+
+
+def warm_start(params: dict, pretrained: dict) -> tuple[dict, list[str]]:
+  """`params` with every leaf that `pretrained` holds at the same path and shape replaced by it (e.g. stage 2's
+  encoder and heads from stage 1, a classifier's encoder from stage 1); returns (params, paths taken)."""
+  source = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+  taken = []
+
+  def take(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name in source and source[name].shape == leaf.shape:
+      taken.append(name)
+      return jax.device_put(jnp.asarray(source[name], leaf.dtype), getattr(leaf, "sharding", None))
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(take, params), taken

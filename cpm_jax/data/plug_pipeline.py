@@ -1,0 +1,335 @@
+"""Grain pipelines for PLUG: StructBERT and PALM pre-training, classification and source -> target fine-tuning.
+
+One example per row (the [CLS] state is at position 0), padded to fixed lengths; batches are dicts of numpy
+arrays, all 2-D [per_process_batch, length] (per-example labels are [batch, 1]):
+  encoder  inputs, token_types, segment_ids (1 = token, 0 = padding), positions; MLM targets, weights
+  StructBERT  relation_labels, relation_weights (objectives.RELATION_*)
+  PALM / seq2seq  decoder_inputs ([CLS] + target), decoder_targets (target + [SEP]), decoder_weights,
+                  decoder_segment_ids, decoder_positions
+  classification  labels, label_weights
+Noise is drawn per example from a Generator seeded by (seed, example index), so batches are deterministic;
+the iterators are Grain DatasetIterators whose get_state()/set_state() resume exactly (the train loop
+checkpoints them). Documents are split over processes as in the LM pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import re
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import gin
+import grain
+import numpy as np
+
+from cpm_jax import objectives
+from cpm_jax.data import sources
+from cpm_jax.tokenization import BertTokenizer
+
+_SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
+
+
+def _text(value: Any) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def split_sentences(text: str) -> list[str]:
+  """Sentences of a paragraph, cut after 。！？!?；; (at least one: the whole text)."""
+  return [s for s in _SENTENCE_END.split(text) if s.strip()] or [text]
+
+
+def halves(text: str, rng: np.random.Generator) -> tuple[str, str]:
+  """A paragraph cut in two at a random sentence boundary (at the middle character if one sentence)."""
+  sentences = split_sentences(text)
+  if len(sentences) == 1:
+    middle = max(len(text) // 2, 1)
+    return text[:middle], text[middle:]
+  cut = int(rng.integers(1, len(sentences)))
+  return "".join(sentences[:cut]), "".join(sentences[cut:])
+
+
+def _pad(values: Sequence[int], length: int, dtype=np.int32) -> np.ndarray:
+  out = np.zeros(length, dtype)
+  out[:len(values)] = values[:length]
+  return out
+
+
+def _encoder_features(ids: Sequence[int], types: Sequence[int], length: int) -> dict[str, np.ndarray]:
+  n = min(len(ids), length)
+  return {"inputs": _pad(ids, length), "token_types": _pad(types, length),
+          "segment_ids": _pad([1] * n, length), "positions": _pad(list(range(n)), length)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Noise:
+  """MLM and word-structural noise settings (StructBERT: 15% MLM; trigram shuffling 0.05-0.1)."""
+
+  mask_rate: float = 0.15
+  trigram_probability: float = 0.05
+
+
+def _noised(ids: np.ndarray, tokenizer: BertTokenizer, noise: Noise, rng: np.random.Generator,
+            length: int) -> dict[str, np.ndarray]:
+  """MLM targets at shuffled-trigram positions and at masked positions (chosen among the other tokens)."""
+  candidates = (ids != tokenizer.cls_id) & (ids != tokenizer.sep_id) & (ids != tokenizer.pad_id)
+  inputs, changed = objectives.shuffle_trigrams(ids, rng, candidates=candidates,
+                                                probability=noise.trigram_probability)
+  inputs, targets, weights = objectives.mask_tokens(
+      inputs, rng, candidates=candidates & ~changed, mask_id=tokenizer.mask_id,
+      random_ids=(tokenizer.mask_id + 3, tokenizer.vocab_size), rate=noise.mask_rate)
+  targets = np.where(changed, ids, targets)
+  weights = np.where(changed, 1.0, weights).astype(np.float32)
+  return {"inputs": _pad(inputs, length), "targets": _pad(targets, length),
+          "weights": _pad(weights, length, np.float32)}
+
+
+def structbert_example(index_and_text: tuple[int, str], rng: np.random.Generator, *, tokenizer: BertTokenizer,
+                       documents: Sequence[Any], seq_len: int, noise: Noise) -> dict[str, np.ndarray]:
+  """[CLS] A [SEP] B [SEP] with the sentence relation label, trigram shuffling and MLM noise."""
+  index, text = index_and_text
+  first, second = halves(text, rng)
+  other_index = int(rng.integers(len(documents) - 1))
+  other_index += other_index >= index  # any document but this one
+  other = halves(_text(documents[other_index]["text"]), rng)[int(rng.integers(2))]
+  a, b, label = objectives.sentence_relation(rng, first, second, other)
+  encoded = tokenizer.encode(a, b, max_length=seq_len)
+  ids = np.asarray(encoded["input_ids"], np.int32)
+  features = _encoder_features(encoded["input_ids"], encoded["token_type_ids"], seq_len)
+  features.update(_noised(ids, tokenizer, noise, rng, seq_len))
+  features["relation_labels"] = np.array([label], np.int32)
+  features["relation_weights"] = np.ones(1, np.float32)
+  return features
+
+
+def _decoder_features(target_ids: Sequence[int], tokenizer: BertTokenizer, length: int) -> dict[str, np.ndarray]:
+  target_ids = list(target_ids)[:length - 1]
+  n = len(target_ids) + 1
+  return {"decoder_inputs": _pad([tokenizer.cls_id, *target_ids], length),
+          "decoder_targets": _pad([*target_ids, tokenizer.sep_id], length),
+          "decoder_weights": _pad([1.0] * n, length, np.float32),
+          "decoder_segment_ids": _pad([1] * n, length), "decoder_positions": _pad(list(range(n)), length)}
+
+
+def palm_example(index_and_text: tuple[int, str], rng: np.random.Generator, *, tokenizer: BertTokenizer,
+                 seq_len: int, target_len: int, source_ratio: float, noise: Noise) -> dict[str, np.ndarray]:
+  """PALM: [CLS] prefix [SEP] with MLM noise for the encoder; the decoder predicts the continuation.
+
+  The document's first span that fits both sides is split by objectives.palm_split; the source keeps its
+  end (next to the continuation) when it must be cut.
+  """
+  _, text = index_and_text
+  tokens = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(text))
+  source, target = tokens, []  # a one-token document: the decoder predicts only [SEP]
+  if len(tokens) >= 2:
+    source, target = objectives.palm_split(tokens[:seq_len - 2 + target_len - 1], source_ratio)
+  source = list(source)[-(seq_len - 2):]
+  ids = np.asarray([tokenizer.cls_id, *source, tokenizer.sep_id], np.int32)
+  features = _encoder_features(ids, [0] * len(ids), seq_len)
+  features.update(_noised(ids, tokenizer, dataclasses.replace(noise, trigram_probability=0.0), rng, seq_len))
+  features.update(_decoder_features(target, tokenizer, target_len))
+  return features
+
+
+def seq2seq_example(example: Mapping[str, Any], *, tokenizer: BertTokenizer, seq_len: int, target_len: int,
+                    source_fields: Sequence[str], target_field: str) -> dict[str, np.ndarray]:
+  """Fine-tuning for generation: the source fields joined by [SEP] (e.g. answer [SEP] context) -> target."""
+  parts = [_text(example[field]) for field in source_fields]
+  encoded = tokenizer.encode(parts[0], "[SEP]".join(parts[1:]) if len(parts) > 1 else None, max_length=seq_len)
+  features = _encoder_features(encoded["input_ids"], encoded["token_type_ids"], seq_len)
+  features.update(targets=np.zeros(seq_len, np.int32), weights=np.zeros(seq_len, np.float32))
+  target = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(_text(example[target_field])))
+  features.update(_decoder_features(target, tokenizer, target_len))
+  return features
+
+
+def classification_example(example: Mapping[str, Any], *, tokenizer: BertTokenizer, seq_len: int,
+                           text_fields: Sequence[str], label_field: str,
+                           label_ids: Mapping[str, int]) -> dict[str, np.ndarray]:
+  """[CLS] text [SEP] (text_b [SEP]) -> label id (label_ids maps the label's string form)."""
+  texts = [_text(example[field]) for field in text_fields]
+  encoded = tokenizer.encode(texts[0], texts[1] if len(texts) > 1 else None, max_length=seq_len)
+  label = _text(example[label_field])
+  if label not in label_ids:
+    raise ValueError(f"Label {label!r} (field {label_field!r}) is not one of the configured labels "
+                     f"{sorted(label_ids)}.")
+  features = _encoder_features(encoded["input_ids"], encoded["token_type_ids"], seq_len)
+  features.update(labels=np.array([label_ids[label]], np.int32), label_weights=np.ones(1, np.float32))
+  return features
+
+
+# ---- sources -------------------------------------------------------------------------------------
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str]) -> list[dict[str, Any]]:
+  """A CLUE-style jsonl file (one JSON object per line); every object must hold the `required` fields."""
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f"jsonl data file not found: {path}")
+  required = list(required)
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        example = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: not a JSON object ({e}).") from e
+      missing = [field for field in required if field not in example]
+      if missing:
+        raise ValueError(f"{path}:{number}: missing field(s) {missing}; expected {required}.")
+      examples.append(example)
+  if not examples:
+    raise ValueError(f"{path}: no examples.")
+  return examples
+
+
+def _source(dataset: str, split: str, data_dir: str, required: Iterable[str]) -> Sequence[Any]:
+  """A TFDS split (`dataset` a name, e.g. review_sentiment) or a jsonl file (`dataset` ends in .jsonl, with
+  `{split}` replaced by the split name, e.g. /data/afqmc/{split}.jsonl)."""
+  if dataset.endswith(".jsonl"):
+    return read_jsonl(dataset.format(split=split), required)
+  return sources.load_split(dataset, split, os.path.expanduser(data_dir))
+
+
+def _indexed(source: Sequence[Any], field: str | None) -> grain.MapDataset:
+  """(index, text) pairs for text tasks; the examples themselves otherwise."""
+  dataset = grain.MapDataset.source(source)
+  if field is None:
+    return dataset
+  return grain.MapDataset.range(len(source)).map(lambda i: (i, _text(source[i][field])))
+
+
+def _batches(dataset: grain.MapDataset, example_fn: Callable, *, random: bool, batch_size: int, seed: int,
+             shuffle: bool, num_epochs: int | None, process_index: int, process_count: int) -> grain.DatasetIterator:
+  dataset = dataset[process_index::process_count]
+  if not len(dataset):
+    raise ValueError(f"Process {process_index} of {process_count} gets no examples.")
+  if shuffle:
+    dataset = dataset.shuffle(seed)
+  dataset = dataset.repeat(num_epochs)
+  dataset = dataset.random_map(example_fn, seed=seed) if random else dataset.map(example_fn)
+  return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlugData:
+  """What the train loop needs of a PLUG task: train_iterator(seed), eval_batches(), sizes."""
+
+  vocab_path: str = gin.REQUIRED
+  dataset: str = "peoples_daily_1998"
+  data_dir: str = "~/tensorflow_datasets"
+  train_split: str = "train"
+  eval_split: str = "validation"
+  seq_len: int = 128
+  global_batch_size: int = 8
+  max_examples: int | None = None
+  eval_max_examples: int | None = None
+  process_index: int | None = None
+  process_count: int | None = None
+
+  text_field = "text"
+  random = True
+
+  @functools.cached_property
+  def tokenizer(self) -> BertTokenizer:
+    return BertTokenizer(os.path.expanduser(self.vocab_path))
+
+  def required_fields(self) -> list[str]:
+    return [self.text_field]
+
+  def example_fn(self) -> Callable:
+    raise NotImplementedError
+
+  def _iterator(self, split: str, seed: int, train: bool) -> grain.DatasetIterator:
+    import jax
+
+    index = jax.process_index() if self.process_index is None else self.process_index
+    count = jax.process_count() if self.process_count is None else self.process_count
+    if self.global_batch_size % count:
+      raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the {count} processes.")
+    source = _source(self.dataset, split, self.data_dir, self.required_fields())
+    dataset = _indexed(source, self.text_field if self.random else None)
+    limit = self.max_examples if train else self.eval_max_examples
+    if limit:
+      dataset = dataset[:limit]
+    return _batches(dataset, self.example_fn(), random=self.random, batch_size=self.global_batch_size // count,
+                    seed=seed, shuffle=train, num_epochs=None if train else 1, process_index=index,
+                    process_count=count)
+
+  def train_iterator(self, seed: int) -> grain.DatasetIterator:
+    return self._iterator(self.train_split, seed, train=True)
+
+  def eval_batches(self) -> grain.DatasetIterator:
+    return self._iterator(self.eval_split, 0, train=False)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class StructBertData(_PlugData):
+  """StructBERT batches (stage 1) from a document corpus with one paragraph per example (People's Daily)."""
+
+  noise: Noise = Noise()
+
+  def example_fn(self) -> Callable:
+    source = _source(self.dataset, self.train_split, self.data_dir, self.required_fields())
+    return functools.partial(structbert_example, tokenizer=self.tokenizer, documents=source, seq_len=self.seq_len,
+                             noise=self.noise)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class PalmData(_PlugData):
+  """PALM batches (stage 2): a noised prefix for the encoder, its continuation for the decoder."""
+
+  target_len: int = 32
+  source_ratio: float = 0.8
+  noise: Noise = Noise()
+
+  def example_fn(self) -> Callable:
+    return functools.partial(palm_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                             target_len=self.target_len, source_ratio=self.source_ratio, noise=self.noise)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqData(_PlugData):
+  """Source -> target fine-tuning examples (e.g. DuReader question generation: answer [SEP] context -> question)."""
+
+  source_fields: tuple[str, ...] = ("answer", "context")
+  target_field: str = "question"
+  target_len: int = 32
+
+  random = False
+
+  def required_fields(self) -> list[str]:
+    return [*self.source_fields, self.target_field]
+
+  def example_fn(self) -> Callable:
+    return functools.partial(seq2seq_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                             target_len=self.target_len, source_fields=self.source_fields,
+                             target_field=self.target_field)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClassificationData(_PlugData):
+  """Sentence(-pair) classification from CLUE-style jsonl or a labelled TFDS dataset (review_sentiment)."""
+
+  dataset: str = "review_sentiment"
+  text_fields: tuple[str, ...] = ("text",)
+  label_field: str = "label"
+  labels: tuple[str, ...] = ("0", "1")
+
+  random = False
+
+  def required_fields(self) -> list[str]:
+    return [*self.text_fields, self.label_field]
+
+  def example_fn(self) -> Callable:
+    return functools.partial(classification_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
+                             text_fields=self.text_fields, label_field=self.label_field,
+                             label_ids={label: i for i, label in enumerate(self.labels)})
