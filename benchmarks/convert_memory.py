@@ -5,8 +5,13 @@ then measures, each in a fresh process: peak RSS (VmHWM) and the RSS after impor
   hf->orbax (save_params)   cpm_jax.convert.load_hf + save_orbax (what `convert_checkpoint.py --from=hf` runs)
   hf->orbax (uncompressed)  the same arrays written by Orbax without zstd compression
   orbax->hf                 cpm_jax.convert.load_orbax + save_hf (`--to=hf`)
+  orbax->megatron (mp=2)    load_orbax + save_megatron (`--to=megatron --mp=2`)
+  megatron->orbax (mp=2)    load_megatron of those shards + save_orbax (`--from=megatron`)
   peer                      transformers.GPT2LMHeadModel.from_pretrained of the same directory, every weight read
-"load peak" is the peak once the converted params are in memory (sharded jax arrays, or the restored ones).
+Columns (MiB): RSS after imports; peak RSS once the params are in memory (converted sharded jax arrays, or restored
+ones), before writing; peak RSS overall; then peak/size, (peak - imports)/size, and the sampled peak of anonymous
+memory above the imports / size. Torch files are memory-mapped: pages read count in RSS but are file-backed (the
+kernel can drop them), which the anonymous column leaves out.
 Target: hf->orbax peak <= 1.5x the checkpoint size.
 
   .venv/bin/python benchmarks/convert_memory.py [--layers=24 --embed=1024 --workdir=/tmp/convert_memory]
@@ -19,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from absl import app, flags
@@ -28,15 +34,35 @@ _EMBED = flags.DEFINE_integer("embed", 1024, "Hidden size (cpm_medium: 1024).")
 _VOCAB = flags.DEFINE_integer("vocab", 30000, "Vocabulary size.")
 _POSITIONS = flags.DEFINE_integer("positions", 1024, "Learned positions.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one, removed afterwards).")
-_CASE = flags.DEFINE_enum("case", None, ["hf_to_orbax", "hf_to_orbax_uncompressed", "orbax_to_hf", "peer"],
-                          "Internal: run one measurement.")
+CASES = {"hf_to_orbax": "hf->orbax", "hf_to_orbax_uncompressed": "hf->orbax (uncompressed)",
+         "orbax_to_hf": "orbax->hf", "orbax_to_megatron": "orbax->megatron (mp=2)",
+         "megatron_to_orbax": "megatron->orbax (mp=2)", "peer": "peer: from_pretrained"}
+_CASE = flags.DEFINE_enum("case", None, list(CASES), "Internal: run one measurement.")
 
 
 def rss_mib(field: str) -> float:
+  """A /proc/self/status memory figure in MiB: VmRSS, VmHWM (peak RSS) or RssAnon."""
   for line in pathlib.Path("/proc/self/status").read_text().splitlines():
     if line.startswith(field + ":"):
       return int(line.split()[1]) / 1024
   raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class AnonPeak(threading.Thread):
+  """Samples RssAnon every 5 ms: the peak of memory that is not file-backed (mmap'd pages the kernel can drop)."""
+
+  def __init__(self):
+    super().__init__(daemon=True)
+    self.peak, self._done = rss_mib("RssAnon"), threading.Event()
+
+  def run(self):
+    while not self._done.wait(0.005):
+      self.peak = max(self.peak, rss_mib("RssAnon"))
+
+  def stop(self) -> float:
+    self._done.set()
+    self.join()
+    return max(self.peak, rss_mib("RssAnon"))
 
 
 def write_checkpoint(directory: pathlib.Path) -> int:
@@ -58,33 +84,45 @@ def write_checkpoint(directory: pathlib.Path) -> int:
   return (directory / "model.safetensors").stat().st_size
 
 
-def measure(case: str, workdir: pathlib.Path) -> None:
-  """Runs in a child process: prints baseline RSS, peak RSS after loading, peak RSS overall (MiB), seconds."""
+def convert_case(case: str, workdir: pathlib.Path) -> float:
+  """Runs one conversion; returns the peak RSS (MiB) once the params were loaded, before writing."""
   if case == "peer":
     import torch
     import transformers
-    baseline, start = rss_mib("VmRSS"), time.perf_counter()
     model = transformers.GPT2LMHeadModel.from_pretrained(workdir / "hf")
     with torch.no_grad():
       sum(float(param.sum()) for param in model.parameters())  # touch every weight (loading may be lazy)
-    loaded_peak = rss_mib("VmHWM")
+    return rss_mib("VmHWM")
+  from cpm_jax import convert, partitioning
+  source, target = case.split("_to_")
+  if source == "orbax":
+    loaded = convert.load_orbax(workdir / "orbax")
   else:
-    from cpm_jax import convert, partitioning
-    baseline, start = rss_mib("VmRSS"), time.perf_counter()
-    if case.startswith("hf_to_orbax"):
-      loaded = convert.load_hf(workdir / "hf", mesh=partitioning.make_mesh())
-      loaded_peak = rss_mib("VmHWM")
-      if case == "hf_to_orbax":
-        convert.save_orbax(loaded.params, loaded.config, workdir / "orbax")
-      else:  # the same arrays through Orbax without zstd compression (not what save_params does today)
-        import orbax.checkpoint as ocp
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
-          checkpointer.save(workdir / "orbax_uncompressed", args=ocp.args.PyTreeSave(loaded.params))
-    else:
-      loaded = convert.load_orbax(workdir / "orbax")
-      loaded_peak = rss_mib("VmHWM")
-      convert.save_hf(loaded.params, loaded.config, workdir / "hf_out")
-  print(f"{baseline:.1f} {loaded_peak:.1f} {rss_mib('VmHWM'):.1f} {time.perf_counter() - start:.2f}")
+    loaded = convert.LOADERS[source](workdir / source, mesh=partitioning.make_mesh())
+  loaded_peak = rss_mib("VmHWM")
+  if target == "orbax_uncompressed":  # the same arrays through Orbax without zstd (save_params compresses)
+    import orbax.checkpoint as ocp
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
+      checkpointer.save(workdir / case, args=ocp.args.PyTreeSave(loaded.params))
+  elif target == "megatron":
+    convert.save_megatron(loaded.params, loaded.config, workdir / "megatron", 2)
+  else:  # hf->orbax writes the "orbax" input of the orbax->* cases
+    convert.SAVERS[target](loaded.params, loaded.config, workdir / ("orbax" if case == "hf_to_orbax" else case))
+  return loaded_peak
+
+
+def measure(case: str, workdir: pathlib.Path) -> None:
+  """In a child process: prints RSS after imports, peak RSS after loading, peak RSS, peak anon RSS, seconds."""
+  if case == "peer":
+    import transformers  # noqa: F401  (imports are not counted)
+  else:
+    from cpm_jax import convert  # noqa: F401
+  baseline, anon_baseline, start = rss_mib("VmRSS"), rss_mib("RssAnon"), time.perf_counter()
+  sampler = AnonPeak()
+  sampler.start()
+  loaded_peak = convert_case(case, workdir)
+  anon_peak = sampler.stop()
+  print(baseline, loaded_peak, rss_mib("VmHWM"), anon_peak - anon_baseline, time.perf_counter() - start)
 
 
 def main(argv: list[str]) -> None:
@@ -96,18 +134,17 @@ def main(argv: list[str]) -> None:
   try:
     size_mib = write_checkpoint(workdir / "hf") / 2**20
     print(f"checkpoint: {_LAYERS.value} layers, hidden {_EMBED.value}, vocab {_VOCAB.value}, float32 safetensors "
-          f"{size_mib:.0f} MiB")
-    print("peak RSS (VmHWM) of a fresh process per case, as a ratio to the checkpoint size; 'net' subtracts the "
-          "RSS after imports")
-    print(f"{'case':<26} {'imports MiB':>11} {'load peak':>10} {'net/size':>9} {'total peak':>11} {'total/size':>11} "
-          f"{'net/size':>9} {'s':>6}")
-    for case, label in (("hf_to_orbax", "hf->orbax (save_params)"), ("hf_to_orbax_uncompressed", "hf->orbax (uncompressed)"),
-                        ("orbax_to_hf", "orbax->hf"), ("peer", "peer: from_pretrained")):
-      out = subprocess.run([sys.executable, __file__, f"--case={case}", f"--workdir={workdir}"], check=True,
+          f"{size_mib:.0f} MiB; one fresh process per case; ratios are to the checkpoint size")
+    print(f"{'case':<26} {'imports':>8} {'loaded':>8} {'peak RSS':>9} {'peak/size':>10} {'net/size':>9} "
+          f"{'anon net/size':>14} {'s':>6}")
+    for case, label in CASES.items():
+      out = subprocess.run([sys.executable, __file__, f"--case={case}", f"--workdir={workdir}"], check=False,
                            capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
-      baseline, loaded, peak, seconds = map(float, out.stdout.split()[-4:])
-      print(f"{label:<26} {baseline:>11.0f} {loaded:>10.0f} {(loaded - baseline) / size_mib:>9.2f} {peak:>11.0f} "
-            f"{peak / size_mib:>11.2f} {(peak - baseline) / size_mib:>9.2f} {seconds:>6.1f}")
+      if out.returncode:
+        raise RuntimeError(f"case {case} failed:\n{out.stderr[-3000:]}")
+      baseline, loaded, peak, anon, seconds = map(float, out.stdout.split()[-5:])
+      print(f"{label:<26} {baseline:>8.0f} {loaded:>8.0f} {peak:>9.0f} {peak / size_mib:>10.2f} "
+            f"{(peak - baseline) / size_mib:>9.2f} {anon / size_mib:>14.2f} {seconds:>6.1f}")
   finally:
     if not _WORKDIR.value:
       shutil.rmtree(workdir)
