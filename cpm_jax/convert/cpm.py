@@ -227,8 +227,9 @@ def hf_arrays(params: dict, wanted: list[Tensor]) -> Iterator[np.ndarray]:
   name, group = None, None
   for tensor in wanted:
     if tensor.entry.target != name:
-      name, group = None, None  # free the previous group before fetching the next
-      name, group = tensor.entry.target, np.asarray(flat[tensor.entry.target])
+      group = None  # free the previous group before fetching the next
+      name = tensor.entry.target
+      group = np.asarray(flat[name])
     array = group if tensor.layer is None else group[tensor.layer]
     yield array.reshape(tensor.shape)
 

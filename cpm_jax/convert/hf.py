@@ -33,13 +33,14 @@ class Weights:
     name = next((name for name in WEIGHT_FILES if (directory / name).is_file()), None)
     if name is None:
       raise ConversionError(f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)}.")
+    files = None
     if name.endswith(".index.json"):
-      index = json.loads((directory / name).read_text())
-      files = index.get("weight_map") or {}
+      try:
+        files = json.loads((directory / name).read_text()).get("weight_map")
+      except (ValueError, AttributeError) as e:
+        raise ConversionError(f"{directory / name}: not a JSON weight index ({e}).") from e
       if not files:
         raise ConversionError(f"{directory / name}: no 'weight_map'.")
-    else:
-      files = None
     readers, specs = {}, {}
     self._file_of = {}
     for file in sorted(set(files.values())) if files else [name]:
@@ -50,8 +51,11 @@ class Weights:
         specs.update({key: (reader.shape(key), reader.dtype(key)) for key in reader.keys()})
       else:
         state = torch_io.load(path, trust_pickle)
+        not_tensors = [key for key, value in state.items() if not hasattr(value, "detach")]
+        if not_tensors:
+          raise ConversionError(f"{path}: entries {not_tensors[:4]} are not tensors; expected a state dict.")
         readers[file] = lambda key, state=state: torch_io.to_numpy(state[key])
-        specs.update({key: (tuple(t.shape), torch_io.to_numpy(t.reshape(-1)[:0]).dtype) for key, t in state.items()})
+        specs.update({key: (tuple(t.shape), torch_io.to_numpy(t).dtype) for key, t in state.items()})
       self._file_of.update({key: file for key in specs if key not in self._file_of})
     self._directory, self._readers, self._specs = directory, readers, specs
     self.ledger = KeyLedger(self._file_of, str(directory))
