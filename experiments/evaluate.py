@@ -1,0 +1,75 @@
+r"""Zero/few-shot evaluation of a CPM checkpoint on a task configured in gin_configs/tasks/<task>.gin.
+
+  python experiments/evaluate.py --checkpoint=/tmp/cpm_params --task=review_sentiment_zero_shot \
+      --data_dir=/tmp/tfds --output=/tmp/eval/review_sentiment.json
+  python experiments/evaluate.py --checkpoint=/tmp/cpm_params --task=lm_score --input_file=texts.jsonl \
+      --predictions=/tmp/eval/scores.jsonl
+
+--checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
+workdir (its latest checkpoint). Prints a table of the metrics; --output gets metrics + per-example predictions
+as JSON, --predictions one JSON line per example.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+from cpm_jax import decoding, gin_setup, partitioning
+from cpm_jax.evaluation import model as model_lib
+from cpm_jax.evaluation import report, tasks
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params-only checkpoint or training workdir.", required=True)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: the one the checkpoint records.")
+_TASK = flags.DEFINE_string("task", None, "A gin file in gin_configs/tasks/ (name without .gin) or a path.",
+                            required=True)
+_INPUT_FILE = flags.DEFINE_string("input_file", None, "CLUE-style jsonl to evaluate; default: the task's dataset.")
+_TRAIN_FILE = flags.DEFINE_string("train_file", None, "jsonl of demonstrations for few-shot tasks; default: the "
+                                  "task dataset's train split.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir for dataset-backed tasks (built on first use).")
+_SPLIT = flags.DEFINE_string("split", None, "Dataset split to evaluate; default: the task's.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file for metrics and per-example predictions.")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "jsonl file with one prediction record per example.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per scoring / generation batch.")
+_STRICT = flags.DEFINE_bool("strict", False, "Fail on inputs longer than the model's positions instead of "
+                            "truncating them from the left.")
+_DECODING = flags.DEFINE_enum("decoding", "greedy", ["greedy", "sample", "beam"], "Decoding for generation tasks "
+                              "(SamplingConfig / BeamSearchConfig gin bindings set the rest).")
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Extra gin files, e.g. meshes/tensor8_fsdp.gin.")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'LabelPromptTask.shots = 2'.")
+
+
+def task_gin_file(task: str) -> str:
+  return task if task.endswith(".gin") else f"tasks/{task}.gin"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  gin_setup.parse([task_gin_file(_TASK.value), *_GIN_FILES.value], _GIN_BINDINGS.value)
+  task = tasks.configured_task()
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  params, config, tokenizer = model_lib.load_cpm(_CHECKPOINT.value, mesh, _TOKENIZER.value)
+  decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,
+                     "beam": decoding.BeamSearchConfig}[_DECODING.value]()
+  model = model_lib.cpm_language_model(params, config, tokenizer, batch_size=_BATCH_SIZE.value,
+                                       decoding_config=decoding_config, mesh=mesh, strict=_STRICT.value,
+                                       progress=True)
+  examples = tasks.load_examples(task, _INPUT_FILE.value, _DATA_DIR.value, _SPLIT.value)[:_LIMIT.value]
+  demonstrations = []
+  if task.shots:
+    demonstrations = tasks.load_examples(task, _TRAIN_FILE.value, _DATA_DIR.value,
+                                         None if _TRAIN_FILE.value else "train")
+  logging.info("Task %s: %d examples, %d-shot.", task.name, len(examples), task.shots)
+  result = task.evaluate(model, examples, demonstrations)
+  print(report.table(task.name, result.metrics))
+  settings = {"checkpoint": _CHECKPOINT.value, "input": _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}",
+              "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value}
+  if _OUTPUT.value:
+    report.write_result(_OUTPUT.value, task.name, result, settings)
+  if _PREDICTIONS.value:
+    report.write_jsonl(_PREDICTIONS.value, result.predictions)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,83 @@
+r"""Generates continuations of Chinese prompts with a CPM checkpoint (sampling or beam search, on device).
+
+  python experiments/generate.py --checkpoint=/tmp/cpm_params --prompt='今天天气' --top_k=20 --top_p=0.9
+  python experiments/generate.py --checkpoint=/tmp/cpm_params --input_file=prompts.jsonl --output=out.jsonl \
+      --beam_size=5
+
+--checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
+workdir; its tokenizer and model config are read from it. Without --output each prompt and its continuation
+are printed; with it, one JSON line {"prompt", "generated"} per prompt.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from cpm_jax import decoding, gin_setup, partitioning
+from cpm_jax.evaluation import model as model_lib
+from cpm_jax.evaluation import report, tasks
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params-only checkpoint or training workdir.", required=True)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: the one the checkpoint records.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
+_INPUT_FILE = flags.DEFINE_string("input_file", None, "jsonl with one prompt per line in field --prompt_field.")
+_PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "Field of --input_file lines holding the prompt.")
+_OUTPUT = flags.DEFINE_string("output", None, "jsonl output; default: print to stdout.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most (stops at <eod>).")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of sampling.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (applied after top-k and top-p).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the smallest set of tokens with this probability.")
+_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL's penalty on tokens already present.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same prompts -> same output).")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sampling).")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search: GNMT alpha in ((5 + len) / 6) ** alpha.")
+_MIN_LENGTH = flags.DEFINE_integer("min_length", 0, "Beam search: no <eod> before this many new tokens.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per compiled batch.")
+_STRICT = flags.DEFINE_bool("strict", False, "Fail on prompts longer than the model's positions allow instead of "
+                            "keeping their last tokens.")
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, e.g. meshes/tensor8_fsdp.gin.")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
+
+
+def decoding_config() -> decoding.DecodingConfig:
+  if _BEAM_SIZE.value:
+    return decoding.BeamSearchConfig(max_new_tokens=_MAX_NEW_TOKENS.value, beam_size=_BEAM_SIZE.value,
+                                     length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value)
+  return decoding.SamplingConfig(max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
+                                 temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                 repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value)
+
+
+def read_prompts() -> list[str]:
+  prompts = list(_PROMPT.value)
+  if _INPUT_FILE.value:
+    for example in tasks.read_jsonl(_INPUT_FILE.value):
+      if _PROMPT_FIELD.value not in example:
+        raise ValueError(f"{example[tasks.WHERE]}: no field {_PROMPT_FIELD.value!r} (--prompt_field).")
+      prompts.append(str(example[_PROMPT_FIELD.value]))
+  if not prompts:
+    raise app.UsageError("Give --prompt or --input_file.")
+  return prompts
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
+  prompts = read_prompts()
+  config = decoding_config()  # validates the sampling flags before the checkpoint is read
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  params, model_config, tokenizer = model_lib.load_cpm(_CHECKPOINT.value, mesh, _TOKENIZER.value)
+  model = model_lib.cpm_language_model(params, model_config, tokenizer, batch_size=_BATCH_SIZE.value,
+                                       decoding_config=config, mesh=mesh, strict=_STRICT.value)
+  outputs = model.generate_text(prompts)
+  if _OUTPUT.value:
+    report.write_jsonl(_OUTPUT.value, [{"prompt": p, "generated": g} for p, g in zip(prompts, outputs)])
+  else:
+    for prompt, generated in zip(prompts, outputs):
+      print(f"{prompt}{generated}\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,249 @@
+"""Evaluation: scoring against transformers, CPM-1's task protocols on a recording fake model, gin task files,
+bad input, checkpoint loading, the command-line programs, and zero-shot sentiment of an untrained model."""
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from cpm_jax import checkpointing, gin_setup
+from cpm_jax.evaluation import model as model_lib
+from cpm_jax.evaluation import report, scoring, tasks
+from cpm_jax.models import cpm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = cpm.CPMConfig(vocab_size=30000, num_layers=2, embed_dim=32, num_heads=4, max_positions=64,
+                       dropout_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return jax.jit(cpm.init, static_argnums=0)(CONFIG, jax.random.key(1))
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+def test_scores_match_transformers_gpt2(params, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from cpm_jax.convert import hf
+
+  hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf.save_hf(params, CONFIG, tmp_path / "hf")).eval()
+  rng = np.random.default_rng(0)
+  requests = [(rng.integers(10, 30000, n).tolist(), rng.integers(10, 30000, m).tolist())
+              for n, m in [(0, 5), (3, 1), (1, 9), (30, 35), (7, 7)]]
+  totals, counts = scoring.score_requests(scoring.cpm_score_fn(CONFIG), params, requests, max_length=64,
+                                          batch_size=2, pad_id=5)
+  for (context, continuation), total, count in zip(requests, totals, counts):
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+      log_probs = torch.log_softmax(hf_model(ids[:, :-1]).logits[0].double(), -1)
+    scored = range(max(len(context) - 1, 0), ids.shape[1] - 1)
+    expected = sum(float(log_probs[t, ids[0, t + 1]]) for t in scored)
+    assert count == len(scored)
+    assert total == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_truncation_from_the_left_and_strict_mode(caplog):
+  with caplog.at_level(logging.WARNING):
+    assert scoring.truncate(([1, 2, 3, 4], [5, 6]), 4, "x.jsonl:3", strict=False) == ([2, 3, 4], [5, 6])
+    assert scoring.truncate(([1], [2, 3, 4, 5, 6, 7]), 4, "x.jsonl:3", strict=False) == ([], [3, 4, 5, 6, 7])
+  assert "x.jsonl:3: 6 tokens exceed the model's 4 positions" in caplog.text
+  with pytest.raises(ValueError, match="x.jsonl:3.*strict"):
+    scoring.truncate(([1, 2, 3, 4], [5, 6]), 4, "x.jsonl:3", strict=True)
+
+
+# ---- task protocols on a recording fake model ---------------------------------------------------
+
+class CharTokenizer:
+  eod_id, pad_id = 7, 5
+
+  def encode(self, text):
+    return [ord(c) for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i) for i in ids)
+
+
+def fake_model(preferred: str, generations=None):
+  """Scores a request by whether its text contains `preferred`; records requests as text."""
+  seen = []
+
+  def score(requests, names=None):
+    seen.extend((CharTokenizer().decode(c), CharTokenizer().decode([t for t in x if t != 7])) for c, x in requests)
+    totals = np.array([5.0 if preferred in seen[-len(requests) + i][0] + seen[-len(requests) + i][1] else 1.0
+                       for i in range(len(requests))])
+    return totals * np.array([len(x) for _, x in requests]), np.array([len(x) for _, x in requests])
+
+  def generate(prompts):
+    return [CharTokenizer().encode(generations[i]) for i in range(len(prompts))]
+
+  return model_lib.LanguageModel(CharTokenizer(), score, generate), seen
+
+
+def test_label_prompt_protocol_and_sampled_setting():
+  task = tasks.LabelPromptTask(name="t", templates=[["关于{label}：", "{sentence}"]], label_field="label_desc",
+                               label_map={f"k{i}": f"类{i}" for i in range(6)}, sampled_wrong=3)
+  examples = [{"sentence": "句子", "label_desc": "k2"}, {"sentence": "句子", "label_desc": "k4"}]
+  model, seen = fake_model("类2")
+  result = task.evaluate(model, examples)
+  assert seen[:6] == [(f"关于类{i}：", "句子") for i in range(6)]
+  assert result.metrics["accuracy"] == 0.5  # the model always prefers 类2
+  assert result.predictions[1]["predicted"] == ["k2"]
+  # 4-way: k2 is among the 3 sampled wrong labels of example 1 or not; by the seed it is drawn reproducibly.
+  again = task.evaluate(fake_model("类2")[0], examples).metrics
+  assert again == result.metrics and "accuracy_4way" in result.metrics
+
+
+def test_label_prompt_errors_and_skip_labels():
+  task = tasks.LabelPromptTask(name="ocnli", templates=[["{sentence1}？{label}，", "{sentence2}"]],
+                               label_map={"entailment": "对", "contradiction": "错"}, skip_labels=["-"])
+  model, _ = fake_model("对")
+  examples = [{"sentence1": "a", "sentence2": "b", "label": "-", tasks.WHERE: "dev.json:1"},
+              {"sentence1": "a", "sentence2": "b", "label": "entailment", tasks.WHERE: "dev.json:2"}]
+  assert task.evaluate(model, examples).metrics["examples"] == 1
+  with pytest.raises(ValueError, match="dev.json:3: label 'neutral' .*not in the label map of task 'ocnli'"):
+    task.evaluate(model, examples + [{"sentence1": "a", "sentence2": "b", "label": "neutral",
+                                      tasks.WHERE: "dev.json:3"}])
+  with pytest.raises(ValueError, match="dev.json:2: template .* uses field 'sentence2', which the example lacks"):
+    task.evaluate(model, [{"sentence1": "a", "label": "entailment", tasks.WHERE: "dev.json:2"}])
+
+
+def test_few_shot_prefix_is_seeded_per_example():
+  task = tasks.LabelPromptTask(name="t", templates=[["{text}：", "{label}"]], label_map={0: "差", 1: "好"},
+                               shots=2, seed=3)
+  demos = [{"text": f"d{i}", "label": i % 2} for i in range(10)]
+  model, seen = fake_model("好")
+  task.evaluate(model, [{"text": "x", "label": 1}, {"text": "y", "label": 0}], demos)
+  first = seen[0][0]
+  assert first.count("\n") == 2 and first.endswith("x：") and ("：好\n" in first or "：差\n" in first)
+  assert task.prefix(0, demos) == task.prefix(0, demos) != task.prefix(1, demos)
+  with pytest.raises(ValueError, match="shots=2 but only 1 demonstration"):
+    task.prefix(0, demos[:1])
+
+
+def test_multiple_choice_fills_the_blank_and_appends_eod():
+  task = tasks.MultipleChoiceTask(name="chid")
+  model, seen = fake_model("画蛇添足")
+  result = task.evaluate(model, [{"content": "他这是#idiom12#。", "candidates": ["一举两得", "画蛇添足"], "answer": 1},
+                                 {"content": "#idiom#", "candidates": ["画蛇添足", "x"], "answer": "x"}])
+  assert seen[:2] == [("", "他这是一举两得。"), ("", "他这是画蛇添足。")]
+  assert result.metrics["accuracy"] == 0.5 and [p["predicted"] for p in result.predictions] == [1, 0]
+  with pytest.raises(ValueError, match="no blank matching"):
+    task.evaluate(model, [{"content": "没有空", "candidates": ["a"], "answer": 0}])
+
+
+def test_generation_task_metrics():
+  task = tasks.GenerationTask(name="qa", prompt_template="{q}答：", reference_field="answers", metrics=["em", "f1"])
+  model, _ = fake_model("", generations=["北京\n多余", "上海市"])
+  result = task.evaluate(model, [{"q": "首都？", "answers": ["北京"]}, {"q": "?", "answers": ["上海"]}])
+  assert result.metrics["em"] == 0.5
+  assert result.metrics["f1"] == pytest.approx((1 + 0.8) / 2)
+  assert result.predictions[0]["generated"] == "北京"
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_text('{"text": "好"}\n\n{"text": 不是json}\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=f"{path}:3: not valid JSON"):
+    tasks.read_jsonl(path)
+  path.write_text('["a list"]\n', encoding="utf-8")
+  with pytest.raises(ValueError, match=f"{path}:1: expected a JSON object"):
+    tasks.read_jsonl(path)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin_configs", "tasks", "*.gin"))),
+                         ids=os.path.basename)
+def test_every_task_gin_file_configures_a_task(path):
+  gin.clear_config()
+  try:
+    gin_setup.parse([path], [])
+    task = tasks.configured_task()
+  finally:
+    gin.clear_config()
+  assert isinstance(task, tasks.Task) and task.name == os.path.basename(path)[:-4]
+
+
+# ---- checkpoints and programs ------------------------------------------------------------------
+
+def test_load_cpm_from_a_training_workdir(params, tmp_path, cpm_vocab_path):
+  workdir = tmp_path / "workdir"
+  with checkpointing.Checkpointer(workdir / "checkpoints", async_save=False) as checkpointer:
+    state = {"params": params, "step": np.int32(3), "opt_state": {"mu": params}}
+    checkpointer.maybe_save(3, state, force=True)
+  (workdir / "config.gin").write_text(f"LMData.tokenizer_path = '{cpm_vocab_path}'\n")
+  loaded, config, tokenizer = model_lib.load_cpm(workdir)
+  shape = lambda c: (c.vocab_size, c.num_layers, c.embed_dim, c.num_heads, c.ffn_dim, c.max_positions)  # noqa: E731
+  assert shape(config) == shape(CONFIG)
+  assert tokenizer.eod_id == 7
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def run_program(name, *args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", name), *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def test_programs_lm_score_and_generate(params, tmp_path, cpm_vocab_path):
+  checkpoint = checkpointing.save_params(tmp_path / "ckpt", params, {
+      "model_config": dataclasses.asdict(CONFIG), "tokenizer": str(cpm_vocab_path)})
+  texts = ["今天天气很好，我们去公园散步。", "人工智能", "好"]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t, "prompt": t}, ensure_ascii=False) + "\n"
+                                             for t in texts), encoding="utf-8")
+  stdout = run_program("evaluate.py", f"--checkpoint={checkpoint}", "--task=lm_score",
+                       f"--input_file={tmp_path / 'in.jsonl'}", f"--predictions={tmp_path / 'scores.jsonl'}",
+                       f"--output={tmp_path / 'result.json'}")
+  assert "perplexity" in stdout
+  records = tasks.read_jsonl(tmp_path / "scores.jsonl")
+  loaded, config, tokenizer = model_lib.load_cpm(checkpoint)
+  for text, record in zip(texts, records):
+    ids = tokenizer.encode(text)
+    totals, counts = scoring.score_requests(scoring.cpm_score_fn(config), loaded, [(ids[:1], ids[1:])],
+                                            max_length=64, batch_size=1, pad_id=5)
+    assert record["tokens"] == len(ids) - 1 == counts[0]
+    assert record["log_likelihood"] == pytest.approx(totals[0], rel=1e-5)
+    if counts[0]:
+      assert record["perplexity"] == pytest.approx(math.exp(-totals[0] / counts[0]), rel=1e-5)
+  assert json.loads((tmp_path / "result.json").read_text())["metrics"]["tokens"] == sum(r["tokens"] for r in records)
+
+  run_program("generate.py", f"--checkpoint={checkpoint}", f"--input_file={tmp_path / 'in.jsonl'}",
+              f"--output={tmp_path / 'out.jsonl'}", "--max_new_tokens=5", "--top_k=5", "--top_p=0.9", "--seed=1")
+  generated = [r["generated"] for r in tasks.read_jsonl(tmp_path / "out.jsonl")]
+  model = model_lib.cpm_language_model(loaded, config, tokenizer, batch_size=8, decoding_config=
+                                       model_lib.decoding.SamplingConfig(max_new_tokens=5, top_k=5, top_p=0.9, seed=1))
+  assert generated == model.generate_text(texts)
+
+
+# ---- real data ---------------------------------------------------------------------------------
+
+def test_untrained_model_is_at_chance_on_review_sentiment(params, tmp_path, cpm_vocab_path):
+  from cpm_jax.tokenization import CPMTokenizer
+
+  gin.clear_config()
+  try:
+    gin_setup.parse(["tasks/review_sentiment_zero_shot.gin"], [])
+    task = tasks.configured_task()
+  finally:
+    gin.clear_config()
+  examples = tasks.load_examples(task, None, str(tmp_path / "tfds"))
+  examples = [examples[i] for i in np.random.default_rng(0).choice(len(examples), 120, replace=False)]
+  model = model_lib.cpm_language_model(params, CONFIG, CPMTokenizer(cpm_vocab_path), batch_size=48)
+  result = task.evaluate(model, examples)
+  # Scores of an untrained model carry no information about the label, so accuracy ~ Binomial(120, ~0.5) / 120:
+  # 0.5 +- 0.15 is more than 3 standard deviations (0.046) plus the test split's 52/48 label imbalance.
+  assert abs(result.metrics["accuracy"] - 0.5) < 0.15
+  assert result.metrics["examples"] == 120 and len(result.predictions) == 120
+  assert set(result.predictions[0]["predicted"]) <= {"0", "1"}
+  print(report.table(task.name, result.metrics))
