@@ -19,6 +19,7 @@ Target: hf->orbax peak <= 1.5x the checkpoint size.
 
 from __future__ import annotations
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -78,7 +79,7 @@ def write_checkpoint(directory: pathlib.Path) -> int:
   wanted = cpm_layout.tensors(cpm.abstract_params(config), lambda entry: "transformer." + entry.hf)
   rng = np.random.default_rng(0)
   directory.mkdir(parents=True)
-  (directory / "config.json").write_text(__import__("json").dumps(hf.gpt2_config(config)))
+  (directory / "config.json").write_text(json.dumps(hf.gpt2_config(config)))
   hf.safetensors_io.write(directory / "model.safetensors", [(t.key, t.dtype, t.shape) for t in wanted],
                           (rng.standard_normal(t.shape, np.float32) * 0.02 for t in wanted), {"format": "pt"})
   return (directory / "model.safetensors").stat().st_size

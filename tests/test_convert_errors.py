@@ -2,6 +2,7 @@
 
 import fractions
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from cpm_jax import convert
 from cpm_jax.convert import common, torch_io
 from cpm_jax.models import cpm
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def test_shards_from_different_mp_sizes(shards, tmp_path):
   shutil.copy(rank_file(shards / "mp4", 1), rank_file(directory, 1))
   with pytest.raises(convert.ConversionError, match=r"mp_rank_01_model_states\.pt: saved with mp_world_size=4"):
     load(directory)
-  torch.save({"module": torch.load(rank_file(directory, 1), weights_only=False)["module"]}, rank_file(directory, 1))  # no bookkeeping
+  without_bookkeeping = {"module": torch.load(rank_file(directory, 1), weights_only=False)["module"]}
+  torch.save(without_bookkeeping, rank_file(directory, 1))
   with pytest.raises(convert.ConversionError, match="word_embeddings.weight.*ranks hold different shapes"):
     load(directory)
 

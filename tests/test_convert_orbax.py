@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from convert_util import assert_trees_equal, random_gpt2, release_shards
 from cpm_jax import checkpointing, convert, partitioning
 from cpm_jax.models import cpm
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

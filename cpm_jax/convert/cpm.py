@@ -246,7 +246,8 @@ def load_megatron(path: str | os.PathLike, *, tag: str | None = None, config: cp
   """
   shards = megatron.read_shards(path, tag, trust_pickle)
   where = f"{shards.directory} (mp_rank_*_model_states.pt)"
-  layer_ids = [int(m.group(1)) for key in shards.keys() if (m := re.fullmatch(r"transformer\.layers\.(\d+)\.input_layernorm\.weight", key))]
+  layer_norms = (re.fullmatch(r"transformer\.layers\.(\d+)\.input_layernorm\.weight", key) for key in shards.keys())
+  layer_ids = [int(m.group(1)) for m in layer_norms if m]
   vocab, embed = megatron.merged_shape(megatron.COLUMN, shards.shapes("word_embeddings.weight"))
   ffn = megatron.merged_shape(megatron.COLUMN, shards.shapes("transformer.layers.0.mlp.dense_h_to_4h.weight"))[0]
   found = {"vocab_size": vocab, "embed_dim": embed, "num_layers": max(layer_ids, default=-1) + 1, "ffn_dim": ffn,
