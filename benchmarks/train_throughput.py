@@ -1,0 +1,171 @@
+"""Training throughput of cpm_jax against transformers' GPT2LMHeadModel (PyTorch), same machine, same run.
+
+cpm_small shape (12 layers, 768 hidden, 12 heads, vocab 30000, 1024 positions, tanh-GELU, eps 1e-5),
+batch 4 x 256 tokens, float32, one AdamW step with global-norm clipping on each side:
+- cpm_jax: `training.make_sharded_steps` (what experiments/train.py runs) on a 1-device mesh;
+- PyTorch: forward, cross-entropy over the same targets, backward, clip_grad_norm_, torch.optim.AdamW.
+Both sides use the same thread count (XLA: one intra-op thread per core; torch.set_num_threads). Timing rounds
+alternate between the two sides so that load from other processes hits both alike; the median round is
+reported. FLOP/s use `CPMLanguageModel.flops_per_token` (the training log's MFU accounting) and are given as a
+fraction of the machine's matmul peak, the best of several large jnp.dot sizes measured in this run.
+
+Run without the 8-fake-device flag (plain `XLA_FLAGS` unset):
+  .venv/bin/python benchmarks/train_throughput.py
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+flags.DEFINE_integer("batch_size", 4, "Rows per step.")
+flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
+flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (jax, then torch, in each).")
+flags.DEFINE_integer("steps_per_round", 3, "Train steps timed per side per round.")
+flags.DEFINE_float("dropout", 0.0, "Dropout rate on both sides (0 or e.g. 0.1).")
+flags.DEFINE_integer("num_layers", 12, "Model shape: layers (cpm_small: 12).")
+flags.DEFINE_integer("embed_dim", 768, "Model shape: hidden size (cpm_small: 768).")
+flags.DEFINE_integer("num_heads", 12, "Model shape: heads (cpm_small: 12).")
+flags.DEFINE_integer("vocab_size", 30000, "Model shape: vocabulary (cpm_small: 30000).")
+FLAGS = flags.FLAGS
+
+LEARNING_RATE, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-4, (0.9, 0.95), 1e-8, 0.01, 1.0
+
+
+def torch_matmul_flops(sizes=(1024, 2048, 3072), repeats: int = 3) -> float:
+  """Best FLOP/s of a square float32 torch.matmul (the reference's own BLAS), for comparison."""
+  import torch
+  best = 0.0
+  for n in sizes:
+    a = torch.ones(n, n)
+    torch.matmul(a, a)
+    for _ in range(repeats):
+      start = time.perf_counter()
+      torch.matmul(a, a)
+      best = max(best, 2 * n**3 / (time.perf_counter() - start))
+  return best
+
+
+def make_batch(batch_size: int, seq_len: int, vocab: int):
+  import numpy as np
+  tokens = np.random.default_rng(0).integers(8, vocab, (batch_size, seq_len + 1)).astype(np.int32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "weights": np.ones((batch_size, seq_len), np.float32),
+          "segment_ids": np.ones((batch_size, seq_len), np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()}
+
+
+def jax_step(config, batch):
+  """A function running one cpm_jax train step (state kept across calls), blocking until done."""
+  import jax
+  import optax
+  from cpm_jax import partitioning, training
+  from cpm_jax.models import cpm
+
+  model = cpm.CPMLanguageModel(config)
+  optimizer = training.make_optimizer(optax.constant_schedule(LEARNING_RATE), weight_decay=WEIGHT_DECAY,
+                                      b1=BETAS[0], b2=BETAS[1], eps=EPS, clip_norm=CLIP)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1), devices=jax.devices()[:1])
+  steps = training.make_sharded_steps(model, optimizer, mesh, dropout=config.dropout_rate > 0)
+  holder = {"state": training.create_train_state(model, optimizer, mesh, seed=0)}
+  global_batch = training.global_batch(batch, mesh)
+
+  def step():
+    holder["state"], metrics = steps.train(holder["state"], global_batch)
+    return float(metrics["loss"])
+  return step, model
+
+
+def torch_step(config, batch):
+  """The same step in PyTorch: GPT2LMHeadModel, cross-entropy, backward, clip_grad_norm_, AdamW."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  rate = config.dropout_rate
+  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=config.vocab_size, n_positions=config.max_positions, n_embd=config.embed_dim,
+      n_layer=config.num_layers, n_head=config.num_heads, activation_function="gelu_new",
+      layer_norm_epsilon=config.layer_norm_eps, resid_pdrop=rate, embd_pdrop=rate, attn_pdrop=rate,
+      bos_token_id=None, eos_token_id=None)).train()
+  decay = [p for n, p in hf.named_parameters() if p.dim() >= 2]
+  no_decay = [p for n, p in hf.named_parameters() if p.dim() < 2]
+  optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=LEARNING_RATE, betas=BETAS, eps=EPS)
+  inputs = torch.from_numpy(batch["inputs"]).long()
+  targets = torch.from_numpy(batch["targets"]).long()
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    logits = hf(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)
+    optimizer.step()
+    return loss.item()
+  return step
+
+
+def timed(step, n: int) -> float:
+  start = time.perf_counter()
+  for _ in range(n):
+    step()
+  return (time.perf_counter() - start) / n
+
+
+def main(argv):
+  del argv
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    raise SystemExit("Run without --xla_force_host_platform_device_count: fake devices share the cores.")
+  import jax
+  import torch
+
+  from cpm_jax import flops
+  from cpm_jax.models import cpm
+
+  threads = os.cpu_count()
+  torch.set_num_threads(threads)
+  config = cpm.CPMConfig(vocab_size=FLAGS.vocab_size, num_layers=FLAGS.num_layers, embed_dim=FLAGS.embed_dim,
+                         num_heads=FLAGS.num_heads, dropout_rate=FLAGS.dropout)
+  batch = make_batch(FLAGS.batch_size, FLAGS.seq_len, config.vocab_size)
+  tokens = FLAGS.batch_size * FLAGS.seq_len
+
+  jax_train, model = jax_step(config, batch)
+  pt_train = torch_step(config, batch)
+  flops_per_step = model.flops_per_token(FLAGS.seq_len) * tokens
+  print(f"model: {config.num_layers} layers x {config.embed_dim}, vocab {config.vocab_size}; batch "
+        f"{FLAGS.batch_size} x {FLAGS.seq_len}; float32; dropout {FLAGS.dropout}; {jax.devices()[0].device_kind} "
+        f"x {jax.device_count()} device; threads: XLA {threads} (one per core), torch {torch.get_num_threads()}; "
+        f"load average {os.getloadavg()[0]:.1f}")
+  print(f"FLOPs per step {flops_per_step / 1e9:.1f} G (6 x matmul params x tokens + 12 x L x E x T x tokens)")
+  for _ in range(2):  # compile / warm up both
+    jax_train(), pt_train()
+
+  jax_peak = flops.measure_matmul_flops()
+  torch_peak = torch_matmul_flops()
+  jax_times, torch_times = [], []
+  for _ in range(FLAGS.rounds):
+    jax_times.append(timed(jax_train, FLAGS.steps_per_round))
+    torch_times.append(timed(pt_train, FLAGS.steps_per_round))
+  jax_peak = max(jax_peak, flops.measure_matmul_flops())
+  torch_peak = max(torch_peak, torch_matmul_flops())
+
+  print(f"matmul peak (best square float32 dot of 1024..3072): jnp.dot {jax_peak / 1e9:.0f} GFLOP/s, "
+        f"torch.matmul {torch_peak / 1e9:.0f} GFLOP/s")
+  print(f"{'':8} {'median s/step':>14} {'best s/step':>12} {'tokens/s':>9} {'GFLOP/s':>8} {'of jnp peak':>11}")
+  results = {}
+  for name, times in (("cpm_jax", jax_times), ("pytorch", torch_times)):
+    median = statistics.median(times)
+    results[name] = tokens / median
+    print(f"{name:8} {median:14.3f} {min(times):12.3f} {tokens / median:9.0f} {flops_per_step / median / 1e9:8.0f} "
+          f"{flops_per_step / median / jax_peak:11.1%}")
+  print(f"ratio cpm_jax / pytorch tokens/s: {results['cpm_jax'] / results['pytorch']:.2f}x "
+        f"(per round: {', '.join(f'{p / j:.2f}' for j, p in zip(jax_times, torch_times))}); "
+        f"load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
