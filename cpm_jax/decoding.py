@@ -250,8 +250,9 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
 
 # ---- CPM-LM adapter ----------------------------------------------------------------------------
 
-def cpm_cache_logical_axes() -> dict:
-  return {"lm": cpm.cache_logical_axes(), "position": ("batch",)}
+def cpm_cache_logical_axes(config: cpm.CPMConfig, per_layer: bool = True) -> dict:
+  """Logical axes of the adapter's cache (per_layer: for params in the cpm.unstack_layers layout)."""
+  return {"lm": cpm.cache_logical_axes(config, per_layer), "position": ("batch",)}
 
 
 def cpm_prefill(params: dict, prompts: jax.Array, lengths: jax.Array, config: cpm.CPMConfig,
@@ -260,15 +261,17 @@ def cpm_prefill(params: dict, prompts: jax.Array, lengths: jax.Array, config: cp
 
   All but the last column go into a fresh KV cache of `cache_length` slots (padding gets segment id 0
   and is never attended); returns (cache, last prompt token [batch]) for `sample_loop` /
-  `beam_search_loop`, whose first step feeds that last token.
+  `beam_search_loop`, whose first step feeds that last token. With params in the cpm.unstack_layers
+  layout (as `generate` uses them: faster steps) the cache is per layer.
   """
   batch, width = prompts.shape
   start = width - lengths[:, None]
   columns = jnp.arange(width)[None, :]
   segment_ids = (columns >= start).astype(jnp.int32)
   positions = jnp.maximum(columns - start, 0).astype(jnp.int32)
-  lm = cpm.init_cache(config, batch, cache_length)
-  lm = jax.tree.map(partitioning.constrain, lm, cpm.cache_logical_axes(),
+  per_layer = isinstance(params["blocks"], tuple)
+  lm = cpm.init_cache(config, batch, cache_length, per_layer=per_layer)
+  lm = jax.tree.map(partitioning.constrain, lm, cpm.cache_logical_axes(config, per_layer),
                     is_leaf=partitioning.is_logical_axes)
   if width > 1:
     _, lm = cpm.hidden_states(params, prompts[:, :-1], config, positions=positions[:, :-1],
@@ -322,10 +325,11 @@ def _cpm_decoder(config: cpm.CPMConfig, decoding: DecodingConfig, eod_id: int, p
   step_fn = cpm_step_fn(config)
 
   def run(params, prompts, lengths, rng):
+    params = cpm.unstack_layers(params)
     cache_length = prompts.shape[1] - 1 + decoding.max_new_tokens
     cache, last = cpm_prefill(params, prompts, lengths, config, cache_length)
     if isinstance(decoding, BeamSearchConfig):
-      tokens, new_lengths, _ = beam_search_loop(step_fn, params, cache, cpm_cache_logical_axes(), last,
+      tokens, new_lengths, _ = beam_search_loop(step_fn, params, cache, cpm_cache_logical_axes(config), last,
                                                 decoding, eod_id=eod_id, pad_id=pad_id)
       return tokens, new_lengths
     seen = None
@@ -345,7 +349,8 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConf
   """CPM-LM continuations (new token ids, without <eod>) of token-id prompts.
 
   Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
-  has one shape). With `mesh`, the model's activations and the cache are sharded by the logical-axis
+  has one shape). Decoding runs on a per-layer copy of the block weights (cpm.unstack_layers: no weight
+  slicing per step), so the params are held twice while it runs. With `mesh`, the model's activations and the cache are sharded by the logical-axis
   rules (params should already be placed, e.g. by checkpointing.restore_params with shardings).
   """
   if not prompts:

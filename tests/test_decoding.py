@@ -78,10 +78,11 @@ def test_cached_decoding_on_tensor_sharded_mesh(params):
   sharded = jax.device_put(params, shardings)
   assert sharded["blocks"]["attn"]["qkv_kernel"].sharding.spec[3] == "tensor"
   tokens, lengths = decoding.prepare_prompts(PROMPTS, CONFIG.max_positions - STEPS, eod_id=EOD, pad_id=PAD)
-  with partitioning.activate(mesh):
-    out, logits, keys = jax.jit(greedy_with_logits)(sharded, tokens, lengths)
+  with partitioning.activate(mesh):  # in the decode layout that `generate` uses: per-layer weights and cache
+    out, logits, keys = jax.jit(greedy_with_logits)(cpm.unstack_layers(sharded), tokens, lengths)
   # The cache really is split: heads over `tensor`, batch over `data`.
-  assert keys.sharding.spec[1] == "data" and keys.sharding.spec[3] == "tensor"
+  assert len(keys) == CONFIG.num_layers
+  assert keys[0].sharding.spec[0] == "data" and keys[0].sharding.spec[2] == "tensor"
   assert_matches_recomputation(params, np.asarray(out), np.asarray(logits))
   # The public entry point gives the same tokens on the mesh as on one device.
   greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)
@@ -204,7 +205,8 @@ def test_beam_search_on_cpm_scores_its_own_output(params):
   def run(params, tokens, lengths):
     cache, last = decoding.cpm_prefill(params, tokens, lengths, CONFIG, tokens.shape[1] + 4)
     return decoding.beam_search_loop(decoding.cpm_step_fn(CONFIG), params, cache,
-                                     decoding.cpm_cache_logical_axes(), last, config, eod_id=EOD, pad_id=PAD)
+                                     decoding.cpm_cache_logical_axes(CONFIG, per_layer=False), last, config,
+                                     eod_id=EOD, pad_id=PAD)
   out, out_lengths, scores = run(params, tokens, lengths)
   for row, prompt in enumerate(prompts):
     new = out[row].tolist()

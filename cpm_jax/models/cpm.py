@@ -109,23 +109,44 @@ def abstract_params(config: CPMConfig) -> dict:
 
 # ---- KV cache ----------------------------------------------------------------------------------
 
-def init_cache(config: CPMConfig, batch: int, length: int, dtype=None) -> dict:
-  """Empty KV cache for `length` positions; slots with segment id 0 are never attended."""
+def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict:
+  """Empty KV cache for `length` positions; slots with segment id 0 are never attended.
+
+  k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one [batch, length, heads,
+  head_dim] array per layer (the layout for `unstack_layers` params: no per-step slicing or restacking).
+  """
   dtype = dtype or config.compute_dtype
-  kv_shape = (config.num_layers, batch, length, config.num_heads, config.head_dim)
+  kv_shape = (batch, length, config.num_heads, config.head_dim)
+  if per_layer:
+    k = v = tuple(jnp.zeros(kv_shape, dtype) for _ in range(config.num_layers))
+  else:
+    k = v = jnp.zeros((config.num_layers, *kv_shape), dtype)
   return {
-      "k": jnp.zeros(kv_shape, dtype),
-      "v": jnp.zeros(kv_shape, dtype),
+      "k": k,
+      "v": v,
       "segment_ids": jnp.zeros((batch, length), jnp.int32),
       "positions": jnp.zeros((batch, length), jnp.int32),
       "index": jnp.zeros((), jnp.int32),
   }
 
 
-def cache_logical_axes() -> dict:
-  kv = ("layers", "batch", "cache_length", "act_heads", None)
+def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False) -> dict:
+  """Logical axes of `init_cache`'s tree (per_layer needs the config for the number of layers)."""
+  kv = ("batch", "cache_length", "act_heads", None)
+  kv = (kv,) * config.num_layers if per_layer else ("layers", *kv)
   return {"k": kv, "v": kv, "segment_ids": ("batch", "cache_length"),
           "positions": ("batch", "cache_length"), "index": ()}
+
+
+def unstack_layers(params: dict) -> dict:
+  """params with `blocks` as a tuple of per-layer trees: the decode layout.
+
+  A cached decode step under jit then reads every layer's weights in place; with stacked blocks XLA copies
+  each layer's slice on every step (three times the weight traffic). Costs one copy of the block weights.
+  """
+  num_layers = jax.tree.leaves(params["blocks"])[0].shape[0]
+  blocks = tuple(jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(num_layers))
+  return {**params, "blocks": blocks}
 
 
 # ---- forward -----------------------------------------------------------------------------------
@@ -171,7 +192,8 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
   tokens: int [batch, length]. positions: per-token positions (default 0.. or continuing the cache);
   they restart per document in packed rows. segment_ids: document id per token, 0 = padding
   (default all 1). dropout_rng: enables dropout. cache: from `init_cache`; the tokens are appended
-  at cache["index"] and attend to everything cached before them.
+  at cache["index"] and attend to everything cached before them. params may be in the `unstack_layers`
+  layout (then with a per_layer cache).
   """
   batch, length = tokens.shape
   offset = cache["index"] if cache is not None else 0
@@ -202,7 +224,13 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
 
   layer_ids = jnp.arange(config.num_layers)
   cached_kv = None if cache is None else (cache["k"], cache["v"])
-  if config.scan_layers:
+  if isinstance(params["blocks"], tuple):  # `unstack_layers` layout: unrolled, a per-layer cache
+    outs = []
+    for i, layer in enumerate(params["blocks"]):
+      x, kv = body(x, (layer, i, None if cache is None else (cache["k"][i], cache["v"][i])))
+      outs.append(kv)
+    new_kv = None if cache is None else tuple(zip(*outs))
+  elif config.scan_layers:
     x, new_kv = jax.lax.scan(body, x, (params["blocks"], layer_ids, cached_kv))
   else:
     outs = []
