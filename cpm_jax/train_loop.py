@@ -143,12 +143,16 @@ def _write_config(workdir: str) -> None:
 def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin.REQUIRED,
           mesh_config: partitioning.MeshConfig | None = None, num_steps: int = 1000, num_microbatches: int = 1,
           seed: int = 0, log_every: int = 10, eval_every: int = 200, eval_max_batches: int | None = 20,
-          max_consecutive_bad_steps: int = 10, peak_flops: float | None = None) -> dict:
+          max_consecutive_bad_steps: int = 10, peak_flops: float | None = None, restore_step: int | None = None,
+          init_params_from: str | None = None) -> dict:
   """Trains `model` on `data` for num_steps, resuming from workdir/checkpoints; returns the last metrics.
 
   data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches) and
   eval_batches(). peak_flops: total peak FLOP/s for MFU (default: published per-device figures, or the
   measured matmul peak on CPU, where all fake devices share the same cores).
+  restore_step: resume from this checkpoint step instead of the latest (an error if it is absent).
+  init_params_from: with no checkpoint in workdir, start from these params (a checkpointing.save_params
+  directory, e.g. a converted model) with a fresh optimizer.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh = partitioning.make_mesh(mesh_config)
@@ -156,9 +160,14 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches)
   train_iterator = data.train_iterator(seed)
   checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator)
+  if restore_step is not None or checkpointer.latest_step() is not None:
+    state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator, step=restore_step)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
+  elif init_params_from:
+    params, _ = checkpointing.restore_params(init_params_from, steps.abstract_state.params,
+                                             steps.state_shardings.params)
+    state = training.create_train_state(model, optimizer, mesh, seed, params=params)
+    logging.info("Starting from the params in %s with a fresh optimizer.", init_params_from)
   else:
     state = training.create_train_state(model, optimizer, mesh, seed)
   _write_config(workdir)

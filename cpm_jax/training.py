@@ -78,9 +78,10 @@ def make_optimizer(schedule: optax.Schedule | None = None, weight_decay: float =
 
 # ---- state creation ------------------------------------------------------------------------------
 
-def _init_state(model: Model, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def _init_state(model: Model, optimizer: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
   init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-  params = layers.init_from_specs(model.param_specs(), init_key)
+  if params is None:
+    params = layers.init_from_specs(model.param_specs(), init_key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                     rng=state_key, consecutive_bad_steps=jnp.zeros((), jnp.int32),
                     skipped_steps=jnp.zeros((), jnp.int32))
@@ -102,12 +103,17 @@ def state_shardings(model: Model, optimizer: optax.GradientTransformation, mesh:
 
 
 def create_train_state(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int,
-                       rules=None) -> TrainState:
-  """A fresh state created already sharded (jit with out_shardings): never whole on one host."""
+                       rules=None, params: Any = None) -> TrainState:
+  """A fresh state created already sharded (jit with out_shardings): never whole on one host.
+
+  With `params` (already sharded, e.g. from checkpointing.restore_params; donated) the state starts from
+  them with a fresh optimizer instead of initialising new ones.
+  """
   _, shardings = state_shardings(model, optimizer, mesh, rules)
-  init = jax.jit(functools.partial(_init_state, model, optimizer), static_argnums=0, out_shardings=shardings)
+  init = jax.jit(functools.partial(_init_state, model, optimizer), static_argnums=0, out_shardings=shardings,
+                 donate_argnums=1)
   with partitioning.activate(mesh, rules):
-    return init(seed)
+    return init(seed, params)
 
 
 # ---- steps ---------------------------------------------------------------------------------------

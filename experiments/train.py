@@ -8,7 +8,8 @@ Writes config.gin, TensorBoard scalars (tensorboard/), checkpoints/ and final_me
 
 from __future__ import annotations
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 
 from cpm_jax import gin_setup, train_loop
 from cpm_jax.models import cpm  # noqa: F401  (registers the model configurables)
@@ -16,14 +17,39 @@ from cpm_jax.models import cpm  # noqa: F401  (registers the model configurables
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (paths, or relative to gin_configs/).")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.num_steps = 100'.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and config.", required=True)
+_RESTORE_STEP = flags.DEFINE_integer("restore_step", None, "Resume from this checkpoint step, not the latest.")
+_INIT_PARAMS_FROM = flags.DEFINE_string(
+    "init_params_from", None, "With no checkpoint in --workdir yet: start from the params in this params-only "
+    "checkpoint (convert_checkpoint.py output or checkpointing.save_params) with a fresh optimizer.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Initialise jax.distributed (one process per host). Without the three flags below, the "
+    "cluster environment (SLURM, Cloud TPU, Open MPI, Kubernetes) supplies them.")
+_COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes (with --distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def _initialize_distributed() -> None:
+  explicit = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not _DISTRIBUTED.value:
+    if any(value is not None for value in explicit):
+      raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed.")
+    return
+  # CPU devices need gloo for cross-process collectives; GPUs and TPUs use their own (NCCL, ICI).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(*explicit)
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # progress is logged once, by process 0
+  logging.info("jax.distributed: %d processes, %d devices.", jax.process_count(), jax.device_count())
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _initialize_distributed()
   train_loop.quiet_library_logs()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
-  train_loop.train(_WORKDIR.value)
+  train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value, init_params_from=_INIT_PARAMS_FROM.value)
 
 
 if __name__ == "__main__":

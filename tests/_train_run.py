@@ -1,0 +1,234 @@
+"""A tiny training run through the real loop for the resume, preemption and multi-host tests.
+
+In-process: `run(workdir, record, ...)`. As a script it is experiments/train.py (same flags) plus test hooks:
+  CPM_TEST_RECORD=path           append {"step", "loss"} and {"batch"} lines (JSON) as training goes
+  CPM_TEST_KILL_AFTER_SAVE=N     SIGKILL this process right after step N's save started (its completion is held
+                                 back, so the kill always lands while the checkpoint is being written)
+  CPM_TEST_SIGTERM_DURING_SAVE=1 send this process a second SIGTERM while its preemption save is being written
+"""
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+
+from cpm_jax import checkpointing, gin_setup, partitioning, train_loop, training
+from cpm_jax.data import pipeline
+from cpm_jax.models import cpm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TEXTS = [("人民日报社论" * (2 + i % 7)) + f"第{i}篇。" for i in range(96)]
+
+# A 2-layer CPM with dropout (so the RNG state matters) on a data x fsdp x tensor mesh of all 8 devices.
+BINDINGS = [
+    "train.model = @CPMLanguageModel()",
+    "CPMLanguageModel.config = @CPMConfig()",
+    "CPMConfig.vocab_size = 128", "CPMConfig.num_layers = 2", "CPMConfig.embed_dim = 32", "CPMConfig.num_heads = 4",
+    "CPMConfig.max_positions = 64", "CPMConfig.dropout_rate = 0.1",
+    "train.data = @TextData()",
+    "train.mesh_config = @MeshConfig()", "MeshConfig.data = 2", "MeshConfig.fsdp = 2", "MeshConfig.tensor = 2",
+    "train.log_every = 1", "train.eval_every = 1000", "train.eval_max_batches = 1", "train.peak_flops = 1e12",
+    "learning_rate_schedule.peak = 1e-2", "learning_rate_schedule.warmup_steps = 2",
+    "learning_rate_schedule.total_steps = 10",
+    "Checkpointer.save_interval_steps = 3", "Checkpointer.max_to_keep = 10",
+]
+
+
+class CharTokenizer:
+  eod_id = 7
+
+  def encode(self, text):
+    return [8 + (ord(c) % 120) for c in text]
+
+
+class _RecordingIterator:
+  """Delegates to a checkpointable iterator and records a fingerprint of every batch it returns."""
+
+  def __init__(self, iterator, record):
+    self._iterator, self._record = iterator, record
+
+  def __next__(self):
+    batch = next(self._iterator)
+    if self._record:
+      digest = hashlib.sha1(batch["inputs"].tobytes() + batch["targets"].tobytes()).hexdigest()[:16]
+      _append(self._record, {"batch": digest})
+    return batch
+
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+
+
+class _ConcatIterator:
+  """One process's view of several processes' shares: their batches side by side (the global batch)."""
+
+  def __init__(self, iterators):
+    self._iterators = iterators
+
+  def __next__(self):
+    batches = [next(iterator) for iterator in self._iterators]
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+  def get_state(self):
+    return {"shares": [iterator.get_state() for iterator in self._iterators]}
+
+  def set_state(self, state):
+    for iterator, share in zip(self._iterators, state["shares"]):
+      iterator.set_state(share)
+
+
+@gin.configurable
+class TextData:
+  """TEXTS through the real Grain pipeline; `emulate_processes=P` feeds one process P processes' shares."""
+
+  seq_len = 32
+  global_batch_size = 8
+
+  def __init__(self, emulate_processes: int | None = None):
+    self._emulate = emulate_processes
+    self._examples = [{"text": text} for text in TEXTS]
+
+  def _iterator(self, seed, **share):
+    return pipeline.make_lm_iterator(self._examples, CharTokenizer(), seq_len=self.seq_len,
+                                     global_batch_size=self.global_batch_size, seed=seed, **share)
+
+  def train_iterator(self, seed):
+    if self._emulate:
+      iterator = _ConcatIterator([self._iterator(seed, process_index=i, process_count=self._emulate)
+                                  for i in range(self._emulate)])
+    else:
+      iterator = self._iterator(seed)
+    return _RecordingIterator(iterator, os.environ.get("CPM_TEST_RECORD"))
+
+  def eval_batches(self):
+    return pipeline.make_eval_iterator(self._examples[:8], CharTokenizer(), seq_len=self.seq_len,
+                                       global_batch_size=self.global_batch_size)
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache shared by this worker's runs and their subprocesses: each program compiles once."""
+  options = {"jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"),
+             "jax_persistent_cache_min_compile_time_secs": 0.5}
+  saved = {name: getattr(jax.config, name) for name in options}
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in options.items():
+      jax.config.update(name, value)
+      patch.setenv(name.upper(), str(value))  # for subprocesses
+    jax_compilation_cache.reset_cache()
+    yield
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
+def _append(path, entry):
+  with open(path, "a") as f:
+    f.write(json.dumps(entry) + "\n")
+
+
+def read_record(path):
+  """(losses by step, batch fingerprints in order, other entries) from a record file."""
+  entries = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
+  losses = {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}
+  return losses, [entry["batch"] for entry in entries if "batch" in entry], entries
+
+
+def _record_losses():
+  original = train_loop.MetricsLog.train
+
+  def train(self, step, metrics, tokens_seen):
+    if os.environ.get("CPM_TEST_RECORD"):
+      _append(os.environ["CPM_TEST_RECORD"], {"step": step, "loss": metrics["loss"]})
+    return original(self, step, metrics, tokens_seen)
+
+  train_loop.MetricsLog.train = train
+
+
+def run(workdir, record, bindings=(), **kwargs):
+  """Trains in this process with BINDINGS + bindings; losses and batches are appended to `record`."""
+  gin.clear_config()
+  gin_setup.parse([], BINDINGS + list(bindings))
+  original = train_loop.MetricsLog.train
+  os.environ["CPM_TEST_RECORD"] = str(record)
+  try:
+    _record_losses()
+    return train_loop.train(str(workdir), **kwargs)
+  finally:
+    train_loop.MetricsLog.train = original
+    del os.environ["CPM_TEST_RECORD"]
+    gin.clear_config()
+
+
+def restore_state(checkpoint_dir, step=None, mesh_config=None):
+  """The TrainState saved in checkpoint_dir (default: latest step), as numpy arrays."""
+  model = cpm.CPMLanguageModel(cpm.CPMConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4,
+                                             max_positions=64, dropout_rate=0.1))
+  mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+  optimizer = training.make_optimizer(training.learning_rate_schedule())
+  abstract, shardings = training.state_shardings(model, optimizer, mesh)
+  with checkpointing.Checkpointer(checkpoint_dir) as checkpointer:
+    return jax.tree.map(np.asarray, checkpointer.restore(abstract, shardings, step=step))
+
+
+def _install_test_hooks():
+  _record_losses()
+  original_save = checkpointing.Checkpointer.maybe_save
+  kill_step = int(os.environ.get("CPM_TEST_KILL_AFTER_SAVE", -1))
+  preempted = []
+
+  def maybe_save(self, step, state, data_iterator=None, force=False):
+    if step == kill_step:
+      self.wait()  # the previous checkpoint completes; this one never will
+      _hold_back_checkpoint_completion()
+    started = original_save(self, step, state, data_iterator, force)
+    if started and step == kill_step:
+      os.kill(os.getpid(), signal.SIGKILL)
+    if started and preempted and os.environ.get("CPM_TEST_SIGTERM_DURING_SAVE"):
+      os.kill(os.getpid(), signal.SIGTERM)
+      _append(os.environ["CPM_TEST_RECORD"], {"second_sigterm_during_save_of_step": step})
+    return started
+
+  original_should_stop = checkpointing.PreemptionGuard.should_stop
+
+  def should_stop(self, step):
+    stop = original_should_stop(self, step)
+    if stop:
+      preempted.append(step)
+    return stop
+
+  checkpointing.Checkpointer.maybe_save = maybe_save
+  checkpointing.PreemptionGuard.should_stop = should_stop
+
+
+def _hold_back_checkpoint_completion():
+  """Orbax renames a finished checkpoint's temporary directory in finalize(); make that never happen."""
+  from orbax.checkpoint._src.path import atomicity
+
+  async def never(*args, **kwargs):
+    await asyncio.sleep(3600)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = never
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  spec = importlib.util.spec_from_file_location("train_program", ROOT / "experiments" / "train.py")
+  program = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(program)
+  _install_test_hooks()
+  sys.argv[1:1] = [f"--gin_bindings={binding}" for binding in BINDINGS]  # the command line's bindings win
+  app.run(program.main)
