@@ -1,7 +1,8 @@
 """A tiny training run through the real loop for the resume, preemption and multi-host tests.
 
 In-process: `run(workdir, record, ...)`. As a script it is experiments/train.py (same flags) plus test hooks:
-  CPM_TEST_RECORD=path           append {"step", "loss"} and {"batch"} lines (JSON) as training goes
+  CPM_TEST_RECORD=path           append {"step", "loss"}, {"batch"} and {"saved", "params_sha1"} lines (JSON) as
+                                 training goes
   CPM_TEST_KILL_AFTER_SAVE=N     SIGKILL this process right after step N's save started (its completion is held
                                  back, so the kill always lands while the checkpoint is being written)
   CPM_TEST_SIGTERM_DURING_SAVE=1 send this process a second SIGTERM while its preemption save is being written
@@ -20,6 +21,7 @@ import gin
 import jax
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
 from cpm_jax import checkpointing, gin_setup, partitioning, train_loop, training
@@ -119,8 +121,12 @@ class TextData:
 
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
-  """A persistent XLA cache shared by this worker's runs and their subprocesses: each program compiles once."""
-  options = {"jax_compilation_cache_dir": str(tmp_path_factory.getbasetemp() / "jax_compilation_cache"),
+  """A persistent XLA cache shared by all runs of this test session (every pytest-xdist worker and their
+  subprocesses): each program compiles once. A half-written entry read by another process is only a warning."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by all workers of this run
+  options = {"jax_compilation_cache_dir": str(root / "jax_compilation_cache"),
              "jax_persistent_cache_min_compile_time_secs": 0.5}
   saved = {name: getattr(jax.config, name) for name in options}
   with pytest.MonkeyPatch.context() as patch:
@@ -144,6 +150,14 @@ def read_record(path):
   entries = [json.loads(line) for line in pathlib.Path(path).read_text().splitlines()]
   losses = {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}
   return losses, [entry["batch"] for entry in entries if "batch" in entry], entries
+
+
+def params_sha1(params):
+  """A digest of the whole (global) params, the same on every process and for any sharding."""
+  digest = hashlib.sha1()
+  for leaf in jax.tree.leaves(params):
+    digest.update(np.asarray(multihost_utils.process_allgather(leaf, tiled=True)).tobytes())
+  return digest.hexdigest()
 
 
 def _record_losses():
@@ -194,6 +208,8 @@ def _install_test_hooks():
       self.wait()  # the previous checkpoint completes; this one never will
       _hold_back_checkpoint_completion()
     started = original_save(self, step, state, data_iterator, force)
+    if started:
+      _append(os.environ["CPM_TEST_RECORD"], {"saved": step, "params_sha1": params_sha1(state.params)})
     if started and step == kill_step:
       os.kill(os.getpid(), signal.SIGKILL)
     if started and preempted and os.environ.get("CPM_TEST_SIGTERM_DURING_SAVE"):
