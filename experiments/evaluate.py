@@ -30,6 +30,8 @@ _SPLIT = flags.DEFINE_string("split", None, "Dataset split to evaluate; default:
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for metrics and per-example predictions.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "jsonl file with one prediction record per example.")
+_UNTRAINED = flags.DEFINE_bool("untrained", False, "Evaluate freshly initialised params of the checkpoint's shape "
+                                "instead of its weights: the chance baseline of a task.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per scoring / generation batch.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on inputs longer than the model's positions instead of "
                             "truncating them from the left.")
@@ -50,6 +52,8 @@ def main(argv):
   task = tasks.configured_task()
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   params, config, tokenizer = model_lib.load_cpm(_CHECKPOINT.value, mesh, _TOKENIZER.value)
+  if _UNTRAINED.value:
+    params = model_lib.untrained_params(config, mesh)
   decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,
                      "beam": decoding.BeamSearchConfig}[_DECODING.value]()
   model = model_lib.cpm_language_model(params, config, tokenizer, batch_size=_BATCH_SIZE.value,
@@ -64,7 +68,7 @@ def main(argv):
   result = task.evaluate(model, examples, demonstrations)
   print(report.table(task.name, result.metrics))
   settings = {"checkpoint": _CHECKPOINT.value, "input": _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}",
-              "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value}
+              "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value, "untrained": _UNTRAINED.value}
   if _OUTPUT.value:
     report.write_result(_OUTPUT.value, task.name, result, settings)
   if _PREDICTIONS.value:

@@ -27,7 +27,7 @@ CONFIG = cpm.CPMConfig(vocab_size=30000, num_layers=2, embed_dim=32, num_heads=4
 
 @pytest.fixture(scope="module")
 def params():
-  return jax.jit(cpm.init, static_argnums=0)(CONFIG, jax.random.key(1))
+  return model_lib.untrained_params(CONFIG, seed=1)
 
 
 # ---- scoring -----------------------------------------------------------------------------------

@@ -88,6 +88,14 @@ def _workdir_params(workdir: epath.Path, shardings_for) -> tuple[dict, cpm.CPMCo
   return params, config, found.group(1) if found else None
 
 
+def untrained_params(config: cpm.CPMConfig, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> dict:
+  """Freshly initialised params of `config` (the chance baseline of an evaluation), sharded over `mesh`."""
+  shardings = None
+  if mesh is not None:
+    shardings = partitioning.tree_shardings(cpm.logical_axes(config), mesh, cpm.abstract_params(config))
+  return jax.jit(lambda key: cpm.init(config, key), out_shardings=shardings)(jax.random.key(seed))
+
+
 def load_cpm(checkpoint: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, tokenizer_path: str | None = None
              ) -> tuple[dict, cpm.CPMConfig, CPMTokenizer]:
   """(params, config, tokenizer) from a params-only checkpoint or a training workdir, sharded over `mesh`.
