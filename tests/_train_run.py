@@ -9,6 +9,8 @@ In-process: `run(workdir, record, ...)`. As a script it is experiments/train.py 
 """
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -119,14 +121,25 @@ class TextData:
                                        global_batch_size=self.global_batch_size)
 
 
+def session_root(tmp_path_factory) -> pathlib.Path:
+  """A temporary folder shared by all pytest-xdist workers of this test session."""
+  root = tmp_path_factory.getbasetemp()
+  return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+@contextlib.contextmanager
+def session_lock(tmp_path_factory, name: str):
+  """Holds a file lock shared by all workers, so that one of them builds what the others then reuse."""
+  with open(session_root(tmp_path_factory) / f"{name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
   """A persistent XLA cache shared by all runs of this test session (every pytest-xdist worker and their
   subprocesses): each program compiles once. A half-written entry read by another process is only a warning."""
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    root = root.parent  # shared by all workers of this run
-  options = {"jax_compilation_cache_dir": str(root / "jax_compilation_cache"),
+  options = {"jax_compilation_cache_dir": str(session_root(tmp_path_factory) / "jax_compilation_cache"),
              "jax_persistent_cache_min_compile_time_secs": 0.5}
   saved = {name: getattr(jax.config, name) for name in options}
   with pytest.MonkeyPatch.context() as patch:

@@ -3,6 +3,7 @@ an uninterrupted run bitwise on CPU: per-step losses, the batches in order, and 
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +26,13 @@ def _assert_states_equal(a, b):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-  """10 uninterrupted steps: (losses by step, batch fingerprints, final state)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  _train_run.run(workdir, workdir / "record.jsonl", [f"train.num_steps = {STEPS}"])
+  """10 uninterrupted steps (run once per session): (losses by step, batch fingerprints, final state, workdir)."""
+  workdir = _train_run.session_root(tmp_path_factory) / "resume_reference"
+  with _train_run.session_lock(tmp_path_factory, "resume_reference"):
+    if not (workdir / "done").exists():
+      shutil.rmtree(workdir, ignore_errors=True)
+      _train_run.run(workdir, workdir / "record.jsonl", [f"train.num_steps = {STEPS}"])
+      (workdir / "done").touch()
   losses, batches, _ = _train_run.read_record(workdir / "record.jsonl")
   assert sorted(losses) == list(range(1, STEPS + 1)) and len(batches) == STEPS
   assert len(set(batches)) == STEPS  # every step trains on a different batch
