@@ -3,8 +3,8 @@
 Two layouts, both readable on any mesh (each array is read straight into its target sharding):
 - params-only (`save_params` / `restore_params`): `<dir>/params` (an Orbax pytree) + `<dir>/metadata.json`
   (model config, tokenizer path, ...). Written by the converters and for fine-tuning starts.
-- training (`Checkpointer`): `<workdir>/<step>/state` (params, optimizer, step, rng, ...) and
-  `<workdir>/<step>/data/process_<i>-of-<n>.json` (each process's data-iterator state).
+- training (`Checkpointer`): `<directory>/<step>/state` (params, optimizer, step, rng, ...) and
+  `<directory>/<step>/data/process_<i>-of-<n>.json` (each process's data-iterator state).
 Every write goes to a temporary path renamed when complete, so an interrupted save is never restored.
 """
 
@@ -206,7 +206,8 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, state_shardings: Any, data_iterator: Any = None,
               step: int | None = None) -> Any:
-    """The state saved at `step` (default: the latest), each array read into its sharding in `state_shardings`.
+    """The state saved at `step` (default: the latest), each array read into its sharding in `state_shardings`
+    (None: the first local device).
 
     With `data_iterator`, also restores this process's iterator state into it (in place).
     """
