@@ -218,8 +218,14 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
 
 
 def project_out(x: jax.Array, params: dict, dtype) -> jax.Array:
-  """Row-parallel output projection [b, t, heads, head_dim] -> [b, t, e]."""
-  out = jnp.einsum("bthd,hde->bte", x.astype(dtype), params["out_kernel"].astype(dtype))
+  """Row-parallel output projection [b, t, heads, head_dim] -> [b, t, e].
+
+  Contracted as one [heads * head_dim] axis: with (heads, head_dim) as two contracting dims XLA:CPU
+  re-lays the kernel out (a full copy) on every call, e.g. every cached decode step.
+  """
+  b, t, heads, head_dim = x.shape
+  out = jnp.einsum("btf,fe->bte", x.astype(dtype).reshape(b, t, heads * head_dim),
+                   params["out_kernel"].astype(dtype).reshape(heads * head_dim, -1))
   out = out + params["out_bias"].astype(dtype)
   return partitioning.constrain(out, ("batch", "length", "act_embed"))
 
