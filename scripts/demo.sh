@@ -27,9 +27,11 @@ BINDINGS=(--gin_bindings="LMData.tokenizer_path = '$SPM'" --gin_bindings="LMData
           --gin_bindings="CPMConfig.vocab_size = $VOCAB")
 $PY experiments/train.py --gin_file=experiments/cpm_demo.gin --workdir="$WORK/cpm" "${BINDINGS[@]}"
 
-echo "== 4/5 Zero-shot sentiment on review_sentiment (label prompts 好评 / 差评)"
+echo "== 4/5 Zero-shot sentiment on review_sentiment (label prompts 好评 / 差评): trained, then untrained (chance)"
 $PY experiments/evaluate.py --checkpoint="$WORK/cpm" --task=review_sentiment_zero_shot --data_dir="$DATA" \
   --limit=400 --output="$WORK/eval/review_sentiment.json"
+$PY experiments/evaluate.py --checkpoint="$WORK/cpm" --untrained --task=review_sentiment_zero_shot \
+  --data_dir="$DATA" --limit=400 --output="$WORK/eval/review_sentiment_untrained.json"
 
 echo "== 5/5 Continuations of a prompt (greedy, then top-k/top-p sampling)"
 $PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="中国人民" --greedy --max_new_tokens=40
