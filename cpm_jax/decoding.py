@@ -22,6 +22,7 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from cpm_jax import partitioning
 from cpm_jax.models import cpm
@@ -345,7 +346,7 @@ def _cpm_decoder(config: cpm.CPMConfig, decoding: DecodingConfig, eod_id: int, p
 
 def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConfig, decoding: DecodingConfig,
              *, eod_id: int, pad_id: int, batch_size: int | None = None, strict: bool = False,
-             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+             mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> list[list[int]]:
   """CPM-LM continuations (new token ids, without <eod>) of token-id prompts.
 
   Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
@@ -362,7 +363,7 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConf
     decoding = dataclasses.replace(decoding, seed=0)  # the seed is an input, not a reason to recompile
   run = _cpm_decoder(config, decoding, eod_id, pad_id, mesh)
   results = []
-  for start in range(0, len(prompts), batch_size):
+  for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
     chunk = list(prompts[start:start + batch_size])
     chunk += [[]] * (batch_size - len(chunk))
     tokens, lengths = prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)

@@ -54,7 +54,8 @@ def cpm_language_model(params: dict, config: cpm.CPMConfig, tokenizer: Any, *, b
 
   def generate(prompts):
     return decoding.generate(params, prompts, config, decoding_config, eod_id=tokenizer.eod_id,
-                             pad_id=tokenizer.pad_id, batch_size=batch_size, strict=strict, mesh=mesh)
+                             pad_id=tokenizer.pad_id, batch_size=batch_size, strict=strict, mesh=mesh,
+                             progress=progress)
 
   return LanguageModel(tokenizer, score, generate)
 
