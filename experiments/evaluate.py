@@ -27,7 +27,8 @@ _TRAIN_FILE = flags.DEFINE_string("train_file", None, "jsonl of demonstrations f
                                   "task dataset's train split.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir for dataset-backed tasks (built on first use).")
 _SPLIT = flags.DEFINE_string("split", None, "Dataset split to evaluate; default: the task's.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N examples.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate N examples drawn with the task's seed (not the first N: "
+                              "splits are often sorted by label).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for metrics and per-example predictions.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "jsonl file with one prediction record per example.")
 _UNTRAINED = flags.DEFINE_bool("untrained", False, "Evaluate freshly initialised params of the checkpoint's shape "
@@ -59,7 +60,8 @@ def main(argv):
   model = model_lib.cpm_language_model(params, config, tokenizer, batch_size=_BATCH_SIZE.value,
                                        decoding_config=decoding_config, mesh=mesh, strict=_STRICT.value,
                                        progress=True)
-  examples = tasks.load_examples(task, _INPUT_FILE.value, _DATA_DIR.value, _SPLIT.value)[:_LIMIT.value]
+  examples = tasks.sample_examples(tasks.load_examples(task, _INPUT_FILE.value, _DATA_DIR.value, _SPLIT.value),
+                                   _LIMIT.value, task.seed)
   demonstrations = []
   if task.shots:
     demonstrations = tasks.load_examples(task, _TRAIN_FILE.value, _DATA_DIR.value,

@@ -54,12 +54,16 @@ def test_scores_match_transformers_gpt2(params, tmp_path):
 
 
 def test_truncation_from_the_left_and_strict_mode(caplog):
-  with caplog.at_level(logging.WARNING):
-    assert scoring.truncate(([1, 2, 3, 4], [5, 6]), 4, "x.jsonl:3", strict=False) == ([2, 3, 4], [5, 6])
-    assert scoring.truncate(([1], [2, 3, 4, 5, 6, 7]), 4, "x.jsonl:3", strict=False) == ([], [3, 4, 5, 6, 7])
-  assert "x.jsonl:3: 6 tokens exceed the model's 4 positions" in caplog.text
-  with pytest.raises(ValueError, match="x.jsonl:3.*strict"):
+  assert scoring.truncate(([1, 2, 3, 4], [5, 6]), 4, "x.jsonl:3", strict=False) == (([2, 3, 4], [5, 6]), 1)
+  assert scoring.truncate(([1], [2, 3, 4, 5, 6, 7]), 4, "x.jsonl:3", strict=False) == (([], [3, 4, 5, 6, 7]), 2)
+  with pytest.raises(ValueError, match="x.jsonl:3: 6 tokens exceed the model's 4 positions.*strict"):
     scoring.truncate(([1, 2, 3, 4], [5, 6]), 4, "x.jsonl:3", strict=True)
+  score_fn = lambda params, batch: {"total": batch["weights"].sum(-1), "count": batch["weights"].sum(-1)}  # noqa
+  with caplog.at_level(logging.WARNING):
+    totals, _ = scoring.score_requests(score_fn, None, [([1] * 9, [2, 3]), ([1], [2]), ([1] * 7, [2])],
+                                       max_length=6, batch_size=2, pad_id=0, names=["a:1", "a:2", "a:3"])
+  assert totals.tolist() == [2, 1, 1]
+  assert "2 of 3 requests exceed the model's 6 positions" in caplog.text and "a:1, 4 tokens cut" in caplog.text
 
 
 # ---- task protocols on a recording fake model ---------------------------------------------------
@@ -238,7 +242,9 @@ def test_untrained_model_is_at_chance_on_review_sentiment(params, tmp_path, cpm_
   finally:
     gin.clear_config()
   examples = tasks.load_examples(task, None, str(tmp_path / "tfds"))
-  examples = [examples[i] for i in np.random.default_rng(0).choice(len(examples), 120, replace=False)]
+  assert {e["label"] for e in examples[:400]} == {0}  # the split is sorted by label: a prefix is one class
+  examples = tasks.sample_examples(examples, 120, seed=0)
+  assert 40 < sum(e["label"] for e in examples) < 80
   model = model_lib.cpm_language_model(params, CONFIG, CPMTokenizer(cpm_vocab_path), batch_size=48)
   result = task.evaluate(model, examples)
   # Scores of an untrained model carry no information about the label, so accuracy ~ Binomial(120, ~0.5) / 120:

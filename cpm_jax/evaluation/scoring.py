@@ -59,19 +59,20 @@ def make_batch(requests: Sequence[Request], width: int, pad_id: int) -> dict[str
   return batch
 
 
-def truncate(request: Request, max_length: int, where: str, strict: bool) -> Request:
-  """Cuts a request to max_length + 1 tokens from the left (context first); warns, or raises if strict."""
+def truncate(request: Request, max_length: int, where: str, strict: bool) -> tuple[Request, int]:
+  """Cuts a request to max_length + 1 tokens from the left (context first); returns it and the tokens cut.
+
+  Raises a ValueError naming `where` instead when strict.
+  """
   context, continuation = list(request[0]), list(request[1])
   excess = len(context) + len(continuation) - 1 - max_length
   if excess <= 0:
-    return context, continuation
-  message = (f"{where}: {len(context) + len(continuation)} tokens exceed the model's {max_length} positions "
-             "(+1 predicted)")
+    return (context, continuation), 0
   if strict:
-    raise ValueError(message + "; shorten the input or run without strict mode.")
-  logging.warning("%s; cutting %d tokens from the left.", message, excess)
+    raise ValueError(f"{where}: {len(context) + len(continuation)} tokens exceed the model's {max_length} "
+                     "positions (+1 predicted); shorten the input or run without strict mode.")
   cut_context = min(excess, len(context))
-  return context[cut_context:], continuation[excess - cut_context:]
+  return (context[cut_context:], continuation[excess - cut_context:]), excess
 
 
 def score_requests(score_fn: ScoreFn, params: Any, requests: Sequence[Request], *, max_length: int,
@@ -82,8 +83,14 @@ def score_requests(score_fn: ScoreFn, params: Any, requests: Sequence[Request], 
   Requests are sorted by length and batched with power-of-two widths (few compiled shapes); the last
   batch is padded with empty rows. `names` label requests in warnings and errors.
   """
-  requests = [truncate(r, max_length, names[i] if names else f"request {i}", strict)
-              for i, r in enumerate(requests)]
+  cut = [truncate(r, max_length, names[i] if names else f"request {i}", strict) for i, r in enumerate(requests)]
+  requests = [request for request, _ in cut]
+  long = [i for i, (_, excess) in enumerate(cut) if excess]
+  if long:
+    first = names[long[0]] if names else f"request {long[0]}"
+    logging.warning("%d of %d requests exceed the model's %d positions and lose tokens from the left (the "
+                    "first: %s, %d tokens cut); strict mode makes this an error.", len(long), len(requests),
+                    max_length, first, cut[long[0]][1])
   lengths = np.array([len(c) + len(t) - 1 for c, t in requests])
   order = np.argsort(-lengths, kind="stable")
   totals, counts = np.zeros(len(requests), np.float64), np.zeros(len(requests), np.int64)

@@ -313,6 +313,15 @@ def configured_task(task: Task = gin.REQUIRED) -> Task:
   return task
 
 
+def sample_examples(examples: Sequence[dict], limit: int | None, seed: int = 0) -> list[dict]:
+  """At most `limit` examples drawn with `seed`, in their original order (splits are often sorted by label,
+  so a prefix would see one class only)."""
+  if limit is None or limit >= len(examples):
+    return list(examples)
+  keep = np.sort(np.random.default_rng(seed).choice(len(examples), limit, replace=False))
+  return [examples[i] for i in keep]
+
+
 def load_examples(task: Task, input_file: str | None, data_dir: str | None, split: str | None = None) -> list[dict]:
   """The examples of `input_file` (jsonl), else of the task's dataset split (cpm_jax.data) in `data_dir`."""
   if input_file:
