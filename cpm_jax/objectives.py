@@ -20,14 +20,19 @@ def lm_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   logits = logits.astype(jnp.float32)
   weights = weights.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  # One-hot selects instead of take_along_axis / argmax: their gradient is elementwise (no scatter into
+  # [tokens, vocab]) and the reductions vectorize; the values are identical (argmax's first-index ties included).
+  vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  target_logits = jnp.where(vocab_ids == targets[..., None], logits, 0.0).sum(-1)
   token_loss = log_z - target_logits
   z_term = z_loss * jnp.square(log_z)
   weight_sum = weights.sum()
   denominator = jnp.maximum(weight_sum, 1.0)
   loss_sum = (token_loss * weights).sum()
   z_loss_sum = (z_term * weights).sum()
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+  max_logits = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  argmax = jnp.where(logits == max_logits, vocab_ids, logits.shape[-1]).min(-1)
+  correct = (argmax == targets).astype(jnp.float32)
   metrics = {
       "loss_sum": loss_sum,
       "z_loss_sum": z_loss_sum,
