@@ -34,13 +34,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEXTS = [("人民日报社论" * (2 + i % 7)) + f"第{i}篇。" for i in range(96)]
 
 # A 2-layer CPM with dropout (so the RNG state matters) on a data x fsdp x tensor mesh of all 8 devices.
+MODEL = dict(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4, max_positions=64, dropout_rate=0.1)
+MESH = dict(data=2, fsdp=2, tensor=2)
 BINDINGS = [
     "train.model = @CPMLanguageModel()",
     "CPMLanguageModel.config = @CPMConfig()",
-    "CPMConfig.vocab_size = 128", "CPMConfig.num_layers = 2", "CPMConfig.embed_dim = 32", "CPMConfig.num_heads = 4",
-    "CPMConfig.max_positions = 64", "CPMConfig.dropout_rate = 0.1",
+    *(f"CPMConfig.{name} = {value}" for name, value in MODEL.items()),
+    "train.mesh_config = @MeshConfig()",
+    *(f"MeshConfig.{name} = {value}" for name, value in MESH.items()),
     "train.data = @TextData()",
-    "train.mesh_config = @MeshConfig()", "MeshConfig.data = 2", "MeshConfig.fsdp = 2", "MeshConfig.tensor = 2",
     "train.log_every = 1", "train.eval_every = 1000", "train.eval_max_batches = 1", "train.peak_flops = 1e12",
     "learning_rate_schedule.peak = 1e-2", "learning_rate_schedule.warmup_steps = 2",
     "learning_rate_schedule.total_steps = 10",
@@ -201,9 +203,8 @@ def run(workdir, record, bindings=(), **kwargs):
 
 def restore_state(checkpoint_dir, step=None, mesh_config=None):
   """The TrainState saved in checkpoint_dir (default: latest step), as numpy arrays."""
-  model = cpm.CPMLanguageModel(cpm.CPMConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4,
-                                             max_positions=64, dropout_rate=0.1))
-  mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+  model = cpm.CPMLanguageModel(cpm.CPMConfig(**MODEL))
+  mesh = partitioning.make_mesh(mesh_config or partitioning.MeshConfig(**MESH))
   optimizer = training.make_optimizer(training.learning_rate_schedule())
   abstract, shardings = training.state_shardings(model, optimizer, mesh)
   with checkpointing.Checkpointer(checkpoint_dir) as checkpointer:
