@@ -163,6 +163,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   if restore_step is not None or checkpointer.latest_step() is not None:
     state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator, step=restore_step)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
+    if init_params_from:
+      logging.warning("Ignoring init_params_from=%s: the workdir already holds checkpoints.", init_params_from)
   elif init_params_from:
     params, _ = checkpointing.restore_params(init_params_from, steps.abstract_state.params,
                                              steps.state_shardings.params)
@@ -179,8 +181,12 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
     logging.info("MFU against %.3g FLOP/s (%s x %d).", peak_flops, source, devices)
   seq_len = getattr(data, "seq_len", 0)
   tokens_per_step = data.global_batch_size * seq_len
+  flops_per_token = model.flops_per_token(seq_len)
+  logging.info("MFU counts %.4g FLOPs per step: %.4g per token (6 x matmul params + attention, "
+               "%s.flops_per_token) x %d tokens.", flops_per_token * tokens_per_step, flops_per_token,
+               type(model).__name__, tokens_per_step)
   step = int(state.step)
-  log = MetricsLog(workdir, step, num_steps, model.flops_per_token(seq_len) * tokens_per_step, peak_flops)
+  log = MetricsLog(workdir, step, num_steps, flops_per_token * tokens_per_step, peak_flops)
   schedule = training.learning_rate_schedule()
 
   last_metrics: dict[str, float] = {}
