@@ -82,7 +82,8 @@ def test_cached_decoding_on_tensor_sharded_mesh(params):
     out, logits, keys = jax.jit(greedy_with_logits)(cpm.unstack_layers(sharded), tokens, lengths)
   # The cache really is split: heads over `tensor`, batch over `data`.
   assert len(keys) == CONFIG.num_layers
-  assert keys[0].sharding.spec[0] == "data" and keys[0].sharding.spec[2] == "tensor"
+  assert keys[0].shape == (len(PROMPTS), CONFIG.num_heads, tokens.shape[1] - 1 + STEPS, CONFIG.head_dim)
+  assert keys[0].sharding.spec[0] == "data" and keys[0].sharding.spec[1] == "tensor"
   assert_matches_recomputation(params, np.asarray(out), np.asarray(logits))
   # The public entry point gives the same tokens on the mesh as on one device.
   greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)

@@ -112,15 +112,16 @@ def abstract_params(config: CPMConfig) -> dict:
 def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict:
   """Empty KV cache for `length` positions; slots with segment id 0 are never attended.
 
-  k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one [batch, length, heads,
-  head_dim] array per layer (the layout for `unstack_layers` params: no per-step slicing or restacking).
+  k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one heads-major
+  [batch, heads, length, head_dim] array per layer (the layout for `unstack_layers` params: no per-step
+  slicing or restacking, and the attention dots read it without a transposed copy).
   """
   dtype = dtype or config.compute_dtype
-  kv_shape = (batch, length, config.num_heads, config.head_dim)
   if per_layer:
-    k = v = tuple(jnp.zeros(kv_shape, dtype) for _ in range(config.num_layers))
+    k = v = tuple(jnp.zeros((batch, config.num_heads, length, config.head_dim), dtype)
+                  for _ in range(config.num_layers))
   else:
-    k = v = jnp.zeros((config.num_layers, *kv_shape), dtype)
+    k = v = jnp.zeros((config.num_layers, batch, length, config.num_heads, config.head_dim), dtype)
   return {
       "k": k,
       "v": v,
@@ -132,8 +133,10 @@ def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer
 
 def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False) -> dict:
   """Logical axes of `init_cache`'s tree (per_layer needs the config for the number of layers)."""
-  kv = ("batch", "cache_length", "act_heads", None)
-  kv = (kv,) * config.num_layers if per_layer else ("layers", *kv)
+  if per_layer:
+    kv = (("batch", "act_heads", "cache_length", None),) * config.num_layers
+  else:
+    kv = ("layers", "batch", "cache_length", "act_heads", None)
   return {"k": kv, "v": kv, "segment_ids": ("batch", "cache_length"),
           "positions": ("batch", "cache_length"), "index": ()}
 
@@ -151,8 +154,11 @@ def unstack_layers(params: dict) -> dict:
 
 # ---- forward -----------------------------------------------------------------------------------
 
-def _block(x, params, config: CPMConfig, mask, rng, kv=None, cache_index=None):
-  """One pre-LN block. With `kv` (this layer's cached k, v), new k/v are written at cache_index."""
+def _block(x, params, config: CPMConfig, mask, rng, kv=None, cache_index=None, heads_major: bool = False):
+  """One pre-LN block. With `kv` (this layer's cached k, v), new k/v are written at cache_index.
+
+  The cached k/v are [batch, length, heads, head_dim], or [batch, heads, length, head_dim] if heads_major.
+  """
   dtype = config.compute_dtype
   rate = config.dropout_rate if rng is not None else 0.0
   rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
@@ -160,10 +166,13 @@ def _block(x, params, config: CPMConfig, mask, rng, kv=None, cache_index=None):
   qkv = layers.project_qkv(h, params["attn"], dtype)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   if kv is not None:
-    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+    # Swapping axes 1 and 2 maps [b, t, heads, d] to the heads-major cache layout and back.
+    layout = (lambda a: jnp.swapaxes(a, 1, 2)) if heads_major else (lambda a: a)
+    axis = 2 if heads_major else 1
+    k = jax.lax.dynamic_update_slice_in_dim(kv[0], layout(k).astype(kv[0].dtype), cache_index, axis=axis)
+    v = jax.lax.dynamic_update_slice_in_dim(kv[1], layout(v).astype(kv[1].dtype), cache_index, axis=axis)
     kv = (k, v)
-    k, v = k.astype(dtype), v.astype(dtype)
+    k, v = layout(k).astype(dtype), layout(v).astype(dtype)
   attn = layers.dot_product_attention(q, k, v, mask, config.attention_impl)
   attn = layers.project_out(attn, params["attn"], dtype)
   x = x + layers.dropout(attn, rate, rngs[0])
@@ -213,10 +222,12 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
     kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, offset, axis=1)
     mask = layers.attention_mask(segment_ids, kv_segments, positions, kv_positions)
 
+  per_layer = isinstance(params["blocks"], tuple)  # `unstack_layers` layout (decoding)
+
   def body(x, layer_inputs):
     layer_params, index, kv = layer_inputs
     rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-    return _block(x, layer_params, config, mask, rng, kv, offset)
+    return _block(x, layer_params, config, mask, rng, kv, offset, heads_major=per_layer)
 
   policy = REMAT_POLICIES[config.remat_policy]
   if config.remat_policy != "none":
@@ -224,7 +235,7 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
 
   layer_ids = jnp.arange(config.num_layers)
   cached_kv = None if cache is None else (cache["k"], cache["v"])
-  if isinstance(params["blocks"], tuple):  # `unstack_layers` layout: unrolled, a per-layer cache
+  if per_layer:  # unrolled over separate arrays, a per-layer heads-major cache
     outs = []
     for i, layer in enumerate(params["blocks"]):
       x, kv = body(x, (layer, i, None if cache is None else (cache["k"][i], cache["v"][i])))
