@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from cpm_jax import checkpointing, layers, partitioning
 from cpm_jax.convert import hf, megatron, torch_io
@@ -342,3 +343,34 @@ def load_orbax(path: str | os.PathLike, *, config: plug.PlugConfig | None = None
 def save_orbax(params: dict, config: plug.PlugConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
   """A params-only Orbax checkpoint (atomic) whose metadata holds the PLUG config."""
   return pathlib.Path(checkpointing.save_params(path, params, metadata(config, **extra_metadata)))
+
+
+def read_params(path: str | os.PathLike) -> dict:
+  """Params (host arrays) of a params-only checkpoint or of the latest checkpoint of a training workdir."""
+  path = pathlib.Path(path)
+  if (path / checkpointing.METADATA_FILE).exists():
+    return checkpointing.restore_params(path)[0]
+  step = checkpointing.Checkpointer(path / "checkpoints").latest_step() if (path / "checkpoints").is_dir() else None
+  if step is None:
+    raise ConversionError(f"{path}: neither a params-only checkpoint ({checkpointing.METADATA_FILE}) nor a training "
+                          "workdir with a complete checkpoint in checkpoints/.")
+  state_dir = path / "checkpoints" / str(step) / checkpointing.STATE_ITEM
+  with ocp.StandardCheckpointer() as checkpointer:
+    stored = checkpointer.metadata(state_dir).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
+    return checkpointer.restore(state_dir, target)["params"]
+
+
+def save_warm_start(source: str | os.PathLike, config: plug.PlugConfig, output: str | os.PathLike, *,
+                    seed: int = 0, **extra_metadata) -> list[str]:
+  """Writes a params-only checkpoint of `config` (for `train.init_params_from`) whose params come from `source`
+  wherever it holds them with the same path and shape (plug.warm_start), the rest freshly initialised: stage 2
+  from a stage-1 run, a classifier from a pre-trained encoder. Returns the paths not taken from `source`."""
+  fresh = jax.jit(plug.init, static_argnums=0)(config, jax.random.key(seed))
+  params, taken = plug.warm_start(fresh, read_params(source))
+  if not taken:
+    raise ConversionError(f"{source}: no param matches the model config in path and shape.")
+  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  initialised = sorted(set(names) - set(taken))
+  save_orbax(params, config, output, warm_started_from=str(source), initialised=initialised, **extra_metadata)
+  return initialised

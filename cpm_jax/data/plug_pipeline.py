@@ -20,7 +20,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import gin
 import grain
@@ -64,6 +64,7 @@ def _encoder_features(ids: Sequence[int], types: Sequence[int], length: int) -> 
           "segment_ids": _pad([1] * n, length), "positions": _pad(list(range(n)), length)}
 
 
+@gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Noise:
   """MLM and word-structural noise settings (StructBERT: 15% MLM; trigram shuffling 0.05-0.1)."""
@@ -212,7 +213,13 @@ def _batches(dataset: grain.MapDataset, example_fn: Callable, *, random: bool, b
     dataset = dataset.shuffle(seed)
   dataset = dataset.repeat(num_epochs)
   dataset = dataset.random_map(example_fn, seed=seed) if random else dataset.map(example_fn)
-  return iter(dataset.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None))
+  batches = dataset.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None)
+  return iter(batches.map(functools.partial(_pad_rows, rows=batch_size)))
+
+
+def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+  """A final partial batch padded with all-zero rows (segment ids and weights 0: they count nowhere)."""
+  return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cpm_jax import decoding as decoding_lib
 from cpm_jax import layers, objectives, partitioning
 from cpm_jax.models import cpm
 
@@ -474,7 +476,96 @@ def warm_start(params: dict, pretrained: dict) -> tuple[dict, list[str]]:
     name = jax.tree_util.keystr(path)
     if name in source and source[name].shape == leaf.shape:
       taken.append(name)
-      return jax.device_put(jnp.asarray(source[name], leaf.dtype), getattr(leaf, "sharding", None))
+      # A copy: the train step donates its params, which must not take `pretrained`'s buffers with them.
+      return jax.device_put(jnp.array(source[name], leaf.dtype, copy=True), getattr(leaf, "sharding", None))
     return leaf
 
   return jax.tree_util.tree_map_with_path(take, params), taken
+
+
+# ---- generation (through cpm_jax.decoding's generic loops) -------------------------------------
+
+def prefill(params: dict, sources: jax.Array, source_segment_ids: jax.Array, config: PlugConfig, cache_length: int,
+            *, cls_id: int, source_token_types: jax.Array | None = None) -> tuple[dict, jax.Array]:
+  """Encodes right-padded sources [batch, src] once; returns (decoder cache holding the cross-attention K/V,
+  first decoder tokens = [CLS]) for decoding.sample_loop / beam_search_loop with `step_fn`."""
+  hidden = encode(params, sources, config, token_types=source_token_types, segment_ids=source_segment_ids)
+  cache = init_cache(params, config, hidden, source_segment_ids, cache_length)
+  cache = jax.tree.map(partitioning.constrain, cache, cache_logical_axes(), is_leaf=partitioning.is_logical_axes)
+  return cache, jnp.full((sources.shape[0],), cls_id, jnp.int32)
+
+
+def step_fn(config: PlugConfig, *, suppress_id: int | None = None, suppress_before: int = 0):
+  """One cached decoder step: tokens [batch, 1] -> (float32 logits [batch, 1, vocab], cache).
+
+  `suppress_id` (PLUG's sampling: [SEP]) cannot be produced before `suppress_before` other new tokens.
+  """
+  def step(params, tokens, cache):
+    index = cache["index"]
+    hidden, cache = decode(params, tokens, config, cache=cache)
+    logits = decoder_logits(params, hidden, config)
+    if suppress_id is not None:
+      logits = logits.at[..., suppress_id].set(jnp.where(index < suppress_before, -1e30,
+                                                         logits[..., suppress_id]))
+    return logits, cache
+  return step
+
+
+@functools.lru_cache(maxsize=None)
+def _generator(config: PlugConfig, decoding: Any, cls_id: int, sep_id: int, pad_id: int, sep_fraction: float):
+  """Jitted (sources, segment ids, token types, rng) -> (tokens, lengths) for one setting."""
+  def run(params, sources, segment_ids, token_types, rng):
+    cache, first = prefill(params, sources, segment_ids, config, decoding.max_new_tokens, cls_id=cls_id,
+                           source_token_types=token_types)
+    if isinstance(decoding, decoding_lib.BeamSearchConfig):
+      tokens, lengths, _ = decoding_lib.beam_search_loop(step_fn(config), params, cache, cache_logical_axes(), first,
+                                                decoding, eod_id=sep_id, pad_id=pad_id)
+      return tokens, lengths
+    step = step_fn(config, suppress_id=sep_id, suppress_before=int(sep_fraction * decoding.max_new_tokens))
+    tokens, lengths, _ = decoding_lib.sample_loop(step, params, cache, first, decoding, eod_id=sep_id, pad_id=pad_id,
+                                         vocab_size=config.vocab_size, rng=rng)
+    return tokens, lengths
+
+  return jax.jit(run)
+
+
+def generate(params: dict, sources: Sequence[Sequence[int]], config: PlugConfig, decoding: Any, *, cls_id: int,
+             sep_id: int, pad_id: int = 0, token_types: Sequence[Sequence[int]] | None = None,
+             sep_fraction: float = 0.8) -> list[list[int]]:
+  """Decoder outputs (token ids, without [SEP]) for encoder inputs such as [CLS] answer [SEP] context [SEP].
+
+  decoding: a decoding.BeamSearchConfig (GNMT length penalty; [SEP] forbidden before min_length) or a
+  SamplingConfig (PLUG's: top_k 20, temperature 0.9; [SEP] forbidden before sep_fraction x max_new_tokens).
+  Sources are right-padded to a power-of-two width; the decoder starts from [CLS].
+  """
+  if not sources:
+    return []
+  longest = max(len(s) for s in sources)
+  if longest > config.max_positions:
+    raise ValueError(f"A source has {longest} tokens; the model takes at most max_positions={config.max_positions}.")
+  width = min(max(8, 1 << (longest - 1).bit_length()), config.max_positions)
+  tokens = np.full((len(sources), width), pad_id, np.int32)
+  types = np.zeros_like(tokens)
+  for i, source in enumerate(sources):
+    tokens[i, :len(source)] = source
+    types[i, :len(source)] = token_types[i] if token_types is not None else 0
+  segment_ids = (np.arange(width)[None] < np.array([len(s) for s in sources])[:, None]).astype(np.int32)
+  rng = jax.random.key(getattr(decoding, "seed", 0))
+  if isinstance(decoding, decoding_lib.SamplingConfig):
+    decoding = dataclasses.replace(decoding, seed=0)  # an input, not a reason to recompile
+  run = _generator(config, decoding, cls_id, sep_id, pad_id, sep_fraction)
+  out, lengths = jax.device_get(run(params, tokens, segment_ids, types, rng))
+  return [row[:n].tolist() for row, n in zip(out, lengths)]
+
+
+def generate_text(params: dict, sources: Sequence[str | tuple[str, str]], config: PlugConfig, decoding: Any,
+                  tokenizer: Any, *, sep_fraction: float = 0.8) -> list[str]:
+  """Text in, text out: each source (a text, or a pair such as (answer, context)) is encoded as
+  [CLS] a [SEP] (b [SEP]) with tokenizer (a tokenization.BertTokenizer) and generated from as in `generate`.
+  Score the outputs with evaluation.metrics.generation_metrics (BLEU, ROUGE-L)."""
+  encoded = [tokenizer.encode(*((s,) if isinstance(s, str) else s), max_length=config.max_positions)
+             for s in sources]
+  outputs = generate(params, [e["input_ids"] for e in encoded], config, decoding, cls_id=tokenizer.cls_id,
+                     sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
+                     token_types=[e["token_type_ids"] for e in encoded], sep_fraction=sep_fraction)
+  return [tokenizer.decode(ids) for ids in outputs]

@@ -1,0 +1,170 @@
+"""PLUG training: mesh invariance, the two-stage recipe through the train loop, fine-tuning, generation."""
+
+import dataclasses
+import json
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
+from cpm_jax import decoding, gin_setup, partitioning, train_loop, training
+from cpm_jax.convert import plug as convert_plug
+from cpm_jax.data import plug_pipeline
+from cpm_jax.models import plug
+
+TINY = plug.PlugConfig(vocab_size=256, num_encoder_layers=2, num_decoder_layers=2, embed_dim=32, num_heads=8,
+                       mlp_dim=64, max_positions=32, type_vocab_size=2, init_stddev=0.02)
+MESHES = [dict(data=1, fsdp=1, tensor=1), dict(data=1, fsdp=1, tensor=8), dict(data=2, fsdp=2, tensor=2)]
+
+
+def _palm_batch(seed, batch=8, src=16, tgt=8):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(6, src + 1, batch)
+  seg = (np.arange(src)[None] < lengths[:, None]).astype(np.int32)
+  inputs = rng.integers(5, 256, (batch, src)).astype(np.int32) * seg
+  mlm = (rng.random((batch, src)) < 0.2) & (seg > 0)
+  dec = rng.integers(5, 256, (batch, tgt + 1)).astype(np.int32)
+  return {"inputs": np.where(mlm, 3, inputs), "token_types": np.zeros_like(inputs), "segment_ids": seg,
+          "positions": np.broadcast_to(np.arange(src, dtype=np.int32), (batch, src)).copy(),
+          "targets": inputs * mlm, "weights": mlm.astype(np.float32),
+          "decoder_inputs": dec[:, :-1], "decoder_targets": dec[:, 1:], "decoder_weights": np.ones((batch, tgt), np.float32),
+          "decoder_segment_ids": np.ones((batch, tgt), np.int32),
+          "decoder_positions": np.broadcast_to(np.arange(tgt, dtype=np.int32), (batch, tgt)).copy()}
+
+
+def _train(model, mesh, steps_count, batches, params=None, lr=1e-2):
+  optimizer = training.make_optimizer(training.learning_rate_schedule(lr, 1, 100))
+  steps = training.make_sharded_steps(model, optimizer, mesh)
+  state = training.create_train_state(model, optimizer, mesh, seed=0)
+  if params is not None:
+    state = state.replace(params=params)
+  losses = []
+  for i in range(steps_count):
+    state, metrics = steps.train(state, training.global_batch(batches(i), mesh))
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_same_palm_training_on_every_mesh():
+  model = plug.Seq2SeqModel(TINY)
+  results = []
+  for sizes in MESHES:
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(**sizes), devices=jax.devices()[:np.prod(list(sizes.values()))])
+    state, losses = _train(model, mesh, 3, lambda i: _palm_batch(0))
+    results.append((losses, jax.tree.map(np.asarray, state.params)))
+  (reference_losses, reference), others = results[0], results[1:]
+  assert reference_losses[2] < reference_losses[0]
+  for sizes, (losses, params) in zip(MESHES[1:], others):
+    np.testing.assert_allclose(losses, reference_losses, rtol=2e-5, err_msg=str(sizes))
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(reference)):
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=f"{sizes} {jax.tree_util.keystr(path)}")
+
+
+def _run_recipe(gin_file, workdir, bindings, steps):
+  """The train loop on a recipe, shortened; returns (final metrics, the model config it used)."""
+  gin.clear_config()
+  gin_setup.parse([gin_file], bindings + [
+      f"train.num_steps = {steps}", f"train.eval_every = {steps}", f"train.log_every = {steps}",
+      f"learning_rate_schedule.total_steps = {steps}", "learning_rate_schedule.warmup_steps = 5",
+      "learning_rate_schedule.peak = 1e-2", "train.eval_max_batches = 2", "train.peak_flops = 1e12",
+      "PlugConfig.dropout_rate = 0.0"])
+  try:
+    return train_loop.train(str(workdir)), plug.PlugConfig()
+  finally:
+    gin.clear_config()
+
+
+def _initial_loss(model, params, batch):
+  sums = training.eval_step(params, batch, model=model)
+  return float(sums["loss_sum"] / sums["weight_sum"])
+
+
+def test_two_stages_and_fine_tuning_on_demo_data(plug_vocab_path, demo_data_dir, tmp_path):  # noqa: F811
+  data = [f'{name}.vocab_path = "{plug_vocab_path}"' for name in ("StructBertData", "PalmData")] + [
+      f'{name}.data_dir = "{demo_data_dir}"' for name in ("StructBertData", "PalmData")] + [
+      "StructBertData.seq_len = 64", "StructBertData.eval_max_examples = 64", "PalmData.seq_len = 64",
+      "PalmData.target_len = 16", "PalmData.eval_max_examples = 64"]
+  # Stage 1: StructBERT through the train loop and the recipe's gin file.
+  stage1, config1 = _run_recipe("experiments/plug_stage1_demo.gin", tmp_path / "stage1", data, 40)
+  eval1 = plug_pipeline.StructBertData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir), seq_len=64,
+                                       eval_max_examples=64)
+  fresh_loss = _initial_loss(plug.StructBertModel(config1), plug.init(config1, jax.random.key(0)),
+                             next(eval1.eval_batches()))
+  assert stage1["validation_loss"] < fresh_loss - 1.5, (stage1, fresh_loss)
+
+  # Stage 2: PALM from a params-only start that carries everything of stage 1 (decoder fresh).
+  config2 = dataclasses.replace(config1, num_decoder_layers=2)
+  initialised = convert_plug.save_warm_start(tmp_path / "stage1", config2, tmp_path / "stage2_init")
+  assert initialised and all(name.startswith("['decoder']") for name in initialised)
+  stage1_params = convert_plug.read_params(tmp_path / "stage1")
+  start = convert_plug.load_orbax(tmp_path / "stage2_init").params
+  np.testing.assert_array_equal(start["encoder"]["blocks"]["attn"]["qkv_kernel"],
+                                stage1_params["encoder"]["blocks"]["attn"]["qkv_kernel"])
+  eval2 = plug_pipeline.PalmData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir), seq_len=64,
+                                 target_len=16, eval_max_examples=64)
+  start_loss = _initial_loss(plug.Seq2SeqModel(config2), start, next(eval2.eval_batches()))
+  stage2, _ = _run_recipe("experiments/plug_stage2_demo.gin", tmp_path / "stage2",
+                          data + [f'train.init_params_from = "{tmp_path / "stage2_init"}"'], 30)
+  assert stage2["validation_loss"] < start_loss - 1.0, (stage2, start_loss)
+
+  # NLU: a classifier on the stage-1 encoder fits a batch of review_sentiment (accuracy: benchmarks/).
+  config3 = dataclasses.replace(config1, num_classes=2)
+  model3 = plug.ClassifierModel(config3)
+  reviews = plug_pipeline.ClassificationData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir),
+                                             seq_len=64, global_batch_size=16)
+  batch = next(reviews.train_iterator(seed=0))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
+  start = training.create_train_state(model3, training.make_optimizer(), mesh, seed=2).params
+  params3, taken = plug.warm_start(start, stage1_params)
+  assert len(taken) == len(jax.tree.leaves(stage1_params))
+  _, losses = _train(model3, mesh, 20, lambda i: batch, params3, lr=5e-3)
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_generation_cached_greedy_equals_recompute_and_sep_suppression():
+  config = dataclasses.replace(TINY, dropout_rate=0.0)
+  params = plug.init(config, jax.random.key(0))
+  sources = [[2, 17, 30, 41, 9, 1], [2, 5, 6, 1]]
+  cls_id, sep_id = 2, 1
+  greedy = decoding.SamplingConfig(max_new_tokens=6, greedy=True)
+  out = plug.generate(params, sources, config, greedy, cls_id=cls_id, sep_id=sep_id, sep_fraction=0.0)
+  for source, got in zip(sources, out):  # uncached: the whole prefix through encoder and decoder every step
+    hidden = plug.encode(params, jnp.asarray([source]), config)
+    prefix = [cls_id]
+    for _ in range(6):
+      logits = plug.decoder_logits(params, plug.decode(params, jnp.asarray([prefix]), config, encoder_hidden=hidden)[0],
+                                   config)
+      prefix.append(int(jnp.argmax(logits[0, -1])))
+      if prefix[-1] == sep_id:
+        break
+    assert got == [t for t in prefix[1:] if t != sep_id]
+  beam1 = decoding.BeamSearchConfig(max_new_tokens=6, beam_size=1, length_penalty=0.0, min_length=0)
+  assert plug.generate(params, sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
+
+  # A model that prefers [SEP] everywhere: sampling holds it back until 80% of the length, beam search until
+  # min_length.
+  biased = jax.tree.map(lambda x: x, params)  # decoder output fixed at ones; [SEP]'s logit 320, others ~0
+  biased["decoder"]["ln_f"] = {"scale": jnp.zeros(32), "bias": jnp.ones(32)}
+  biased["embed"]["wte"] = params["embed"]["wte"].at[sep_id].set(10.0)
+  sampled = plug.generate(biased, sources, config, decoding.SamplingConfig(max_new_tokens=10, top_k=20,
+                                                                           temperature=0.9), cls_id=cls_id,
+                          sep_id=sep_id)
+  assert [len(s) for s in sampled] == [8, 8]
+  beams = plug.generate(biased, sources, config, decoding.BeamSearchConfig(max_new_tokens=10, beam_size=3,
+                                                                          min_length=4), cls_id=cls_id, sep_id=sep_id)
+  assert [len(s) for s in beams] == [4, 4]
+  with pytest.raises(ValueError, match="max_positions=32"):
+    plug.generate(params, [[1] * 40], config, greedy, cls_id=cls_id, sep_id=sep_id)
+
+
+def test_stage1_recipe_parses(plug_vocab_path):
+  gin.clear_config()
+  try:
+    gin_setup.parse(["experiments/plug_stage1_demo.gin"], [f'StructBertData.vocab_path = "{plug_vocab_path}"'])
+    assert plug.PlugConfig().num_decoder_layers == 0
+    assert json.dumps(dataclasses.asdict(plug.PlugConfig()))
+  finally:
+    gin.clear_config()
