@@ -14,6 +14,7 @@ checkpoints them). Documents are split over processes as in the LM pipeline.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import json
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import gin
 import grain
+import jax
 import numpy as np
 
 from cpm_jax import objectives
@@ -223,7 +225,7 @@ def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarra
 
 
 @dataclasses.dataclass(frozen=True)
-class _PlugData:
+class _PlugData(abc.ABC):
   """What the train loop needs of a PLUG task: train_iterator(seed), eval_batches(), sizes."""
 
   vocab_path: str = gin.REQUIRED
@@ -248,12 +250,11 @@ class _PlugData:
   def required_fields(self) -> list[str]:
     return [self.text_field]
 
+  @abc.abstractmethod
   def example_fn(self) -> Callable:
-    raise NotImplementedError
+    """The per-example transform: (index, text), rng -> features if `random`, else example -> features."""
 
   def _iterator(self, split: str, seed: int, train: bool) -> grain.DatasetIterator:
-    import jax
-
     index = jax.process_index() if self.process_index is None else self.process_index
     count = jax.process_count() if self.process_count is None else self.process_count
     if self.global_batch_size % count:
