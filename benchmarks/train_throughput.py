@@ -109,11 +109,12 @@ def torch_step(config, batch):
   return step
 
 
-def timed(step, n: int) -> float:
-  start = time.perf_counter()
+def timed(step, n: int) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) per step over n steps."""
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(n):
     step()
-  return (time.perf_counter() - start) / n
+  return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
 
 
 def main(argv):
@@ -155,16 +156,20 @@ def main(argv):
 
   print(f"matmul peak (best square float32 dot of 1024..3072): jnp.dot {jax_peak / 1e9:.0f} GFLOP/s, "
         f"torch.matmul {torch_peak / 1e9:.0f} GFLOP/s")
-  print(f"{'':8} {'median s/step':>14} {'best s/step':>12} {'tokens/s':>9} {'GFLOP/s':>8} {'of jnp peak':>11}")
+  print(f"{'':8} {'median s/step':>14} {'best s/step':>12} {'tokens/s':>9} {'GFLOP/s':>8} {'of jnp peak':>11} "
+        f"{'CPU s/step':>10}")
   results = {}
   for name, times in (("cpm_jax", jax_times), ("pytorch", torch_times)):
-    median = statistics.median(times)
+    median = statistics.median(wall for wall, _ in times)
     results[name] = tokens / median
-    print(f"{name:8} {median:14.3f} {min(times):12.3f} {tokens / median:9.0f} {flops_per_step / median / 1e9:8.0f} "
-          f"{flops_per_step / median / jax_peak:11.1%}")
+    print(f"{name:8} {median:14.3f} {min(wall for wall, _ in times):12.3f} {tokens / median:9.0f} "
+          f"{flops_per_step / median / 1e9:8.0f} {flops_per_step / median / jax_peak:11.1%} "
+          f"{statistics.median(cpu for _, cpu in times):10.2f}")
   print(f"ratio cpm_jax / pytorch tokens/s: {results['cpm_jax'] / results['pytorch']:.2f}x "
-        f"(per round: {', '.join(f'{p / j:.2f}' for j, p in zip(jax_times, torch_times))}); "
+        f"(per round: {', '.join(f'{p[0] / j[0]:.2f}' for j, p in zip(jax_times, torch_times))}); "
         f"load average {os.getloadavg()[0]:.1f}")
+  print("CPU s/step: the process's CPU time per step (all threads, busy-waiting included); unlike wall time it "
+        "hardly depends on how much of the machine other processes take.")
 
 
 if __name__ == "__main__":
