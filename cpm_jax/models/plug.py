@@ -557,15 +557,3 @@ def generate(params: dict, sources: Sequence[Sequence[int]], config: PlugConfig,
   out, lengths = jax.device_get(run(params, tokens, segment_ids, types, rng))
   return [row[:n].tolist() for row, n in zip(out, lengths)]
 
-
-def generate_text(params: dict, sources: Sequence[str | tuple[str, str]], config: PlugConfig, decoding: Any,
-                  tokenizer: Any, *, sep_fraction: float = 0.8) -> list[str]:
-  """Text in, text out: each source (a text, or a pair such as (answer, context)) is encoded as
-  [CLS] a [SEP] (b [SEP]) with tokenizer (a tokenization.BertTokenizer) and generated from as in `generate`.
-  Score the outputs with evaluation.metrics.generation_metrics (BLEU, ROUGE-L)."""
-  encoded = [tokenizer.encode(*((s,) if isinstance(s, str) else s), max_length=config.max_positions)
-             for s in sources]
-  outputs = generate(params, [e["input_ids"] for e in encoded], config, decoding, cls_id=tokenizer.cls_id,
-                     sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
-                     token_types=[e["token_type_ids"] for e in encoded], sep_fraction=sep_fraction)
-  return [tokenizer.decode(ids) for ids in outputs]
