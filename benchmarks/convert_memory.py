@@ -3,7 +3,6 @@
 Builds a random cpm_medium-shaped GPT2LMHeadModel checkpoint (safetensors, float32; written tensor by tensor),
 then measures, each in a fresh process: peak RSS (VmHWM) and the RSS after imports (baseline) for
   hf->orbax (save_params)   cpm_jax.convert.load_hf + save_orbax (what `convert_checkpoint.py --from=hf` runs)
-  hf->orbax (uncompressed)  the same arrays written by Orbax without zstd compression
   orbax->hf                 cpm_jax.convert.load_orbax + save_hf (`--to=hf`)
   orbax->megatron (mp=2)    load_orbax + save_megatron (`--to=megatron --mp=2`)
   megatron->orbax (mp=2)    load_megatron of those shards + save_orbax (`--from=megatron`)
@@ -35,7 +34,7 @@ _EMBED = flags.DEFINE_integer("embed", 1024, "Hidden size (cpm_medium: 1024).")
 _VOCAB = flags.DEFINE_integer("vocab", 30000, "Vocabulary size.")
 _POSITIONS = flags.DEFINE_integer("positions", 1024, "Learned positions.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch directory (default: a temporary one, removed afterwards).")
-CASES = {"hf_to_orbax": "hf->orbax", "hf_to_orbax_uncompressed": "hf->orbax (uncompressed)",
+CASES = {"hf_to_orbax": "hf->orbax",
          "orbax_to_hf": "orbax->hf", "orbax_to_megatron": "orbax->megatron (mp=2)",
          "megatron_to_orbax": "megatron->orbax (mp=2)", "peer": "peer: from_pretrained"}
 _CASE = flags.DEFINE_enum("case", None, list(CASES), "Internal: run one measurement.")
@@ -101,11 +100,7 @@ def convert_case(case: str, workdir: pathlib.Path) -> float:
   else:
     loaded = convert.LOADERS[source](workdir / source, mesh=partitioning.make_mesh())
   loaded_peak = rss_mib("VmHWM")
-  if target == "orbax_uncompressed":  # the same arrays through Orbax without zstd (save_params compresses)
-    import orbax.checkpoint as ocp
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
-      checkpointer.save(workdir / case, args=ocp.args.PyTreeSave(loaded.params))
-  elif target == "megatron":
+  if target == "megatron":
     convert.save_megatron(loaded.params, loaded.config, workdir / "megatron", 2)
   else:  # hf->orbax writes the "orbax" input of the orbax->* cases
     convert.SAVERS[target](loaded.params, loaded.config, workdir / ("orbax" if case == "hf_to_orbax" else case))

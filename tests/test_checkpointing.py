@@ -106,7 +106,7 @@ def test_interrupted_params_save_leaves_no_checkpoint(tmp_path, params, monkeypa
     raise KeyboardInterrupt("killed while writing")
 
   with monkeypatch.context() as patch:
-    patch.setattr(ocp.StandardCheckpointer, "save", crash)
+    patch.setattr(ocp.Checkpointer, "save", crash)
     with pytest.raises(KeyboardInterrupt):
       checkpointing.save_params(tmp_path / "export", params, {})
   assert not (tmp_path / "export").exists()
