@@ -17,9 +17,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
-import json
 import os
-import pathlib
 import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -29,7 +27,7 @@ import jax
 import numpy as np
 
 from cpm_jax import objectives
-from cpm_jax.data import sources
+from cpm_jax.data import jsonl, sources
 from cpm_jax.tokenization import BertTokenizer
 
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
@@ -168,23 +166,13 @@ def classification_example(example: Mapping[str, Any], *, tokenizer: BertTokeniz
 
 def read_jsonl(path: str | os.PathLike, required: Iterable[str]) -> list[dict[str, Any]]:
   """A CLUE-style jsonl file (one JSON object per line); every object must hold the `required` fields."""
-  path = pathlib.Path(path).expanduser()
-  if not path.is_file():
-    raise FileNotFoundError(f"jsonl data file not found: {path}")
   required = list(required)
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        example = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not a JSON object ({e}).") from e
-      missing = [field for field in required if field not in example]
-      if missing:
-        raise ValueError(f"{path}:{number}: missing field(s) {missing}; expected {required}.")
-      examples.append(example)
+  for number, example in jsonl.read_objects(path):
+    missing = [field for field in required if field not in example]
+    if missing:
+      raise ValueError(f"{path}:{number}: missing field(s) {missing}; expected {required}.")
+    examples.append(example)
   if not examples:
     raise ValueError(f"{path}: no examples.")
   return examples

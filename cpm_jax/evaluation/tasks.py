@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import json
 import math
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Sequence
 import gin
 import numpy as np
 
+from cpm_jax.data import jsonl
 from cpm_jax.evaluation import metrics
 from cpm_jax.evaluation.model import LanguageModel
 
@@ -40,23 +40,8 @@ class Result:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """One JSON object per non-empty line; errors name the file and line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"Input file {path} does not exist.")
-  examples = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        example = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); each line must be one JSON object.") from e
-      if not isinstance(example, dict):
-        raise ValueError(f"{path}:{number}: expected a JSON object, got {type(example).__name__}.")
-      example[WHERE] = f"{path}:{number}"
-      examples.append(example)
-  return examples
+  """One JSON object per non-empty line, each tagged with its file:line for error messages."""
+  return [{**example, WHERE: f"{path}:{number}"} for number, example in jsonl.read_objects(path)]
 
 
 def where(example: dict, index: int) -> str:
