@@ -98,12 +98,12 @@ def convert_case(case: str, workdir: pathlib.Path) -> float:
   if source == "orbax":
     loaded = convert.load_orbax(workdir / "orbax")
   else:
-    loaded = convert.LOADERS[source](workdir / source, mesh=partitioning.make_mesh())
+    loaded = convert.FORMATS["cpm"].loaders[source](workdir / source, mesh=partitioning.make_mesh())
   loaded_peak = rss_mib("VmHWM")
   if target == "megatron":
     convert.save_megatron(loaded.params, loaded.config, workdir / "megatron", 2)
   else:  # hf->orbax writes the "orbax" input of the orbax->* cases
-    convert.SAVERS[target](loaded.params, loaded.config, workdir / ("orbax" if case == "hf_to_orbax" else case))
+    convert.FORMATS["cpm"].savers[target](loaded.params, loaded.config, workdir / ("orbax" if case == "hf_to_orbax" else case))
   return loaded_peak
 
 

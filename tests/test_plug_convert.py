@@ -1,6 +1,10 @@
 """PLUG checkpoint conversion: release-style DeepSpeed shards (split here by hand from FORMATS.md) <-> params <-> Orbax."""
 
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -12,6 +16,7 @@ from cpm_jax.convert import plug as convert_plug
 from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import plug
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = plug.PlugConfig(vocab_size=512, num_encoder_layers=2, num_decoder_layers=2, embed_dim=64, num_heads=8,
                          mlp_dim=128, max_positions=32, type_vocab_size=3)
 
@@ -108,3 +113,60 @@ def test_bad_shards_fail_clearly_without_output(params, tmp_path):
   with pytest.raises(ConversionError, match="must divide num_heads=8"):
     convert_plug.save_deepspeed(params, CONFIG, tmp_path / "mp3", num_ranks=3)
   assert not (tmp_path / "mp3").exists()
+
+
+def run_cli(*args):
+  result = subprocess.run([sys.executable, str(ROOT / "experiments" / "convert_checkpoint.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          check=False)
+  return result.returncode, result.stdout + result.stderr
+
+
+def test_command_line_release_to_orbax_to_shards_and_hf_bert(params, tmp_path):
+  release = write_release(tmp_path / "release", release_split(convert_plug.state_from_params(params, CONFIG), 8))
+  gin_file = tmp_path / "plug.gin"
+  gin_file.write_text("".join(f"PlugConfig.{name} = {getattr(CONFIG, name)}\n" for name in (
+      "vocab_size", "num_encoder_layers", "num_decoder_layers", "embed_dim", "num_heads", "mlp_dim", "max_positions",
+      "type_vocab_size")))
+  # A gin PlugConfig makes it PLUG; the Orbax output then names the model, so --to=megatron needs no --model.
+  code, out = run_cli("--from=megatron", f"--input={release}", f"--output={tmp_path / 'orbax'}",
+                      f"--gin_file={gin_file}", "--mesh_tensor=8", "--tokenizer=vocab.txt")
+  assert code == 0, out
+  loaded = convert_plug.load_orbax(tmp_path / "orbax")
+  assert loaded.metadata["tokenizer"] == "vocab.txt" and loaded.metadata["converted_from"]["format"] == "megatron"
+  assert_same(loaded.params, params)
+  code, out = run_cli(f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'mp2'}", "--to=megatron", "--mp=2")
+  assert code == 0, out
+  for rank, want in enumerate(release_split(convert_plug.state_from_params(params, CONFIG), 2)):
+    got = torch.load(tmp_path / "mp2" / "release" / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
+    assert sorted(got["module"]) == sorted(want)
+    for key, tensor in want.items():
+      torch.testing.assert_close(got["module"][key], tensor, rtol=0, atol=0, msg=key)
+
+  # What PLUG cannot do fails before anything is written; so does a BERT import without its encoder config.
+  code, out = run_cli(f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'hf'}", "--to=hf")
+  assert code != 0 and "--to=hf is not available for plug checkpoints" in out
+  code, out = run_cli("--model=plug", "--from=hf", f"--input={tmp_path}", f"--output={tmp_path / 'bert'}")
+  assert code != 0 and "needs the encoder's config" in out
+  code, out = run_cli("--model=cpm", f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'cpm'}")
+  assert code != 0 and "holds a 'plug' checkpoint" in out
+  assert not any((tmp_path / name).exists() for name in ("hf", "bert", "cpm"))
+
+
+def test_command_line_hugging_face_bert_to_encoder(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  hf_config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=32, layer_norm_eps=1e-12)
+  torch.manual_seed(0)
+  transformers.BertForMaskedLM(hf_config).save_pretrained(tmp_path / "bert")
+  gin_file = tmp_path / "bert.gin"
+  gin_file.write_text("PlugConfig.vocab_size = 64\nPlugConfig.num_encoder_layers = 1\nPlugConfig.num_decoder_layers = 0\n"
+                      "PlugConfig.embed_dim = 16\nPlugConfig.num_heads = 2\nPlugConfig.mlp_dim = 32\n"
+                      "PlugConfig.max_positions = 32\nPlugConfig.type_vocab_size = 2\nPlugConfig.encoder_pre_ln = False\n"
+                      "PlugConfig.num_relations = 0\nPlugConfig.layer_norm_eps = 1e-12\n")
+  code, out = run_cli("--from=hf", f"--input={tmp_path / 'bert'}", f"--output={tmp_path / 'orbax'}",
+                      f"--gin_file={gin_file}")
+  assert code == 0, out
+  state = transformers.BertForMaskedLM.from_pretrained(tmp_path / "bert").state_dict()
+  want, _ = convert_plug.params_from_hf_state(state, convert_plug.load_orbax(tmp_path / "orbax").config)
+  assert_same(convert_plug.load_orbax(tmp_path / "orbax").params, want)
