@@ -103,7 +103,8 @@ def convert_case(case: str, workdir: pathlib.Path) -> float:
   if target == "megatron":
     convert.save_megatron(loaded.params, loaded.config, workdir / "megatron", 2)
   else:  # hf->orbax writes the "orbax" input of the orbax->* cases
-    convert.FORMATS["cpm"].savers[target](loaded.params, loaded.config, workdir / ("orbax" if case == "hf_to_orbax" else case))
+    output = workdir / ("orbax" if case == "hf_to_orbax" else case)
+    convert.FORMATS["cpm"].savers[target](loaded.params, loaded.config, output)
   return loaded_peak
 
 
