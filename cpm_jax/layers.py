@@ -69,6 +69,11 @@ def stacked(specs: Any, num_layers: int) -> Any:
   return jax.tree.map(stack, specs, is_leaf=is_spec)
 
 
+def unstack(tree: Any) -> tuple:
+  """A tree stacked on a leading `layers` axis as a tuple of per-layer trees (the cached-decoding layout)."""
+  return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0]))
+
+
 def init_from_specs(specs: Any, key: jax.Array, dtype=jnp.float32) -> Any:
   """Initial values for a tree of ParamSpecs, one independent key per leaf (by tree position)."""
   leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
@@ -200,19 +205,23 @@ def project_q(x: jax.Array, params: dict, dtype) -> jax.Array:
 
 def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implementation: str = "xla",
                    kv: tuple[jax.Array, jax.Array] | None = None,
-                   cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+                   cache_index: jax.Array | int | None = None, heads_major: bool = False) -> tuple[jax.Array, Any]:
   """Fused-QKV self-attention with its output projection; returns (output [b, t, e], kv).
 
-  With `kv` (this layer's cached k, v [b, cache_len, heads, head_dim]) the new keys and values are
-  written at `cache_index` and the queries attend over the whole cache; the updated kv is returned.
+  With `kv` (this layer's cached k, v [b, cache_len, heads, head_dim], or [b, heads, cache_len, head_dim] if
+  heads_major) the new keys and values are written at `cache_index` and the queries attend over the whole
+  cache; the updated kv is returned.
   """
   qkv = project_qkv(x, params, dtype)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   if kv is not None:
-    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+    # Swapping axes 1 and 2 maps [b, t, heads, d] to the heads-major cache layout and back.
+    layout = (lambda a: jnp.swapaxes(a, 1, 2)) if heads_major else (lambda a: a)
+    axis = 2 if heads_major else 1
+    k = jax.lax.dynamic_update_slice_in_dim(kv[0], layout(k).astype(kv[0].dtype), cache_index, axis=axis)
+    v = jax.lax.dynamic_update_slice_in_dim(kv[1], layout(v).astype(kv[1].dtype), cache_index, axis=axis)
     kv = (k, v)
-    k, v = k.astype(dtype), v.astype(dtype)
+    k, v = layout(k).astype(dtype), layout(v).astype(dtype)
   out = dot_product_attention(q, k, v, mask, implementation)
   return project_out(out, params, dtype), kv
 

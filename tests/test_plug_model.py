@@ -1,5 +1,6 @@
 """PLUG model: released parameter count, parity with transformers' BERT and with a torch reference of PLUG."""
 
+import contextlib
 import pathlib
 
 import gin
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from cpm_jax import layers
+from cpm_jax import layers, partitioning
 from cpm_jax.convert import plug as convert_plug
 from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import plug
@@ -188,7 +189,10 @@ def test_pre_ln_encoder_decoder_match_torch_reference_of_release():
   np.testing.assert_allclose(plug.decoder_logits(params, dec_hidden, config), dec.numpy(), **tol)
 
 
-def test_cached_decoding_matches_full_decoder_pass():
+@pytest.mark.parametrize("mesh_sizes", [None, dict(data=2, fsdp=1, tensor=4)])
+def test_cached_decoding_matches_full_decoder_pass(mesh_sizes):
+  """Per-layer cached decoding (prefill of 2 tokens, then generation's step_fn one token at a time) gives the
+  full decoder pass's logits at every step, on one device and with heads split over `tensor`."""
   config = tiny(dropout_rate=0.0)
   params = _randomised(config, 3)
   src = jax.random.randint(jax.random.key(0), (2, 9), 106, 21128)
@@ -196,15 +200,37 @@ def test_cached_decoding_matches_full_decoder_pass():
   tgt = jax.random.randint(jax.random.key(1), (2, 5), 106, 21128)
   hidden = encode(params, src, config, segment_ids=segments)
   full, _ = decode(params, tgt, config, encoder_hidden=hidden, encoder_segment_ids=segments)
-  cache = plug.init_cache(params, config, hidden, segments, length=8)
-  assert cache["cross_kv"].shape == (2, 2, 9, 2, 8, 8)  # [layers, batch, src, k/v, heads, head_dim], once
-  prefix, cache = decode(params, tgt[:, :2], config, cache=cache)  # prefill, then one token at a time
-  steps = [prefix]
-  for t in range(2, 5):
-    out, cache = decode(params, tgt[:, t:t + 1], config, cache=cache)
-    steps.append(out)
-  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
+  full = plug.decoder_logits(params, full, config)
+  with pytest.raises(ValueError, match="unstack_decoder"):
+    plug.init_cache(params, config, hidden, segments, length=8)
+
+  @jax.jit
+  def cached(params, hidden):
+    cache = plug.init_cache(params, config, hidden, segments, length=8)
+    cache = jax.tree.map(partitioning.constrain, cache, plug.cache_logical_axes(config),
+                         is_leaf=partitioning.is_logical_axes)
+    prefix, cache = plug.decode(params, tgt[:, :2], config, cache=cache)
+    steps = [plug.decoder_logits(params, prefix, config)]
+    for t in range(2, 5):
+      logits, cache = plug.step_fn(config)(params, tgt[:, t:t + 1], cache)
+      steps.append(logits)
+    return jnp.concatenate(steps, 1), cache
+
+  context = contextlib.nullcontext()
+  if mesh_sizes:
+    mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes))
+    params = jax.device_put(params, partitioning.tree_shardings(plug.logical_axes(config), mesh, params))
+    context = partitioning.activate(mesh)
+  with context:
+    logits, cache = cached(plug.unstack_decoder(params), hidden)
+  np.testing.assert_allclose(logits, full, atol=2e-5, rtol=1e-4)
   assert int(cache["index"]) == 5
+  # One heads-major array per layer: self-attention K/V for 8 slots, cross-attention K/V over the 9 source tokens.
+  assert len(cache["k"]) == len(cache["cross_v"]) == config.num_decoder_layers
+  assert cache["k"][1].shape == (2, 8, 8, 8) and cache["cross_v"][1].shape == (2, 8, 9, 8)
+  if mesh_sizes:
+    assert cache["k"][1].sharding.spec[:2] == ("data", "tensor")
+    assert cache["cross_v"][1].sharding.spec[:2] == ("data", "tensor")
 
 
 def test_unrolled_layers_with_remat_match_scan():

@@ -142,7 +142,8 @@ def test_generation_cached_greedy_equals_recompute_and_sep_suppression():
         break
     assert got == [t for t in prefix[1:] if t != sep_id]
   beam1 = decoding.BeamSearchConfig(max_new_tokens=6, beam_size=1, length_penalty=0.0, min_length=0)
-  assert plug.generate(params, sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
+  # Params already in the decode layout are taken as they are.
+  assert plug.generate(plug.unstack_decoder(params), sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
 
   # A model that prefers [SEP] everywhere: sampling holds it back until 80% of the length, beam search until
   # min_length.

@@ -109,19 +109,21 @@ def abstract_params(config: CPMConfig) -> dict:
 
 # ---- KV cache ----------------------------------------------------------------------------------
 
-def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> dict:
+def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer: bool = False,
+               num_layers: int | None = None) -> dict:
   """Empty KV cache for `length` positions; slots with segment id 0 are never attended.
 
   k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one heads-major
   [batch, heads, length, head_dim] array per layer (the layout for `unstack_layers` params: no per-step
-  slicing or restacking, and the attention dots read it without a transposed copy).
+  slicing or restacking, and the attention dots read it without a transposed copy). num_layers defaults to
+  config.num_layers (PLUG's decoder passes its own, with its config).
   """
   dtype = dtype or config.compute_dtype
+  num_layers = num_layers or config.num_layers
   if per_layer:
-    k = v = tuple(jnp.zeros((batch, config.num_heads, length, config.head_dim), dtype)
-                  for _ in range(config.num_layers))
+    k = v = tuple(jnp.zeros((batch, config.num_heads, length, config.head_dim), dtype) for _ in range(num_layers))
   else:
-    k = v = jnp.zeros((config.num_layers, batch, length, config.num_heads, config.head_dim), dtype)
+    k = v = jnp.zeros((num_layers, batch, length, config.num_heads, config.head_dim), dtype)
   return {
       "k": k,
       "v": v,
@@ -131,10 +133,11 @@ def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer
   }
 
 
-def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False) -> dict:
-  """Logical axes of `init_cache`'s tree (per_layer needs the config for the number of layers)."""
+def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False,
+                       num_layers: int | None = None) -> dict:
+  """Logical axes of `init_cache`'s tree (per_layer needs the number of layers: num_layers or the config's)."""
   if per_layer:
-    kv = (("batch", "act_heads", "cache_length", None),) * config.num_layers
+    kv = (("batch", "act_heads", "cache_length", None),) * (num_layers or config.num_layers)
   else:
     kv = ("layers", "batch", "cache_length", "act_heads", None)
   return {"k": kv, "v": kv, "segment_ids": ("batch", "cache_length"),
@@ -147,9 +150,7 @@ def unstack_layers(params: dict) -> dict:
   A cached decode step under jit then reads every layer's weights in place; with stacked blocks XLA copies
   each layer's slice on every step (three times the weight traffic). Costs one copy of the block weights.
   """
-  num_layers = jax.tree.leaves(params["blocks"])[0].shape[0]
-  blocks = tuple(jax.tree.map(lambda a, i=i: a[i], params["blocks"]) for i in range(num_layers))
-  return {**params, "blocks": blocks}
+  return {**params, "blocks": layers.unstack(params["blocks"])}
 
 
 # ---- forward -----------------------------------------------------------------------------------
@@ -163,18 +164,8 @@ def _block(x, params, config: CPMConfig, mask, rng, kv=None, cache_index=None, h
   rate = config.dropout_rate if rng is not None else 0.0
   rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
   h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
-  qkv = layers.project_qkv(h, params["attn"], dtype)
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  if kv is not None:
-    # Swapping axes 1 and 2 maps [b, t, heads, d] to the heads-major cache layout and back.
-    layout = (lambda a: jnp.swapaxes(a, 1, 2)) if heads_major else (lambda a: a)
-    axis = 2 if heads_major else 1
-    k = jax.lax.dynamic_update_slice_in_dim(kv[0], layout(k).astype(kv[0].dtype), cache_index, axis=axis)
-    v = jax.lax.dynamic_update_slice_in_dim(kv[1], layout(v).astype(kv[1].dtype), cache_index, axis=axis)
-    kv = (k, v)
-    k, v = layout(k).astype(dtype), layout(v).astype(dtype)
-  attn = layers.dot_product_attention(q, k, v, mask, config.attention_impl)
-  attn = layers.project_out(attn, params["attn"], dtype)
+  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, kv, cache_index,
+                                   heads_major)
   x = x + layers.dropout(attn, rate, rngs[0])
   h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
   h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1])

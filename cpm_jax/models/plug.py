@@ -6,7 +6,8 @@ FFN -> residual -> LN) by `encoder_pre_ln`. Decoder (PALM): the same embedding m
 pre-LN blocks of causal self-attention, cross-attention over the final encoder output and FFN, a final LN,
 logits tied to the word embedding without bias. erf-GELU everywhere.
 
-Params layout (block params stacked over layers on a leading `layers` axis; attention as in CPM):
+Params layout (block params stacked over layers on a leading `layers` axis; attention as in CPM; cached
+decoding takes the decoder blocks per layer, see `unstack_decoder`):
   embed/wte [vocab, embed], embed/wpe [positions, embed], embed/wtt [token_types, embed], embed/ln
   encoder/blocks/{ln_1, attn, ln_2, mlp}, encoder/ln_f (pre-LN only)
     pre-LN: ln_1 precedes attention, ln_2 the FFN. post-LN: ln_1 follows the attention residual
@@ -159,18 +160,19 @@ def embed(params: dict, tokens: jax.Array, token_types: jax.Array, positions: ja
   return partitioning.constrain(layers.dropout(x, _rate(config, rng), rng), ACT)
 
 
-def _run_layers(body, x, xs, num_layers: int, config: PlugConfig):
-  """Applies `body(x, per_layer_xs) -> (x, y)` over stacked layers (scan or loop, with remat)."""
+def _run_layers(body, x, xs, num_layers: int, config: PlugConfig, per_layer: bool = False):
+  """Applies `body(x, layer_xs) -> (x, y)` over the layers (with remat): xs stacked on a leading axis (scan or
+  loop; ys stacked likewise), or with per_layer a sequence of each layer's xs (a loop; ys a tuple)."""
   if config.remat_policy != "none":
     body = jax.checkpoint(body, policy=cpm.REMAT_POLICIES[config.remat_policy],
-                          prevent_cse=not config.scan_layers)
-  if config.scan_layers:
+                          prevent_cse=per_layer or not config.scan_layers)
+  if config.scan_layers and not per_layer:
     return jax.lax.scan(body, x, xs)
   ys = []
   for i in range(num_layers):
-    x, y = body(x, jax.tree.map(lambda a, i=i: a[i], xs))
+    x, y = body(x, xs[i] if per_layer else jax.tree.map(lambda a, i=i: a[i], xs))
     ys.append(y)
-  return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+  return x, tuple(ys) if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def _ffn(x, params, config: PlugConfig, rngs):
@@ -265,53 +267,63 @@ def classification_logits(params: dict, hidden: jax.Array, config: PlugConfig,
 
 # ---- decoder -----------------------------------------------------------------------------------
 
-def cross_kv(params: dict, encoder_hidden: jax.Array, config: PlugConfig) -> jax.Array:
-  """Cross-attention K/V of every decoder layer over the encoder output: [L, batch, src, 2, heads, head_dim]."""
-  p = params["decoder"]["blocks"]["cross_attn"]
-  dtype = config.compute_dtype
-  kv = jnp.einsum("bse,lenhd->lbsnhd", encoder_hidden.astype(dtype), p["qkv_kernel"].astype(dtype))
-  kv = kv + p["qkv_bias"].astype(dtype)[:, None, None]
-  return partitioning.constrain(kv, ("layers", "batch", "length", None, "act_heads", None))
+def unstack_decoder(params: dict) -> dict:
+  """params with decoder/blocks as a tuple of per-layer trees: the layout of cached decoding (as
+  cpm.unstack_layers: no per-step slicing of stacked weights; costs one copy of the decoder block weights).
+  Params already in this layout are returned as they are."""
+  if isinstance(params["decoder"]["blocks"], tuple):
+    return params
+  return {**params, "decoder": {**params["decoder"], "blocks": layers.unstack(params["decoder"]["blocks"])}}
+
+
+def _decoder_layers(params: dict) -> tuple:
+  blocks = params["decoder"]["blocks"]
+  if not isinstance(blocks, tuple):
+    raise ValueError("Cached decoding needs params in the plug.unstack_decoder layout (per-layer decoder blocks).")
+  return blocks
 
 
 def init_cache(params: dict, config: PlugConfig, encoder_hidden: jax.Array, encoder_segment_ids: jax.Array,
                length: int, dtype=None) -> dict:
-  """Decoder cache: empty self-attention K/V for `length` positions, and the cross-attention K/V
-  over the encoder output computed once here (every decode step reuses them)."""
+  """Decoder cache for params in the `unstack_decoder` layout, per layer: empty heads-major self-attention K/V
+  [batch, heads, length, head_dim] (cpm.init_cache's per_layer layout) and the cross-attention K/V over the
+  encoder output, cross_k / cross_v [batch, heads, src, head_dim], computed once here (every step reuses them)."""
   dtype = dtype or config.compute_dtype
-  batch = encoder_hidden.shape[0]
-  shape = (config.num_decoder_layers, batch, length, config.num_heads, config.head_dim)
-  return {
-      "k": jnp.zeros(shape, dtype),
-      "v": jnp.zeros(shape, dtype),
-      "segment_ids": jnp.zeros((batch, length), jnp.int32),
-      "positions": jnp.zeros((batch, length), jnp.int32),
-      "index": jnp.zeros((), jnp.int32),
-      "cross_kv": cross_kv(params, encoder_hidden, config).astype(dtype),
-      "encoder_segment_ids": encoder_segment_ids.astype(jnp.int32),
-  }
+  cache = cpm.init_cache(config, encoder_hidden.shape[0], length, dtype, per_layer=True,
+                         num_layers=config.num_decoder_layers)
+  kv = [jnp.swapaxes(layers.project_qkv(encoder_hidden, block["cross_attn"], config.compute_dtype), 1, 3).astype(dtype)
+        for block in _decoder_layers(params)]  # [batch, heads, k/v, src, head_dim] per layer
+  return {**cache, "cross_k": tuple(a[:, :, 0] for a in kv), "cross_v": tuple(a[:, :, 1] for a in kv),
+          "encoder_segment_ids": encoder_segment_ids.astype(jnp.int32)}
 
 
-def cache_logical_axes() -> dict:
-  axes = cpm.cache_logical_axes()
-  axes["cross_kv"] = ("layers", "batch", "cache_length", None, "act_heads", None)
-  axes["encoder_segment_ids"] = ("batch", "cache_length")
-  return axes
+def cache_logical_axes(config: PlugConfig) -> dict:
+  """Logical axes of `init_cache`'s tree."""
+  axes = cpm.cache_logical_axes(per_layer=True, num_layers=config.num_decoder_layers)
+  return {**axes, "cross_k": axes["k"], "cross_v": axes["v"], "encoder_segment_ids": ("batch", "cache_length")}
 
 
-def _decoder_block(x, params, config: PlugConfig, self_mask, cross_mask, rng, memory, kv, cache_index):
-  """One pre-LN decoder block; `memory` is the encoder output [b, s, e] or this layer's cross K/V."""
+def _decoder_block(x, params, config: PlugConfig, self_mask, cross_mask, rng, encoder_hidden, layer_cache,
+                   cache_index):
+  """One pre-LN decoder block. Without `layer_cache` the cross-attention K/V are projected from encoder_hidden
+  [b, s, e]; with it (this layer's heads-major (k, v, cross_k, cross_v)) the new self-attention K/V are written
+  at cache_index and the cached cross K/V are read. Returns (x, updated (k, v) or None)."""
   dtype, eps = config.compute_dtype, config.layer_norm_eps
   rngs = _split(rng, 4)
+  kv = None if layer_cache is None else layer_cache[:2]
   h = layers.layer_norm(x, params["ln_1"], eps)
-  out, kv = layers.self_attention(h, params["self_attn"], self_mask, dtype, config.attention_impl, kv, cache_index)
+  out, kv = layers.self_attention(h, params["self_attn"], self_mask, dtype, config.attention_impl, kv, cache_index,
+                                  heads_major=True)
   x = x + layers.dropout(out, _rate(config, rngs[0]), rngs[0])
 
   p = params["cross_attn"]
   h = layers.layer_norm(x, params["ln_2"], eps)
-  memory_kv = memory if memory.ndim == 5 else layers.project_qkv(memory, p, dtype)
-  out = layers.dot_product_attention(layers.project_q(h, p, dtype), memory_kv[:, :, 0].astype(dtype),
-                                     memory_kv[:, :, 1].astype(dtype), cross_mask, config.attention_impl)
+  if layer_cache is None:
+    memory = layers.project_qkv(encoder_hidden, p, dtype)
+    k, v = memory[:, :, 0], memory[:, :, 1]
+  else:
+    k, v = (jnp.swapaxes(a, 1, 2).astype(dtype) for a in layer_cache[2:])
+  out = layers.dot_product_attention(layers.project_q(h, p, dtype), k, v, cross_mask, config.attention_impl)
   x = x + layers.dropout(layers.project_out(out, p, dtype), _rate(config, rngs[1]), rngs[1])
 
   x = x + _ffn(layers.layer_norm(x, params["ln_3"], eps), params["mlp"], config, rngs[2:])
@@ -324,11 +336,13 @@ def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidde
   """Decoder hidden states [batch, length, embed] (after the final LN) and the updated cache.
 
   Without a cache, `encoder_hidden` (and its segment ids, default all 1) is required and decoder segment
-  k attends encoder segment k. With a cache from `init_cache`, tokens are appended at cache["index"]
-  and the cached cross K/V are used.
+  k attends encoder segment k. With a cache from `init_cache` (params in the `unstack_decoder` layout), tokens
+  are appended at cache["index"] and the cached cross K/V are used.
   """
   if config.num_decoder_layers == 0:
     raise ValueError("PlugConfig.num_decoder_layers is 0: this model has no decoder.")
+  blocks = params["decoder"]["blocks"] if cache is None else _decoder_layers(params)
+  per_layer = isinstance(blocks, tuple)
   offset = 0 if cache is None else cache["index"]
   positions, segment_ids = _defaults(tokens, positions, segment_ids, offset)
   rngs = _split(dropout_rng, 2)
@@ -340,27 +354,28 @@ def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidde
     if encoder_segment_ids is None:
       encoder_segment_ids = jnp.ones(encoder_hidden.shape[:2], jnp.int32)
     self_mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
-    memory, kv_cache = None, None
+    layer_caches = (None,) * config.num_decoder_layers
   else:
     encoder_segment_ids = cache["encoder_segment_ids"]
     kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, offset, axis=1)
     kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, offset, axis=1)
     self_mask = layers.attention_mask(segment_ids, kv_segments, positions, kv_positions)
-    memory, kv_cache = cache["cross_kv"], (cache["k"], cache["v"])
+    layer_caches = tuple(zip(cache["k"], cache["v"], cache["cross_k"], cache["cross_v"]))
   cross_mask = layers.attention_mask(segment_ids, encoder_segment_ids, None, None)
 
   def body(x, layer):
-    layer_params, index, layer_memory, kv = layer
+    layer_params, index, layer_cache = layer
     rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
-    layer_memory = encoder_hidden if layer_memory is None else layer_memory
-    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, layer_memory, kv, offset)
+    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, encoder_hidden, layer_cache, offset)
 
-  xs = (params["decoder"]["blocks"], jnp.arange(config.num_decoder_layers), memory, kv_cache)
-  x, new_kv = _run_layers(body, x, xs, config.num_decoder_layers, config)
+  n = config.num_decoder_layers
+  xs = tuple(zip(blocks, range(n), layer_caches)) if per_layer else (blocks, jnp.arange(n), None)
+  x, new_kv = _run_layers(body, x, xs, n, config, per_layer)
   x = layers.layer_norm(x, params["decoder"]["ln_f"], config.layer_norm_eps)
   if cache is None:
     return x, None
-  return x, {**cache, "k": new_kv[0], "v": new_kv[1], "segment_ids": kv_segments, "positions": kv_positions,
+  k, v = zip(*new_kv)
+  return x, {**cache, "k": k, "v": v, "segment_ids": kv_segments, "positions": kv_positions,
              "index": offset + tokens.shape[1]}
 
 
@@ -488,15 +503,18 @@ def warm_start(params: dict, pretrained: dict) -> tuple[dict, list[str]]:
 def prefill(params: dict, sources: jax.Array, source_segment_ids: jax.Array, config: PlugConfig, cache_length: int,
             *, cls_id: int, source_token_types: jax.Array | None = None) -> tuple[dict, jax.Array]:
   """Encodes right-padded sources [batch, src] once; returns (decoder cache holding the cross-attention K/V,
-  first decoder tokens = [CLS]) for decoding.sample_loop / beam_search_loop with `step_fn`."""
+  first decoder tokens = [CLS]) for decoding.sample_loop / beam_search_loop with `step_fn`. params in the
+  `unstack_decoder` layout."""
   hidden = encode(params, sources, config, token_types=source_token_types, segment_ids=source_segment_ids)
   cache = init_cache(params, config, hidden, source_segment_ids, cache_length)
-  cache = jax.tree.map(partitioning.constrain, cache, cache_logical_axes(), is_leaf=partitioning.is_logical_axes)
+  cache = jax.tree.map(partitioning.constrain, cache, cache_logical_axes(config),
+                       is_leaf=partitioning.is_logical_axes)
   return cache, jnp.full((sources.shape[0],), cls_id, jnp.int32)
 
 
 def step_fn(config: PlugConfig, *, suppress_id: int | None = None, suppress_before: int = 0):
-  """One cached decoder step: tokens [batch, 1] -> (float32 logits [batch, 1, vocab], cache).
+  """One cached decoder step (params in the `unstack_decoder` layout): tokens [batch, 1] -> (float32 logits
+  [batch, 1, vocab], cache).
 
   `suppress_id` (PLUG's sampling: [SEP]) cannot be produced before `suppress_before` other new tokens.
   """
@@ -515,11 +533,12 @@ def step_fn(config: PlugConfig, *, suppress_id: int | None = None, suppress_befo
 def _generator(config: PlugConfig, decoding: Any, cls_id: int, sep_id: int, pad_id: int, sep_fraction: float):
   """Jitted (sources, segment ids, token types, rng) -> (tokens, lengths) for one setting."""
   def run(params, sources, segment_ids, token_types, rng):
+    params = unstack_decoder(params)
     cache, first = prefill(params, sources, segment_ids, config, decoding.max_new_tokens, cls_id=cls_id,
                            source_token_types=token_types)
     if isinstance(decoding, decoding_lib.BeamSearchConfig):
-      tokens, lengths, _ = decoding_lib.beam_search_loop(step_fn(config), params, cache, cache_logical_axes(), first,
-                                                decoding, eod_id=sep_id, pad_id=pad_id)
+      tokens, lengths, _ = decoding_lib.beam_search_loop(step_fn(config), params, cache, cache_logical_axes(config),
+                                                         first, decoding, eod_id=sep_id, pad_id=pad_id)
       return tokens, lengths
     step = step_fn(config, suppress_id=sep_id, suppress_before=int(sep_fraction * decoding.max_new_tokens))
     tokens, lengths, _ = decoding_lib.sample_loop(step, params, cache, first, decoding, eod_id=sep_id, pad_id=pad_id,
@@ -536,7 +555,9 @@ def generate(params: dict, sources: Sequence[Sequence[int]], config: PlugConfig,
 
   decoding: a decoding.BeamSearchConfig (GNMT length penalty; [SEP] forbidden before min_length) or a
   SamplingConfig (PLUG's: top_k 20, temperature 0.9; [SEP] forbidden before sep_fraction x max_new_tokens).
-  Sources are right-padded to a power-of-two width; the decoder starts from [CLS].
+  Sources are right-padded to a power-of-two width; the decoder starts from [CLS]. Decoding runs on a per-layer
+  copy of the decoder blocks made inside the compiled call (`unstack_decoder`); params already in that layout
+  (unstack_decoder(params), made once by a caller that generates repeatedly) are used without a copy.
   """
   if not sources:
     return []
