@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 PARAMS_DIR = "params"
 METADATA_FILE = "metadata.json"
+MODEL_RECORD = "model.json"  # a training workdir's record of its model (families.record), written by train_loop
 
 
 # ---- tree checks -------------------------------------------------------------------------------
@@ -228,6 +229,25 @@ class Checkpointer:
                                 "without a data iterator).")
       args[DATA_ITEM] = DataIteratorRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**args))[STATE_ITEM]
+
+  def restore_params(self, abstract_params: Any = None, shardings: Any = None, step: int | None = None) -> Any:
+    """Only the `params` of the train state saved at `step` (default: the latest), without reading the
+    optimizer state; checked against `abstract_params` and read into `shardings` as in `restore_params`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"No complete checkpoint in {self.directory} to read params from.")
+    stored = self._manager.item_metadata(step)[STATE_ITEM].tree
+    if "params" not in stored:
+      raise ValueError(f"Checkpoint {self.directory}/{step} holds no params (it has {sorted(stored)}).")
+    if abstract_params is None:
+      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored["params"])
+    else:
+      check_tree_matches(abstract_params, stored["params"], f"checkpoint {self.directory}/{step}")
+    target = {"params": _restore_target(abstract_params, shardings)}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(self.directory / str(step) / STATE_ITEM, args=ocp.args.PyTreeRestore(
+          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return restored["params"]
 
   def maybe_save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
     """Starts an asynchronous save when `step` is a multiple of the save interval (or `force`).

@@ -22,6 +22,7 @@ from absl import logging
 
 from cpm_jax import checkpointing, flops, partitioning, training
 from cpm_jax.data import pipeline, sources
+from cpm_jax.models import families
 from cpm_jax.tokenization import CPMTokenizer
 
 
@@ -56,6 +57,10 @@ class LMData:
   @property
   def tokenizer(self) -> CPMTokenizer:
     return CPMTokenizer(os.path.expanduser(self.tokenizer_path))
+
+  def checkpoint_metadata(self) -> dict:
+    """Recorded with the model in the workdir, for evaluate.py / generate.py."""
+    return {"tokenizer": self.tokenizer_path}
 
   def _source(self, split: str):
     return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))
@@ -131,12 +136,21 @@ def evaluate(steps: training.ShardedSteps, params: Any, batches: Iterable[dict],
           "tokens": totals.get("weight_sum", 0.0)}
 
 
-def _write_config(workdir: str) -> None:
+def _write_atomically(path: str, text: str) -> None:
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.gin")
-    with open(path + ".tmp", "w") as f:
-      f.write(gin.config_str())
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def _write_config(workdir: str, model: training.Model, data: Any) -> None:
+  """config.gin (the operative gin config) and checkpointing.MODEL_RECORD (families.record of the model's
+  config plus the data's checkpoint_metadata(), e.g. the tokenizer path)."""
+  _write_atomically(os.path.join(workdir, "config.gin"), gin.config_str())
+  if hasattr(model, "config"):
+    extra = data.checkpoint_metadata() if hasattr(data, "checkpoint_metadata") else {}
+    _write_atomically(os.path.join(workdir, checkpointing.MODEL_RECORD),
+                      json.dumps(families.record(model.config, **extra), indent=1, ensure_ascii=False))
 
 
 @gin.configurable(denylist=["workdir"])
@@ -172,7 +186,7 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
     logging.info("Starting from the params in %s with a fresh optimizer.", init_params_from)
   else:
     state = training.create_train_state(model, optimizer, mesh, seed)
-  _write_config(workdir)
+  _write_config(workdir, model, data)
 
   if peak_flops is None:
     per_device, source = flops.peak_flops_per_device()
@@ -219,8 +233,5 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
         break
   checkpointer.close()
   log.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "final_metrics.json.tmp"), "w") as f:
-      json.dump(last_metrics, f, indent=1)
-    os.replace(os.path.join(workdir, "final_metrics.json.tmp"), os.path.join(workdir, "final_metrics.json"))
+  _write_atomically(os.path.join(workdir, "final_metrics.json"), json.dumps(last_metrics, indent=1))
   return last_metrics

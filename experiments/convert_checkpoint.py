@@ -23,12 +23,11 @@ import gin
 from absl import app, flags
 
 from cpm_jax import checkpointing, convert, partitioning
-from cpm_jax.models import cpm, plug
+from cpm_jax.models import cpm, families, plug
 
-CONFIGS = {"cpm": cpm.CPMConfig, "plug": plug.PlugConfig}
 FORMATS = sorted(convert.FORMATS["cpm"].loaders)
-_MODEL = flags.DEFINE_enum("model", None, sorted(CONFIGS), "Model family (default: an Orbax input's metadata, else "
-                           "plug if gin binds PlugConfig, else cpm).")
+_MODEL = flags.DEFINE_enum("model", None, sorted(families.FAMILIES), "Model family (default: an Orbax input's "
+                           "metadata, else plug if gin binds PlugConfig, else cpm).")
 _FROM = flags.DEFINE_enum("from", "orbax", FORMATS, "Format of --input (megatron: mp_rank_XX_model_states.pt "
                           "shards, CPM's Megatron and PLUG's DeepSpeed release; hf: GPT-2 for CPM, BERT for PLUG).")
 _TO = flags.DEFINE_enum("to", "orbax", FORMATS, "Format of --output.")
@@ -72,7 +71,7 @@ def model_family(source: str) -> str:
       raise app.UsageError(str(e)) from e
     if _MODEL.value and stored and stored != _MODEL.value:
       raise app.UsageError(f"--model={_MODEL.value} but {_INPUT.value} holds a {stored!r} checkpoint.")
-    if stored in CONFIGS:
+    if stored in families.FAMILIES:
       return stored
   if _MODEL.value:
     return _MODEL.value
@@ -104,7 +103,7 @@ def main(argv: list[str]) -> None:
   for flag in _MESH.values():
     _refuse(flag, target == "orbax", "to --to=orbax")
 
-  options = {"config": gin_model_config(CONFIGS[family]), "dtype": _DTYPE.value}
+  options = {"config": gin_model_config(families.FAMILIES[family].config_class), "dtype": _DTYPE.value}
   if family == "plug" and source == "hf" and options["config"] is None:
     raise app.UsageError("--model=plug --from=hf needs the encoder's config: a gin PlugConfig with "
                          "encoder_pre_ln=False, e.g. --gin_file=models/structbert_large.gin.")

@@ -1,12 +1,17 @@
-r"""Zero/few-shot evaluation of a CPM checkpoint on a task configured in gin_configs/tasks/<task>.gin.
+r"""Evaluates a CPM or PLUG checkpoint on a task configured in gin_configs/tasks/<task>.gin.
 
   python experiments/evaluate.py --checkpoint=/tmp/cpm_params --task=review_sentiment_zero_shot \
       --data_dir=/tmp/tfds --output=/tmp/eval/review_sentiment.json
   python experiments/evaluate.py --checkpoint=/tmp/cpm_params --task=lm_score --input_file=texts.jsonl \
       --predictions=/tmp/eval/scores.jsonl
+  python experiments/evaluate.py --checkpoint=/tmp/plug_nlu --task=review_sentiment_classifier --data_dir=/tmp/tfds
+  python experiments/evaluate.py --checkpoint=/tmp/plug_qg --task=plug_question_generation --input_file=dev.jsonl \
+      --decoding=beam
 
 --checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
-workdir (its latest checkpoint). Prints a table of the metrics; --output gets metrics + per-example predictions
+workdir (its latest checkpoint); either records the model family, config and tokenizer. CPM-LM runs every
+task; PLUG runs generation tasks (prompts '{source}[SEP]{second source}') and, fine-tuned with a classification
+head, ClassificationTask. Prints a table of the metrics; --output gets metrics + per-example predictions
 as JSON, --predictions one JSON line per example.
 """
 
@@ -19,7 +24,8 @@ from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params-only checkpoint or training workdir.", required=True)
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: the one the checkpoint records.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (CPM: SentencePiece model; PLUG: vocab.txt); default: "
+                                 "the one the checkpoint records.")
 _TASK = flags.DEFINE_string("task", None, "A gin file in gin_configs/tasks/ (name without .gin) or a path.",
                             required=True)
 _INPUT_FILE = flags.DEFINE_string("input_file", None, "CLUE-style jsonl to evaluate; default: the task's dataset.")
@@ -53,14 +59,13 @@ def main(argv):
   gin_setup.parse([task_gin_file(_TASK.value), *_GIN_FILES.value], _GIN_BINDINGS.value)
   task = tasks.configured_task()
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
-  params, config, tokenizer = model_lib.load_cpm(_CHECKPOINT.value, mesh, _TOKENIZER.value)
-  if _UNTRAINED.value:
-    params = model_lib.untrained_params(config, mesh)
+  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
+  params = model_lib.untrained_params(checkpoint.config, mesh) if _UNTRAINED.value else None
   decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,
                      "beam": decoding.BeamSearchConfig}[_DECODING.value]()
-  model = model_lib.cpm_language_model(params, config, tokenizer, batch_size=_BATCH_SIZE.value,
-                                       decoding_config=decoding_config, mesh=mesh, strict=_STRICT.value,
-                                       progress=True)
+  model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,
+                                   batch_size=_BATCH_SIZE.value, decoding_config=decoding_config, mesh=mesh,
+                                   strict=_STRICT.value, progress=True)
   examples = tasks.sample_examples(tasks.load_examples(task, _INPUT_FILE.value, _DATA_DIR.value, _SPLIT.value),
                                    _LIMIT.value, task.seed)
   demonstrations = []
@@ -70,8 +75,8 @@ def main(argv):
   logging.info("Task %s: %d examples, %d-shot.", task.name, len(examples), task.shots)
   result = task.evaluate(model, examples, demonstrations)
   print(report.table(task.name, result.metrics))
-  settings = {"checkpoint": _CHECKPOINT.value, "input": _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}",
-              "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value, "untrained": _UNTRAINED.value}
+  source = _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}"
+  settings = {"checkpoint": _CHECKPOINT.value, "input": source, "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value, "untrained": _UNTRAINED.value}
   if _OUTPUT.value:
     report.write_result(_OUTPUT.value, task.name, result, settings)
   if _PREDICTIONS.value:

@@ -1,12 +1,15 @@
-r"""Generates continuations of Chinese prompts with a CPM checkpoint (sampling or beam search, on device).
+r"""Generates text with a CPM checkpoint (continuations of prompts) or a PLUG one (the decoder's output for an
+encoder input such as 'answer[SEP]context'); sampling or beam search, on device.
 
   python experiments/generate.py --checkpoint=/tmp/cpm_params --prompt='今天天气' --top_k=20 --top_p=0.9
   python experiments/generate.py --checkpoint=/tmp/cpm_params --input_file=prompts.jsonl --output=out.jsonl \
       --beam_size=5
+  python experiments/generate.py --checkpoint=/tmp/plug_qg --prompt='北京[SEP]中国的首都是北京。' --top_k=20 \
+      --temperature=0.9
 
 --checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
-workdir; its tokenizer and model config are read from it. Without --output each prompt and its continuation
-are printed; with it, one JSON line {"prompt", "generated"} per prompt.
+workdir; its model family, config and tokenizer are read from it. Without --output each prompt and its
+generation are printed; with it, one JSON line {"prompt", "generated"} per prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Params-only checkpoint or training workdir.", required=True)
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece model; default: the one the checkpoint records.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (CPM: SentencePiece model; PLUG: vocab.txt); default: "
+                                 "the one the checkpoint records.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 _INPUT_FILE = flags.DEFINE_string("input_file", None, "jsonl with one prompt per line in field --prompt_field.")
 _PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "Field of --input_file lines holding the prompt.")
@@ -33,6 +37,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same prompts 
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sampling).")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search: GNMT alpha in ((5 + len) / 6) ** alpha.")
 _MIN_LENGTH = flags.DEFINE_integer("min_length", 0, "Beam search: no <eod> before this many new tokens.")
+_SEP_FRACTION = flags.DEFINE_float("sep_fraction", 0.8, "PLUG sampling: no [SEP] (the end) before this fraction of "
+                                   "--max_new_tokens, as PLUG's release samples.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per compiled batch.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on prompts longer than the model's positions allow instead of "
                             "keeping their last tokens.")
@@ -69,15 +75,18 @@ def main(argv):
   prompts = read_prompts()
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
-  params, model_config, tokenizer = model_lib.load_cpm(_CHECKPOINT.value, mesh, _TOKENIZER.value)
-  model = model_lib.cpm_language_model(params, model_config, tokenizer, batch_size=_BATCH_SIZE.value,
-                                       decoding_config=config, mesh=mesh, strict=_STRICT.value)
+  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
+  options = {"sep_fraction": _SEP_FRACTION.value} if checkpoint.family.name == "plug" else {}
+  model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
+                                   batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
+                                   strict=_STRICT.value, **options)
   outputs = model.generate_text(prompts)
   if _OUTPUT.value:
     report.write_jsonl(_OUTPUT.value, [{"prompt": p, "generated": g} for p, g in zip(prompts, outputs)])
   else:
+    separator = "" if checkpoint.family.name == "cpm" else "\n=> "  # CPM continues the prompt; PLUG answers it
     for prompt, generated in zip(prompts, outputs):
-      print(f"{prompt}{generated}\n")
+      print(f"{prompt}{separator}{generated}\n")
 
 
 if __name__ == "__main__":

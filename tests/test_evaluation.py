@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from cpm_jax import checkpointing, gin_setup
+from cpm_jax import checkpointing, gin_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, scoring, tasks
-from cpm_jax.models import cpm
+from cpm_jax.models import cpm, families
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = cpm.CPMConfig(vocab_size=30000, num_layers=2, embed_dim=32, num_heads=4, max_positions=64,
@@ -184,12 +184,16 @@ def test_load_cpm_from_a_training_workdir(params, tmp_path, cpm_vocab_path):
   with checkpointing.Checkpointer(workdir / "checkpoints", async_save=False) as checkpointer:
     state = {"params": params, "step": np.int32(3), "opt_state": {"mu": params}}
     checkpointer.maybe_save(3, state, force=True)
-  (workdir / "config.gin").write_text(f"LMData.tokenizer_path = '{cpm_vocab_path}'\n")
-  loaded, config, tokenizer = model_lib.load_cpm(workdir)
-  shape = lambda c: (c.vocab_size, c.num_layers, c.embed_dim, c.num_heads, c.ffn_dim, c.max_positions)  # noqa: E731
-  assert shape(config) == shape(CONFIG)
-  assert tokenizer.eod_id == 7
-  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  with pytest.raises(FileNotFoundError, match="model.json"):
+    model_lib.load_checkpoint(workdir)
+  (workdir / "model.json").write_text(json.dumps(families.record(CONFIG, tokenizer=str(cpm_vocab_path))))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=1, tensor=4))
+  loaded = model_lib.load_checkpoint(workdir, mesh)
+  assert loaded.config == CONFIG and loaded.family.name == "cpm"
+  assert model_lib.load_tokenizer(loaded).eod_id == 7
+  assert loaded.params["blocks"]["attn"]["qkv_kernel"].sharding.spec == partitioning.logical_to_spec(
+      cpm.logical_axes(CONFIG)["blocks"]["attn"]["qkv_kernel"])
+  jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
 
 
 def run_program(name, *args):
@@ -211,7 +215,8 @@ def test_programs_lm_score_and_generate(params, tmp_path, cpm_vocab_path):
                        f"--output={tmp_path / 'result.json'}")
   assert "perplexity" in stdout
   records = tasks.read_jsonl(tmp_path / "scores.jsonl")
-  loaded, config, tokenizer = model_lib.load_cpm(checkpoint)
+  loaded = model_lib.load_checkpoint(checkpoint)
+  config, tokenizer, loaded = loaded.config, model_lib.load_tokenizer(loaded), loaded.params
   for text, record in zip(texts, records):
     ids = tokenizer.encode(text)
     totals, counts = scoring.score_requests(scoring.cpm_score_fn(config), loaded, [(ids[:1], ids[1:])],

@@ -21,7 +21,7 @@ import numpy as np
 from cpm_jax import checkpointing, partitioning
 from cpm_jax.convert import megatron, torch_io
 from cpm_jax.convert.common import ConversionError, TargetParams, device_placer, flatten
-from cpm_jax.models import cpm
+from cpm_jax.models import cpm, families
 
 # hidden size -> heads of the released CPM sizes (small, medium, large)
 KNOWN_HEADS = {768: 12, 1024: 16, 2560: 32}
@@ -143,11 +143,6 @@ def structure(config: cpm.CPMConfig) -> dict[str, Any]:
   return {"vocab_size": config.vocab_size, "num_layers": config.num_layers, "embed_dim": config.embed_dim,
           "ffn_dim": config.ffn_dim, "max_positions": config.max_positions, "num_heads": config.num_heads,
           "layer_norm_eps": config.layer_norm_eps}
-
-
-def metadata(config: cpm.CPMConfig, **extra) -> dict:
-  """The metadata written beside converted params (read back by `config_from_metadata`)."""
-  return {"model": "cpm", "model_config": dataclasses.asdict(config), **extra}
 
 
 def config_from_metadata(meta: dict, where: str) -> cpm.CPMConfig:
@@ -303,4 +298,4 @@ def load_orbax(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, 
 
 def save_orbax(params: dict, config: cpm.CPMConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
   """A params-only Orbax checkpoint (atomic) whose metadata holds `config`, as train/evaluate/generate read."""
-  return pathlib.Path(checkpointing.save_params(path, params, metadata(config, **extra_metadata)))
+  return pathlib.Path(checkpointing.save_params(path, params, families.record(config, **extra_metadata)))

@@ -20,13 +20,12 @@ from typing import Any, Callable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cpm_jax import checkpointing, layers, partitioning
 from cpm_jax.convert import hf, megatron, torch_io
 from cpm_jax.convert.common import ConversionError, KeyLedger, TargetParams, device_placer, flatten
 from cpm_jax.convert.cpm import Loaded
-from cpm_jax.models import plug
+from cpm_jax.models import families, plug
 
 DECODER_WEIGHT = "cls.predictions.decoder_weight"  # PLUG's tied copy of the word embedding (vocab-split)
 # Heads a source may lack; they are initialised from the config (and reported) when absent.
@@ -315,10 +314,6 @@ def save_deepspeed(params: dict, config: plug.PlugConfig, path: str | os.PathLik
 
 # ---- Orbax -------------------------------------------------------------------------------------
 
-def metadata(config: plug.PlugConfig, **extra) -> dict:
-  return {"model": "plug", "model_config": dataclasses.asdict(config), **extra}
-
-
 def load_orbax(path: str | os.PathLike, *, config: plug.PlugConfig | None = None, dtype: str | None = None,
                mesh: jax.sharding.Mesh | None = None) -> Loaded:
   """PLUG params written by `save_orbax`, read straight into their shardings on `mesh`."""
@@ -342,7 +337,7 @@ def load_orbax(path: str | os.PathLike, *, config: plug.PlugConfig | None = None
 
 def save_orbax(params: dict, config: plug.PlugConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
   """A params-only Orbax checkpoint (atomic) whose metadata holds the PLUG config."""
-  return pathlib.Path(checkpointing.save_params(path, params, metadata(config, **extra_metadata)))
+  return pathlib.Path(checkpointing.save_params(path, params, families.record(config, **extra_metadata)))
 
 
 def read_params(path: str | os.PathLike) -> dict:
@@ -350,15 +345,11 @@ def read_params(path: str | os.PathLike) -> dict:
   path = pathlib.Path(path)
   if (path / checkpointing.METADATA_FILE).exists():
     return checkpointing.restore_params(path)[0]
-  step = checkpointing.Checkpointer(path / "checkpoints").latest_step() if (path / "checkpoints").is_dir() else None
-  if step is None:
+  checkpointer = checkpointing.Checkpointer(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+  if checkpointer is None or checkpointer.latest_step() is None:
     raise ConversionError(f"{path}: neither a params-only checkpoint ({checkpointing.METADATA_FILE}) nor a training "
                           "workdir with a complete checkpoint in checkpoints/.")
-  state_dir = path / "checkpoints" / str(step) / checkpointing.STATE_ITEM
-  with ocp.StandardCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(state_dir).item_metadata.tree
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
-    return checkpointer.restore(state_dir, target)["params"]
+  return checkpointer.restore_params()
 
 
 def save_warm_start(source: str | os.PathLike, config: plug.PlugConfig, output: str | os.PathLike, *,

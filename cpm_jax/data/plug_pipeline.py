@@ -1,7 +1,7 @@
 """Grain pipelines for PLUG: StructBERT and PALM pre-training, classification and source -> target fine-tuning.
 
 One example per row (the [CLS] state is at position 0), padded to fixed lengths; batches are dicts of numpy
-arrays, all 2-D [per_process_batch, length] (per-example labels are [batch, 1]):
+arrays [per_process_batch, length], per-example labels and their weights [per_process_batch]:
   encoder  inputs, token_types, segment_ids (1 = token, 0 = padding), positions; MLM targets, weights
   StructBERT  relation_labels, relation_weights (objectives.RELATION_*)
   PALM / seq2seq  decoder_inputs ([CLS] + target), decoder_targets (target + [SEP]), decoder_weights,
@@ -101,8 +101,8 @@ def structbert_example(index_and_text: tuple[int, str], rng: np.random.Generator
   ids = np.asarray(encoded["input_ids"], np.int32)
   features = _encoder_features(encoded["input_ids"], encoded["token_type_ids"], seq_len)
   features.update(_noised(ids, tokenizer, noise, rng, seq_len))
-  features["relation_labels"] = np.array([label], np.int32)
-  features["relation_weights"] = np.ones(1, np.float32)
+  features["relation_labels"] = np.asarray(label, np.int32)
+  features["relation_weights"] = np.asarray(1.0, np.float32)
   return features
 
 
@@ -158,7 +158,7 @@ def classification_example(example: Mapping[str, Any], *, tokenizer: BertTokeniz
     raise ValueError(f"Label {label!r} (field {label_field!r}) is not one of the configured labels "
                      f"{sorted(label_ids)}.")
   features = _encoder_features(encoded["input_ids"], encoded["token_type_ids"], seq_len)
-  features.update(labels=np.array([label_ids[label]], np.int32), label_weights=np.ones(1, np.float32))
+  features.update(labels=np.asarray(label_ids[label], np.int32), label_weights=np.asarray(1.0, np.float32))
   return features
 
 
@@ -237,6 +237,10 @@ class _PlugData(abc.ABC):
 
   def required_fields(self) -> list[str]:
     return [self.text_field]
+
+  def checkpoint_metadata(self) -> dict:
+    """Recorded with the model in the workdir, for evaluate.py / generate.py."""
+    return {"tokenizer": self.vocab_path}
 
   @abc.abstractmethod
   def example_fn(self) -> Callable:
@@ -324,6 +328,9 @@ class ClassificationData(_PlugData):
 
   def required_fields(self) -> list[str]:
     return [*self.text_fields, self.label_field]
+
+  def checkpoint_metadata(self) -> dict:
+    return {**super().checkpoint_metadata(), "labels": list(self.labels), "text_fields": list(self.text_fields)}
 
   def example_fn(self) -> Callable:
     return functools.partial(classification_example, tokenizer=self.tokenizer, seq_len=self.seq_len,

@@ -7,6 +7,7 @@
   scored by mean log-likelihood (its first token has no predictor); the best candidate wins.
 - GenerationTask: generate from a prompt; BLEU-1..4 / ROUGE-L / Dist-1/2, or EM / F1 for QA.
 - LMScoreTask: each line's total log-likelihood, token count and perplexity.
+- ClassificationTask: a fine-tuned classifier head (PLUG with num_classes) predicts each example's label.
 Few-shot: `shots` demonstrations (solved examples from a train set, drawn per example with a seed) are
 prepended to every prompt, each followed by the task's `separator`.
 Templates are Python format strings over the example's fields, plus {label} for the label's words.
@@ -26,7 +27,7 @@ import numpy as np
 
 from cpm_jax.data import jsonl
 from cpm_jax.evaluation import metrics
-from cpm_jax.evaluation.model import LanguageModel
+from cpm_jax.evaluation.interface import LanguageModel
 
 WHERE = "_where"  # key holding an example's origin (file:line), for error messages
 
@@ -290,6 +291,49 @@ class LMScoreTask(Task):
     total = float(totals.sum())
     return Result({"log_likelihood": total, "tokens": scored, "examples": len(examples),
                    "perplexity": math.exp(-total / scored) if scored else math.nan}, predictions)
+
+
+@gin.configurable
+@dataclasses.dataclass(kw_only=True)
+class ClassificationTask(Task):
+  """Accuracy of a model's classification head (`model.classify`) against `label_field`.
+
+  text_fields: one or two fields (sentence A, B). labels: what class i means, compared with the examples'
+  labels as strings (default: the labels the checkpoint records from its fine-tuning data).
+  """
+
+  text_fields: Sequence[str] = ("text",)
+  label_field: str = "label"
+  labels: Sequence[str] = ()
+
+  def evaluate(self, model, examples, demonstrations=()):
+    if model.classify is None:
+      raise ValueError(f"Task {self.name!r} needs a model with a classification head (a PLUG checkpoint "
+                       "fine-tuned with PlugConfig.num_classes > 0).")
+    labels = [str(label) for label in (self.labels or model.labels)]
+    if not labels:
+      raise ValueError(f"Task {self.name!r}: the checkpoint records no labels; bind ClassificationTask.labels.")
+    texts, gold = [], []
+    for i, example in enumerate(examples):
+      missing = [f for f in (*self.text_fields, self.label_field) if f not in example]
+      if missing:
+        raise ValueError(f"{where(example, i)}: no field(s) {missing} (task {self.name!r}).")
+      if str(example[self.label_field]) not in labels:
+        raise ValueError(f"{where(example, i)}: label {example[self.label_field]!r} is not one of the classes "
+                         f"{labels} (task {self.name!r}).")
+      texts.append(tuple(str(example[f]) for f in self.text_fields))
+      gold.append(labels.index(str(example[self.label_field])))
+    logits = model.classify(texts)
+    if logits.shape[-1] != len(labels):
+      raise ValueError(f"Task {self.name!r}: {len(labels)} labels {labels} for a head of {logits.shape[-1]} classes.")
+    predicted, gold = logits.argmax(-1), np.array(gold, np.int64)
+    majority = np.bincount(gold, minlength=len(labels)).max() / max(len(gold), 1)
+    results = {"accuracy": float((predicted == gold).mean()) if len(gold) else math.nan,
+               "majority_class_accuracy": float(majority), "examples": len(examples)}
+    predictions = [{"where": where(e, i), "label": labels[g], "predicted": labels[p],
+                    "logits": np.round(row, 5).tolist()}
+                   for i, (e, g, p, row) in enumerate(zip(examples, gold, predicted, logits))]
+    return Result(results, predictions)
 
 
 @gin.configurable

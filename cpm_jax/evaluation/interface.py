@@ -1,0 +1,37 @@
+"""What tasks need from a model: a tokenizer, request scoring, generation and (classifiers) classification."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cpm_jax.evaluation.scoring import Request
+
+
+@dataclasses.dataclass
+class LanguageModel:
+  """A tokenizer (encode/decode/eod_id/pad_id) and what the model can do, as tasks use it.
+
+  score(requests, names) -> (total log-likelihoods, scored-token counts); generate(prompt ids) -> new ids;
+  classify(texts: one tuple of text fields per example) -> class logits [n, classes], or None for a model
+  without a classification head. A model that cannot score or generate raises a ValueError saying so.
+  """
+
+  tokenizer: Any
+  score: Callable[[Sequence[Request], Sequence[str] | None], tuple[np.ndarray, np.ndarray]]
+  generate: Callable[[Sequence[Sequence[int]]], list[list[int]]]
+  classify: Callable[[Sequence[Sequence[str]]], np.ndarray] | None = None
+  labels: Sequence[str] = ()  # what classify's classes mean (as the checkpoint records them)
+
+  def generate_text(self, prompts: Sequence[str]) -> list[str]:
+    """Decoded continuations of text prompts."""
+    return [self.tokenizer.decode(ids) for ids in self.generate([self.tokenizer.encode(p) for p in prompts])]
+
+
+def unsupported(what: str, model: str) -> Callable:
+  """A LanguageModel entry for something `model` cannot do: raises a clear error when a task calls it."""
+  def fail(*args, **kwargs):
+    raise ValueError(f"{model} cannot {what}; use a task that does not need it.")
+  return fail
