@@ -128,13 +128,13 @@ def structbert_loss(mlm_logits: jax.Array, mlm_targets: jax.Array, mlm_weights: 
 
   Each example's relation cross-entropy is weighted by its number of MLM targets, so the loss is close to
   mean MLM loss + mean relation loss (BERT's sum of means) while staying a token-weighted sum that
-  microbatches can add. relation_labels / relation_weights are [batch, 1]. Extra sums report the relation
+  microbatches can add. relation_labels / relation_weights are [batch]. Extra sums report the relation
   accuracy: relation_correct_sum / relation_count.
   """
   _, mlm = lm_loss(mlm_logits, mlm_targets, mlm_weights)
-  tokens_per_example = mlm_weights.astype(jnp.float32).sum(-1, keepdims=True)
-  _, relation = lm_loss(relation_logits[:, None], relation_labels, relation_weights * tokens_per_example)
-  _, counted = lm_loss(relation_logits[:, None], relation_labels, relation_weights)
+  tokens_per_example = mlm_weights.astype(jnp.float32).sum(-1)
+  _, relation = lm_loss(relation_logits, relation_labels, relation_weights * tokens_per_example)
+  _, counted = lm_loss(relation_logits, relation_labels, relation_weights)
   sums = dict(mlm, loss_sum=mlm["loss_sum"] + relation["loss_sum"], mlm_loss_sum=mlm["loss_sum"],
               relation_loss_sum=counted["loss_sum"], relation_correct_sum=counted["correct_sum"],
               relation_count=counted["weight_sum"])

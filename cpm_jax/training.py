@@ -198,11 +198,14 @@ def eval_step(params: Any, batch: dict, *, model: Model) -> dict:
 
 
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
-  return NamedSharding(mesh, partitioning.logical_to_spec(("batch", "length"), rules))
+  """The leading (batch) axis split over the batch mesh axes, any further axes whole: one sharding that fits
+  batch leaves of every rank ([batch] labels, [batch, length] tokens, ...)."""
+  return NamedSharding(mesh, partitioning.logical_to_spec(("batch",), rules))
 
 
 def global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:
-  """Assembles each process's share of the batch into global jax.Arrays sharded over (data, fsdp)."""
+  """Assembles each process's share of the batch into global jax.Arrays sharded over (data, fsdp) on their
+  leading axis."""
   sharding = batch_sharding(mesh, rules)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)
 

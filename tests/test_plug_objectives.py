@@ -86,9 +86,9 @@ def test_structbert_loss_is_sum_of_means_and_palm_loss_token_weighted():
   targets = np.array([[1, 2, 0, 0], [3, 0, 4, 0]])
   weights = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], np.float32)
   relation = rng.standard_normal((2, 3))
-  labels = np.array([[2], [0]])
+  labels = np.array([2, 0])
   loss, sums = objectives.structbert_loss(jnp.asarray(mlm), targets, weights, jnp.asarray(relation), labels,
-                                          np.ones((2, 1), np.float32))
+                                          np.ones(2, np.float32))
   mlm_mean = np.mean([_ce(mlm[0, 0], 1), _ce(mlm[0, 1], 2), _ce(mlm[1, 0], 3), _ce(mlm[1, 2], 4)])
   relation_mean = np.mean([_ce(relation[0], 2), _ce(relation[1], 0)])
   np.testing.assert_allclose(loss, mlm_mean + relation_mean, rtol=1e-5)  # two MLM targets in each example
@@ -121,14 +121,14 @@ def test_structbert_batches_real_corpus(plug_vocab_path, demo_data_dir):  # noqa
   for b in batches:
     assert {k: v.shape for k, v in b.items()} == {
         "inputs": (16, 64), "token_types": (16, 64), "segment_ids": (16, 64), "positions": (16, 64),
-        "targets": (16, 64), "weights": (16, 64), "relation_labels": (16, 1), "relation_weights": (16, 1)}
+        "targets": (16, 64), "weights": (16, 64), "relation_labels": (16,), "relation_weights": (16,)}
     assert (b["inputs"][:, 0] == tokenizer.cls_id).all()
     targeted = b["weights"] > 0
     assert (b["segment_ids"][targeted] == 1).all() and (b["targets"][targeted] > 0).all()
     assert not np.isin(b["targets"][targeted], [tokenizer.cls_id, tokenizer.sep_id, tokenizer.mask_id]).any()
     tokens = b["segment_ids"].sum()
     assert 0.12 < targeted.sum() / tokens < 0.3  # 15% MLM (of non-special tokens) + shuffled trigram positions
-  labels = np.concatenate([b["relation_labels"][:, 0] for b in batches])
+  labels = np.concatenate([b["relation_labels"] for b in batches])
   assert set(labels) == {0, 1, 2}
   # Deterministic, and resumable from the iterator state.
   again = _batches(data.train_iterator(seed=3), 4)
@@ -170,7 +170,7 @@ def test_classification_and_seq2seq_jsonl(plug_vocab_path, tmp_path):
                                           labels=("contradiction", "entailment"), seq_len=16, global_batch_size=2,
                                           eval_split="train")
   b = next(data.eval_batches())
-  np.testing.assert_array_equal(b["labels"][:, 0], [1, 0])
+  np.testing.assert_array_equal(b["labels"], [1, 0])
   assert b["token_types"][0].tolist() == [0] * 8 + [1] * 5 + [0] * 3  # [CLS] 6 chars [SEP] | 4 chars [SEP] | pad
   (tmp_path / "bad.jsonl").write_text(json.dumps({"sentence1": "x", "label": "entailment"}))
   with pytest.raises(ValueError, match=r"bad.jsonl:1: missing field\(s\) \['sentence2'\]"):

@@ -66,6 +66,17 @@ def test_non_finite_step_is_skipped_and_counted():
   assert int(state.step) == 4
 
 
+def test_global_batch_shards_leaves_of_any_rank_over_the_batch_axes():
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+  local = {"labels": np.arange(8, dtype=np.int32), "tokens": _batch()["inputs"],
+           "features": np.arange(8 * 3 * 5, dtype=np.float32).reshape(8, 3, 5)}
+  batch = training.global_batch(local, mesh)
+  for name, leaf in batch.items():
+    assert leaf.sharding.spec[0] == ("data", "fsdp") and all(axis is None for axis in leaf.sharding.spec[1:]), name
+    assert leaf.addressable_shards[0].data.shape == (2, *leaf.shape[1:]), name  # 8 rows over data x fsdp = 4
+    np.testing.assert_array_equal(leaf, local[name])
+
+
 def test_schedule_warmup_then_cosine_to_end_ratio():
   schedule = training.learning_rate_schedule(peak=1.0, warmup_steps=10, total_steps=110, decay="cosine", end_ratio=0.1)
   assert float(schedule(0)) == 0.0

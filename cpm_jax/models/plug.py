@@ -472,8 +472,7 @@ class ClassifierModel:
     return classification_logits(params, hidden, self.config, rngs[1])
 
   def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
-    return objectives.lm_loss(self.logits(params, batch, dropout_rng)[:, None], batch["labels"],
-                              batch["label_weights"])
+    return objectives.lm_loss(self.logits(params, batch, dropout_rng), batch["labels"], batch["label_weights"])
 
   def flops_per_token(self, seq_len: int) -> float:
     c = self.config
