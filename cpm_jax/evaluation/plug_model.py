@@ -87,6 +87,7 @@ def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTo
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   greedy = isinstance(decoding_config, decoding.SamplingConfig) and decoding_config.greedy
   on_mesh = (lambda: partitioning.activate(mesh)) if mesh is not None else contextlib.nullcontext
+  decoding_params = functools.cache(lambda: plug.unstack_decoder(params))  # one copy for every generate call
 
   def generate(prompts):
     if config.num_decoder_layers == 0:
@@ -95,7 +96,7 @@ def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTo
     for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
       chunk = [list(p) for p in prompts[start:start + batch_size]]
       with on_mesh():
-        outputs += plug.generate(params, chunk, config, decoding_config, cls_id=tokenizer.cls_id,
+        outputs += plug.generate(decoding_params(), chunk, config, decoding_config, cls_id=tokenizer.cls_id,
                                  sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
                                  token_types=[prompts_tokenizer.token_types(p) for p in chunk],
                                  sep_fraction=0.0 if greedy else sep_fraction)
