@@ -95,11 +95,13 @@ def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTo
     outputs = []
     for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
       chunk = [list(p) for p in prompts[start:start + batch_size]]
+      rows = chunk + [[tokenizer.cls_id, tokenizer.sep_id]] * (batch_size - len(chunk))  # one compiled batch size
       with on_mesh():
-        outputs += plug.generate(decoding_params(), chunk, config, decoding_config, cls_id=tokenizer.cls_id,
-                                 sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
-                                 token_types=[prompts_tokenizer.token_types(p) for p in chunk],
-                                 sep_fraction=0.0 if greedy else sep_fraction)
+        generated = plug.generate(decoding_params(), rows, config, decoding_config, cls_id=tokenizer.cls_id,
+                                  sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
+                                  token_types=[prompts_tokenizer.token_types(p) for p in rows],
+                                  sep_fraction=0.0 if greedy else sep_fraction)
+      outputs += generated[:len(chunk)]
     return outputs
 
   classify = None
