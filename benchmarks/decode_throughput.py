@@ -54,9 +54,10 @@ def matvec_bandwidth(repeats: int) -> tuple[float, float]:
   return matrix.nbytes / xla / 1e9, matrix.nbytes / pt / 1e9
 
 
-def weight_streaming_loop(params: dict, steps: int):
+def weight_streaming_loop(params: dict, steps: int, out_major: bool = False):
   """A jitted on-device loop of bare batch-1 matrix-vector products over every decode matmul's weights (per
-  layer, in the model's layouts, plus the tied head): the same bytes per token as decoding, nothing else."""
+  layer, plus the tied head): the same bytes per token as decoding, nothing else. The block weights are in
+  the model's [in, out] layouts, or with `out_major` transposed copies [out, in] (torch.nn.Linear's layout)."""
   import jax
   import jax.numpy as jnp
 
@@ -67,12 +68,16 @@ def weight_streaming_loop(params: dict, steps: int):
   matrices = [w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w.reshape(w.shape[0], -1)
               for b in blocks for w in (b["attn"]["qkv_kernel"], b["attn"]["out_kernel"], b["mlp"]["in_kernel"],
                                         b["mlp"]["out_kernel"])]
+  if out_major:
+    matrices = [jnp.asarray(w.T, copy=True) for w in matrices]
+  product = (lambda x, w: jnp.einsum("bi,oi->bo", x, w)) if out_major else (lambda x, w: x @ w)
 
   @jax.jit
   def run(matrices, wte):
     def body(_, x):
       for w in matrices:  # each product feeds the next, so none can be skipped
-        x = x + (jnp.tile(x, (1, w.shape[0] // embed)) @ w)[:, :embed] * 1e-9
+        fan_in = w.shape[1] if out_major else w.shape[0]
+        x = x + product(jnp.tile(x, (1, fan_in // embed)), w)[:, :embed] * 1e-9
       return x + (x @ wte.T)[:, :embed] * 1e-9
     return jax.lax.fori_loop(0, steps, body, jnp.ones((1, embed)))
   return lambda: run(matrices, params["embed"]["wte"]).block_until_ready()
@@ -110,6 +115,8 @@ def main(argv):
         f"{limit:.1f} tokens/s")
   loop = best_time(weight_streaming_loop(params, new), FLAGS.repeats)
   print(f"bare matvec loop over the same weights (same run, same load): {new / loop:.1f} tokens/s")
+  loop = best_time(weight_streaming_loop(params, new, out_major=True), FLAGS.repeats)
+  print(f"  the same with the block weights stored [out, in]: {new / loop:.1f} tokens/s")
   for batch in map(int, FLAGS.batch_sizes):
     prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, FLAGS.prompt_length))
     ours = best_time(lambda: decoding.generate(params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
