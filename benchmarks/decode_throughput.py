@@ -115,8 +115,8 @@ def main(argv):
         f"{limit:.1f} tokens/s")
   loop = best_time(weight_streaming_loop(params, new), FLAGS.repeats)
   print(f"bare matvec loop over the same weights (same run, same load): {new / loop:.1f} tokens/s")
-  loop = best_time(weight_streaming_loop(params, new, out_major=True), FLAGS.repeats)
-  print(f"  the same with the block weights stored [out, in]: {new / loop:.1f} tokens/s")
+  out_major_loop = best_time(weight_streaming_loop(params, new, out_major=True), FLAGS.repeats)
+  print(f"  the same with the block weights stored [out, in]: {new / out_major_loop:.1f} tokens/s")
   for batch in map(int, FLAGS.batch_sizes):
     prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, FLAGS.prompt_length))
     ours = best_time(lambda: decoding.generate(params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
