@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import pathlib
 import re
 from collections.abc import Iterator
 
 from absl import logging
+
+from cpm_jax.data import jsonl
 
 _DATE_ID = re.compile(r"^\d{8}-\d{2}-\d{3}-\d{3}/m$")
 
@@ -124,11 +125,7 @@ def _jsonl_documents(file: pathlib.Path, lines: Iterator[tuple[int, str]], text_
   for number, line in lines:
     if not line.strip():
       continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{file}:{number}: invalid JSON ({e.msg}).") from None
-    text = record.get(text_field) if isinstance(record, dict) else None
+    text = jsonl.parse_object(line, f"{file}:{number}").get(text_field)
     if not isinstance(text, str):
       raise ValueError(f"{file}:{number}: expected an object with a string field {text_field!r}.")
     if text.strip():
