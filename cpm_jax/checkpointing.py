@@ -138,6 +138,20 @@ def restore_params(directory: epath.PathLike, abstract_params: Any = None,
   return params, metadata
 
 
+def restore_any_params(directory: epath.PathLike, abstract_params: Any = None, shardings: Any = None) -> Any:
+  """Params of the `save_params` checkpoint at `directory`, or of the latest checkpoint of the training workdir
+  there (its optimizer state is not read); checked and placed as in `restore_params`."""
+  directory = epath.Path(directory)
+  if (directory / METADATA_FILE).exists():
+    return restore_params(directory, abstract_params, shardings)[0]
+  if (directory / "checkpoints").is_dir():
+    with Checkpointer(directory / "checkpoints") as checkpointer:
+      if checkpointer.latest_step() is not None:
+        return checkpointer.restore_params(abstract_params, shardings)
+  raise FileNotFoundError(f"{directory}: neither a params-only checkpoint ({METADATA_FILE}) nor a training workdir "
+                          "with a complete checkpoint in checkpoints/.")
+
+
 # ---- per-process data-iterator state -----------------------------------------------------------
 
 def _iterator_state_file() -> str:

@@ -19,9 +19,22 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from cpm_jax.models import families
+
 
 class ConversionError(ValueError):
   """A checkpoint could not be converted; the message names the file, key and what was expected."""
+
+
+def config_from_metadata(meta: dict, where: str, family: str) -> Any:
+  """The `family` model config that a params-only checkpoint's metadata records (families.record)."""
+  try:
+    found, config = families.from_record(meta, where)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+  if found.name != family:
+    raise ConversionError(f"{where}: metadata names no {family.upper()} model config (model={found.name!r}).")
+  return config
 
 
 def flatten(tree: dict) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpm_jax import checkpointing, partitioning
-from cpm_jax.convert import megatron, torch_io
+from cpm_jax.convert import common, megatron, torch_io
 from cpm_jax.convert.common import ConversionError, TargetParams, device_placer, flatten
 from cpm_jax.models import cpm, families
 
@@ -146,10 +146,7 @@ def structure(config: cpm.CPMConfig) -> dict[str, Any]:
 
 
 def config_from_metadata(meta: dict, where: str) -> cpm.CPMConfig:
-  if meta.get("model") != "cpm" or "model_config" not in meta:
-    raise ConversionError(f"{where}: metadata names no CPM model config (model={meta.get('model')!r}); was it "
-                          "written by the CPM converter?")
-  return cpm.CPMConfig(**meta["model_config"])
+  return common.config_from_metadata(meta, where, "cpm")
 
 
 # ---- params ------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import numpy as np
 
 from cpm_jax import checkpointing, layers, partitioning
 from cpm_jax.convert import hf, megatron, torch_io
-from cpm_jax.convert.common import ConversionError, KeyLedger, TargetParams, device_placer, flatten
+from cpm_jax.convert.common import (ConversionError, KeyLedger, TargetParams, config_from_metadata, device_placer,
+                                    flatten)
 from cpm_jax.convert.cpm import Loaded
 from cpm_jax.models import families, plug
 
@@ -322,9 +323,7 @@ def load_orbax(path: str | os.PathLike, *, config: plug.PlugConfig | None = None
     meta = checkpointing.read_metadata(path)
   except FileNotFoundError as e:
     raise ConversionError(str(e)) from e
-  if meta.get("model") != "plug" or "model_config" not in meta:
-    raise ConversionError(f"{where}: names no PLUG model config (model={meta.get('model')!r}).")
-  stored = plug.PlugConfig(**meta["model_config"])
+  stored = config_from_metadata(meta, where, "plug")
   config = dataclasses.replace(config or stored, param_dtype=dtype or stored.param_dtype)
   abstract = plug.abstract_params(config)
   shardings = None if mesh is None else partitioning.tree_shardings(plug.logical_axes(config), mesh, abstract)
@@ -342,14 +341,10 @@ def save_orbax(params: dict, config: plug.PlugConfig, path: str | os.PathLike, *
 
 def read_params(path: str | os.PathLike) -> dict:
   """Params (host arrays) of a params-only checkpoint or of the latest checkpoint of a training workdir."""
-  path = pathlib.Path(path)
-  if (path / checkpointing.METADATA_FILE).exists():
-    return checkpointing.restore_params(path)[0]
-  checkpointer = checkpointing.Checkpointer(path / "checkpoints") if (path / "checkpoints").is_dir() else None
-  if checkpointer is None or checkpointer.latest_step() is None:
-    raise ConversionError(f"{path}: neither a params-only checkpoint ({checkpointing.METADATA_FILE}) nor a training "
-                          "workdir with a complete checkpoint in checkpoints/.")
-  return checkpointer.restore_params()
+  try:
+    return checkpointing.restore_any_params(path)
+  except FileNotFoundError as e:
+    raise ConversionError(str(e)) from e
 
 
 def save_warm_start(source: str | os.PathLike, config: plug.PlugConfig, output: str | os.PathLike, *,

@@ -330,7 +330,7 @@ class ClassificationData(_PlugData):
     return [*self.text_fields, self.label_field]
 
   def checkpoint_metadata(self) -> dict:
-    return {**super().checkpoint_metadata(), "labels": list(self.labels), "text_fields": list(self.text_fields)}
+    return {**super().checkpoint_metadata(), "labels": list(self.labels)}
 
   def example_fn(self) -> Callable:
     return functools.partial(classification_example, tokenizer=self.tokenizer, seq_len=self.seq_len,

@@ -57,11 +57,8 @@ def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = No
     raise FileNotFoundError(f"--checkpoint {path}: neither a params-only checkpoint ({checkpointing.METADATA_FILE}) "
                             "nor a training workdir (checkpoints/).")
   family, config = families.from_record(meta, str(where))
-  abstract, shardings = family.abstract_params(config), param_shardings(family, config, mesh)
-  if where.name == checkpointing.METADATA_FILE:
-    params, _ = checkpointing.restore_params(path, abstract, shardings)
-  else:
-    params = checkpointing.Checkpointer(path / "checkpoints").restore_params(abstract, shardings)
+  params = checkpointing.restore_any_params(path, family.abstract_params(config),
+                                            param_shardings(family, config, mesh))
   return Checkpoint(family, params, config, meta)
 
 
