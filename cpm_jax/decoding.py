@@ -292,6 +292,12 @@ def cpm_step_fn(config: cpm.CPMConfig) -> StepFn:
 
 # ---- host side: prompts in, token lists out ------------------------------------------------------
 
+def bucket_width(length: int, maximum: int, minimum: int = 8) -> int:
+  """The power-of-two width (at least `minimum`, at most `maximum`) that holds `length` tokens: padding inputs
+  to it keeps the compiled shapes few."""
+  return min(max(minimum, 1 << (max(int(length), 1) - 1).bit_length()), maximum)
+
+
 def prepare_prompts(prompts: Sequence[Sequence[int]], max_prompt_length: int, *, eod_id: int, pad_id: int,
                     strict: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists into [batch, width] (width a power-of-two bucket) and their lengths.
@@ -313,7 +319,7 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], max_prompt_length: int, *,
       prompt = prompt[-max_prompt_length:]
     rows.append(prompt)
   longest = max(len(row) for row in rows)
-  width = min(max(8, 1 << (longest - 1).bit_length()), max(longest, max_prompt_length))
+  width = bucket_width(longest, max(longest, max_prompt_length))
   tokens = np.full((len(rows), width), pad_id, np.int32)
   for i, row in enumerate(rows):
     tokens[i, width - len(row):] = row

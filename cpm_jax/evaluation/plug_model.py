@@ -65,7 +65,7 @@ def _classifier(config: plug.PlugConfig):
 
 def _padded(rows: Sequence[Sequence[int]], batch_size: int, max_length: int) -> np.ndarray:
   """[batch_size, power-of-two width] int32, right-padded with 0 (rows beyond len(rows) are all 0)."""
-  width = min(max(8, 1 << (max(len(r) for r in rows) - 1).bit_length()), max_length)
+  width = decoding.bucket_width(max(len(r) for r in rows), max_length)
   out = np.zeros((batch_size, width), np.int32)
   for i, row in enumerate(rows):
     out[i, :len(row)] = row

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from cpm_jax import decoding
 from cpm_jax.models import cpm
 
 Request = tuple[Sequence[int], Sequence[int]]
@@ -96,7 +97,7 @@ def score_requests(score_fn: ScoreFn, params: Any, requests: Sequence[Request], 
   totals, counts = np.zeros(len(requests), np.float64), np.zeros(len(requests), np.int64)
   for start in tqdm.trange(0, len(order), batch_size, disable=not progress, desc="scoring", unit="batch"):
     rows = order[start:start + batch_size]
-    width = min(max(16, 1 << int(max(lengths[rows].max(), 1) - 1).bit_length()), max_length)
+    width = decoding.bucket_width(lengths[rows].max(), max_length, minimum=16)
     chunk = [requests[i] for i in rows] + [((), ())] * (batch_size - len(rows))
     result = score_fn(params, make_batch(chunk, width, pad_id))
     totals[rows] = np.asarray(result["total"])[:len(rows)]

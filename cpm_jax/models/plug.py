@@ -563,7 +563,7 @@ def generate(params: dict, sources: Sequence[Sequence[int]], config: PlugConfig,
   longest = max(len(s) for s in sources)
   if longest > config.max_positions:
     raise ValueError(f"A source has {longest} tokens; the model takes at most max_positions={config.max_positions}.")
-  width = min(max(8, 1 << (longest - 1).bit_length()), config.max_positions)
+  width = decoding_lib.bucket_width(longest, config.max_positions)
   tokens = np.full((len(sources), width), pad_id, np.int32)
   types = np.zeros_like(tokens)
   for i, source in enumerate(sources):
