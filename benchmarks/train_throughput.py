@@ -15,6 +15,7 @@ Run without the 8-fake-device flag (plain `XLA_FLAGS` unset):
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -47,6 +48,55 @@ def torch_matmul_flops(sizes=(1024, 2048, 3072), repeats: int = 3) -> float:
       torch.matmul(a, a)
       best = max(best, 2 * n**3 / (time.perf_counter() - start))
   return best
+
+
+def step_matmuls(config, batch_size: int, seq_len: int) -> list[tuple[tuple, tuple, bool, int]]:
+  """Every matrix product of one train step as (lhs shape as stored, rhs shape, whether the lhs is used
+  transposed, how many per step): per dense layer and for the tied head, the forward product, the input gradient
+  and the weight gradient (x^T @ dy over the tokens, x stored [tokens, in]); per layer, the two attention
+  products of the forward pass and their four gradients, batched over batch x heads. Their FLOPs add up to
+  `CPMLanguageModel.flops_per_token` x tokens."""
+  n, e, f, v, layers = batch_size * seq_len, config.embed_dim, config.ffn_dim, config.vocab_size, config.num_layers
+  products = []
+  for fan_in, fan_out, count in ((e, 3 * e, layers), (e, e, layers), (e, f, layers), (f, e, layers), (e, v, 1)):
+    products += [((n, fan_in), (fan_in, fan_out), False, count),  # forward
+                 ((n, fan_out), (fan_out, fan_in), False, count),  # input gradient
+                 ((n, fan_in), (n, fan_out), True, count)]  # weight gradient
+  heads, t, d = batch_size * config.num_heads, seq_len, config.head_dim
+  products += [((heads, t, d), (heads, d, t), False, 3 * layers),  # q k^T, and the gradients of q and of k
+               ((heads, t, t), (heads, t, d), False, 3 * layers)]  # p v, and the gradients of p and of v
+  return products
+
+
+def matmul_seconds(products, repeats: int = 3) -> tuple[float, float]:
+  """Seconds per step of the step's matrix products alone, as bare jnp.matmul and torch.matmul (each product
+  timed separately, best of `repeats`; a transposed lhs is a transposed view on both sides, as autodiff uses
+  it): what each library's step would take if it did nothing else."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  rng = np.random.default_rng(0)
+  plain, transposed_lhs = jax.jit(jnp.matmul), jax.jit(lambda a, b: a.T @ b)
+  jax_total = torch_total = 0.0
+  for lhs_shape, rhs_shape, transposed, count in products:
+    a, b = rng.standard_normal(lhs_shape, np.float32), rng.standard_normal(rhs_shape, np.float32)
+    ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+    jax_matmul = transposed_lhs if transposed else plain
+    jax_total += count * best_time(lambda: jax_matmul(ja, jb).block_until_ready(), repeats)
+    torch_total += count * best_time(lambda: torch.matmul(ta.t() if transposed else ta, tb), repeats)
+  return jax_total, torch_total
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return min(times)
 
 
 def make_batch(batch_size: int, seq_len: int, vocab: int):
@@ -168,6 +218,15 @@ def main(argv):
   print(f"ratio cpm_jax / pytorch tokens/s: {results['cpm_jax'] / results['pytorch']:.2f}x "
         f"(per round: {', '.join(f'{p[0] / j[0]:.2f}' for j, p in zip(jax_times, torch_times))}); "
         f"load average {os.getloadavg()[0]:.1f}")
+  products = step_matmuls(config, FLAGS.batch_size, FLAGS.seq_len)
+  product_flops = sum(count * 2 * math.prod(lhs) * rhs[-1] for lhs, rhs, _, count in products)
+  jax_matmuls, torch_matmuls = matmul_seconds(products)
+  print(f"the step's {len(products)} matmul shapes ({product_flops / 1e9:.1f} GFLOP) as bare matmuls, same run: "
+        f"jnp {jax_matmuls:.3f} s/step ({flops_per_step / jax_matmuls / jax_peak:.0%} of jnp peak), torch "
+        f"{torch_matmuls:.3f} s/step; jnp/torch matmul speed {torch_matmuls / jax_matmuls:.2f}")
+  print(f"ceiling: with no work but its matmuls cpm_jax would run {tokens / jax_matmuls:.0f} tokens/s = "
+        f"{tokens / jax_matmuls / results['pytorch']:.2f}x the PyTorch step measured above; it reaches "
+        f"{jax_matmuls / statistics.median(wall for wall, _ in jax_times):.0%} of that ceiling")
   print("CPU s/step: the process's CPU time per step (all threads, busy-waiting included); unlike wall time it "
         "hardly depends on how much of the machine other processes take.")
 
