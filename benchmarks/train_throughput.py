@@ -7,7 +7,9 @@ batch 4 x 256 tokens, float32, one AdamW step with global-norm clipping on each 
 Both sides use the same thread count (XLA: one intra-op thread per core; torch.set_num_threads). Timing rounds
 alternate between the two sides so that load from other processes hits both alike; the median round is
 reported. FLOP/s use `CPMLanguageModel.flops_per_token` (the training log's MFU accounting) and are given as a
-fraction of the machine's matmul peak, the best of several large jnp.dot sizes measured in this run.
+fraction of the machine's matmul peak, the best of several large jnp.dot sizes measured in this run. Last, every
+matrix product of the step is timed as a bare jnp.matmul and torch.matmul: the step time each library's GEMMs
+allow with no other work, i.e. the ceiling for cpm_jax on this machine.
 
 Run without the 8-fake-device flag (plain `XLA_FLAGS` unset):
   .venv/bin/python benchmarks/train_throughput.py
