@@ -169,13 +169,17 @@ def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  def apply(params, opt_state):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A branch, not a select between old and new state: skipping costs nothing and applying reads the state once.
+  new_params, new_opt_state = jax.lax.cond(finite, apply, lambda params, opt_state: (params, opt_state),
+                                           state.params, state.opt_state)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt_state, state.opt_state),
+      params=new_params,
+      opt_state=new_opt_state,
       rng=rng,
       consecutive_bad_steps=jnp.where(finite, 0, state.consecutive_bad_steps + 1),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
