@@ -12,9 +12,10 @@ over the same weights.
 from __future__ import annotations
 
 import os
-import time
 
 from absl import app, flags
+
+from benchmark_timing import best_time
 
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
 flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row.")
@@ -25,16 +26,6 @@ flags.DEFINE_integer("num_layers", 12, "Model shape: layers (cpm_small: 12).")
 flags.DEFINE_integer("embed_dim", 768, "Model shape: hidden size (cpm_small: 768).")
 flags.DEFINE_integer("num_heads", 12, "Model shape: heads (cpm_small: 12).")
 FLAGS = flags.FLAGS
-
-
-def best_time(fn, repeats: int) -> float:
-  fn()  # warm-up / compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def matvec_bandwidth(repeats: int) -> tuple[float, float]:

@@ -24,6 +24,8 @@ import time
 
 from absl import app, flags
 
+from benchmark_timing import best_time
+
 flags.DEFINE_integer("batch_size", 4, "Rows per step.")
 flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
 flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (jax, then torch, in each).")
@@ -89,16 +91,6 @@ def matmul_seconds(products, repeats: int = 3) -> tuple[float, float]:
     jax_total += count * best_time(lambda: jax_matmul(ja, jb).block_until_ready(), repeats)
     torch_total += count * best_time(lambda: torch.matmul(ta.t() if transposed else ta, tb), repeats)
   return jax_total, torch_total
-
-
-def best_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def make_batch(batch_size: int, seq_len: int, vocab: int):
