@@ -4,8 +4,8 @@ The decode loops are generic: they drive any model through a step function
 
     step_fn(params, tokens [batch, 1], cache) -> (float32 logits [batch, 1, vocab], cache)
 
-over a cache pytree whose leaves carry logical axes (the `batch` axis is what beam search reorders and
-what shards over the mesh's data axes). CPM-LM's adapter (`cpm_prefill`, `cpm_step_fn`) is below;
+over a cache pytree whose leaves carry logical axes (the `batch` axis, or a dimension merging it with minor
+ones such as "batch*act_heads", is what beam search reorders and what shards over the mesh's data axes). CPM-LM's adapter (`cpm_prefill`, `cpm_step_fn`) is below;
 PLUG's encoder-decoder plugs in the same way (prefill = run the encoder, step = one decoder token).
 Every loop is a `lax.while_loop` on device: one compiled program per shape bucket, no Python per token.
 """
@@ -171,15 +171,20 @@ def _lengths(tokens: jax.Array, eod_id: int) -> jax.Array:
   return jnp.where(stop.any(-1), jnp.argmax(stop, -1), tokens.shape[-1]).astype(jnp.int32)
 
 
-def _batch_axis(axes: tuple) -> int | None:
-  return axes.index("batch") if "batch" in axes else None
+def map_batch(fn: Callable[[jax.Array, int], jax.Array], cache: Any, cache_axes: Any, batch: int) -> Any:
+  """Applies fn(leaf, batch_axis) to every cache leaf with a `batch` logical axis, of size `batch`.
 
-
-def map_batch(fn: Callable[[jax.Array, int], jax.Array], cache: Any, cache_axes: Any) -> Any:
-  """Applies fn(leaf, batch_axis) to every cache leaf with a `batch` logical axis."""
+  A dimension that merges batch with minor axes ("batch*act_heads", [batch * heads]) is split for fn and
+  merged again.
+  """
   def apply(axes, leaf):
-    axis = _batch_axis(axes)
-    return leaf if axis is None else fn(leaf, axis)
+    for axis, name in enumerate(axes):
+      if name == "batch":
+        return fn(leaf, axis)
+      if name is not None and name.startswith("batch*"):
+        out = fn(leaf.reshape(*leaf.shape[:axis], batch, -1, *leaf.shape[axis + 1:]), axis)
+        return out.reshape(*out.shape[:axis], -1, *out.shape[axis + 2:])
+    return leaf
   return jax.tree.map(apply, cache_axes, cache, is_leaf=partitioning.is_logical_axes)
 
 
@@ -196,7 +201,7 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
   lengths [batch] (new tokens before <eod>) and scores [batch] (log-prob / length penalty).
   """
   batch, beams, steps = last_tokens.shape[0], config.beam_size, config.max_new_tokens
-  cache = map_batch(lambda x, axis: jnp.repeat(x, beams, axis=axis), cache, cache_axes)
+  cache = map_batch(lambda x, axis: jnp.repeat(x, beams, axis=axis), cache, cache_axes, batch)
   last = jnp.repeat(last_tokens.astype(jnp.int32), beams)
   live_logp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (beams - 1), jnp.float32), (batch, 1))
   live = jnp.full((batch, beams, steps), pad_id, jnp.int32)
@@ -234,7 +239,7 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
     live_logp, keep = jax.lax.top_k(jnp.where(ended, NEG_INF, top_logp), beams)
     live = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
     source = jnp.take_along_axis(top_beam, keep, axis=1) + jnp.arange(batch)[:, None] * beams
-    cache = map_batch(lambda x, axis: jnp.take(x, source.reshape(-1), axis=axis), cache, cache_axes)
+    cache = map_batch(lambda x, axis: jnp.take(x, source.reshape(-1), axis=axis), cache, cache_axes, batch * beams)
     last = jnp.take_along_axis(top_token, keep, axis=1).reshape(-1)
     return step + 1, live, live_logp, finished, finished_scores, last, cache
 

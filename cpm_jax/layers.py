@@ -177,16 +177,52 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   (cuDNN flash attention on GPU). Softmax is always computed in float32.
   """
   if implementation == "xla":
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask, logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1)
-    # Rows with no visible key (padding) get zeros, not a uniform average.
-    weights = jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", _masked_softmax(logits, mask).astype(v.dtype), v)
   impl = None if implementation == "jax" else implementation
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
   return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(v.dtype)
+
+
+def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """float32 softmax over the last axis of the visible logits; rows with no visible key (padding) get zeros,
+  not a uniform average."""
+  weights = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
+  return jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
+
+
+def cache_keys(k: jax.Array) -> jax.Array:
+  """Keys [b, t, heads, d] in the decode cache's layout, [b * heads, d, t] (see `cached_attention`)."""
+  b, t, heads, d = k.shape
+  return jnp.transpose(k, (0, 2, 3, 1)).reshape(b * heads, d, t)
+
+
+def cache_values(v: jax.Array) -> jax.Array:
+  """Values [b, t, heads, d] in the decode cache's layout, [b * heads, t, d] (see `cached_attention`)."""
+  b, t, heads, d = v.shape
+  return jnp.swapaxes(v, 1, 2).reshape(b * heads, t, d)
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                     implementation: Literal["xla", "jax", "cudnn"] = "xla") -> jax.Array:
+  """`dot_product_attention` of queries [b, t, heads, d] over a decode cache: keys [b * heads, d, length]
+  (stored transposed) and values [b * heads, length, d], the layouts of `cache_keys` / `cache_values`.
+
+  Both attention products are then plain batched matrix products over the cache as stored. With keys
+  [b, length, heads, d] XLA:CPU transposed every layer's cache before every decode step's dots (~8% of a batch-1
+  step), and any 4-D cache in the decode loop (b and heads as two axes) made it copy the whole cache around
+  each in-place update, because the dots need the [b * heads] view.
+  """
+  b, t, heads, d = q.shape
+  length = keys.shape[-1]
+  if implementation != "xla":
+    return dot_product_attention(q, jnp.transpose(keys.reshape(b, heads, d, length), (0, 3, 1, 2)),
+                                 jnp.swapaxes(values.reshape(b, heads, length, d), 1, 2), mask, implementation)
+  queries = jnp.swapaxes(q, 1, 2).reshape(b * heads, t, d)
+  logits = jnp.einsum("nqd,ndk->nqk", queries, keys, preferred_element_type=jnp.float32)
+  weights = _masked_softmax(logits.reshape(b, heads, t, length) / math.sqrt(d), mask)
+  out = jnp.einsum("nqk,nkd->nqd", weights.astype(values.dtype).reshape(b * heads, t, length), values)
+  return jnp.swapaxes(out.reshape(b, heads, t, d), 1, 2)
 
 
 def project_qkv(x: jax.Array, params: dict, dtype) -> jax.Array:
@@ -208,20 +244,22 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
                    cache_index: jax.Array | int | None = None, heads_major: bool = False) -> tuple[jax.Array, Any]:
   """Fused-QKV self-attention with its output projection; returns (output [b, t, e], kv).
 
-  With `kv` (this layer's cached k, v [b, cache_len, heads, head_dim], or [b, heads, cache_len, head_dim] if
-  heads_major) the new keys and values are written at `cache_index` and the queries attend over the whole
-  cache; the updated kv is returned.
+  With `kv` (this layer's cached k, v [b, cache_len, heads, head_dim], or if heads_major in `cached_attention`'s
+  layouts) the new keys and values are written at `cache_index` and the queries attend over the whole cache;
+  the updated kv is returned.
   """
   qkv = project_qkv(x, params, dtype)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  if kv is not None and heads_major:
+    kv = (jax.lax.dynamic_update_slice_in_dim(kv[0], cache_keys(k).astype(kv[0].dtype), cache_index, axis=2),
+          jax.lax.dynamic_update_slice_in_dim(kv[1], cache_values(v).astype(kv[1].dtype), cache_index, axis=1))
+    out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
+    return project_out(out, params, dtype), kv
   if kv is not None:
-    # Swapping axes 1 and 2 maps [b, t, heads, d] to the heads-major cache layout and back.
-    layout = (lambda a: jnp.swapaxes(a, 1, 2)) if heads_major else (lambda a: a)
-    axis = 2 if heads_major else 1
-    k = jax.lax.dynamic_update_slice_in_dim(kv[0], layout(k).astype(kv[0].dtype), cache_index, axis=axis)
-    v = jax.lax.dynamic_update_slice_in_dim(kv[1], layout(v).astype(kv[1].dtype), cache_index, axis=axis)
+    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
     kv = (k, v)
-    k, v = layout(k).astype(dtype), layout(v).astype(dtype)
+    k, v = k.astype(dtype), v.astype(dtype)
   out = dot_product_attention(q, k, v, mask, implementation)
   return project_out(out, params, dtype), kv
 

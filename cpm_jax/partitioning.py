@@ -100,7 +100,11 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
 
 
 def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array."""
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array.
+
+  A dimension that merges several logical axes, major first, is named by joining them with "*" (e.g.
+  "batch*act_heads" for [batch * heads]); it is split over their mesh axes in that order.
+  """
   rules = logical_axis_rules() if rules is None else rules
   table = dict(rules)
   used: set[str] = set()
@@ -109,10 +113,12 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionS
     if name is None:
       spec.append(None)
       continue
-    if name not in table:
-      raise KeyError(f"Logical axis {name!r} has no rule; known axes: {sorted(table)}.")
-    target = table[name]
-    mesh_axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    mesh_axes = ()
+    for part in name.split("*"):
+      if part not in table:
+        raise KeyError(f"Logical axis {part!r} has no rule; known axes: {sorted(table)}.")
+      target = table[part]
+      mesh_axes += () if target is None else ((target,) if isinstance(target, str) else tuple(target))
     mesh_axes = tuple(axis for axis in mesh_axes if axis not in used)
     used.update(mesh_axes)
     spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))

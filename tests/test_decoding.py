@@ -80,10 +80,11 @@ def test_cached_decoding_on_tensor_sharded_mesh(params):
   tokens, lengths = decoding.prepare_prompts(PROMPTS, CONFIG.max_positions - STEPS, eod_id=EOD, pad_id=PAD)
   with partitioning.activate(mesh):  # in the decode layout that `generate` uses: per-layer weights and cache
     out, logits, keys = jax.jit(greedy_with_logits)(cpm.unstack_layers(sharded), tokens, lengths)
-  # The cache really is split: heads over `tensor`, batch over `data`.
+  # The cache really is split: its [batch * heads] rows over `data` (batch) and `tensor` (heads).
   assert len(keys) == CONFIG.num_layers
-  assert keys[0].shape == (len(PROMPTS), CONFIG.num_heads, tokens.shape[1] - 1 + STEPS, CONFIG.head_dim)
-  assert keys[0].sharding.spec[0] == "data" and keys[0].sharding.spec[1] == "tensor"
+  assert keys[0].shape == (len(PROMPTS) * CONFIG.num_heads, CONFIG.head_dim, tokens.shape[1] - 1 + STEPS)
+  assert keys[0].sharding.spec[0] == ("data", "tensor")  # fsdp (size 1) dropped
+  assert keys[0].addressable_shards[0].data.shape[0] == len(PROMPTS) * CONFIG.num_heads // 8
   assert_matches_recomputation(params, np.asarray(out), np.asarray(logits))
   # The public entry point gives the same tokens on the mesh as on one device.
   greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)

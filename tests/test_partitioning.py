@@ -42,6 +42,11 @@ def test_megatron_layout_rules():
       "fsdp", None, "tensor", None)
   assert partitioning.logical_to_spec(("mlp", "embed"), rules) == jax.sharding.PartitionSpec("tensor", "fsdp")
   assert partitioning.logical_to_spec(("batch", "length"), rules) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  # A merged [batch * heads] dimension (the decode cache) takes batch's mesh axes, then the heads'.
+  assert partitioning.logical_to_spec(("batch*act_heads", None, "cache_length"), rules) == jax.sharding.PartitionSpec(
+      ("data", "fsdp", "tensor"), None, None)
+  with pytest.raises(KeyError, match="'nonsense' has no rule"):
+    partitioning.logical_to_spec(("batch*nonsense",), rules)
 
 
 def _batch(seed, batch=8, length=16):

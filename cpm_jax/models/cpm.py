@@ -113,15 +113,17 @@ def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer
                num_layers: int | None = None) -> dict:
   """Empty KV cache for `length` positions; slots with segment id 0 are never attended.
 
-  k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one heads-major
-  [batch, heads, length, head_dim] array per layer (the layout for `unstack_layers` params: no per-step
-  slicing or restacking, and the attention dots read it without a transposed copy). num_layers defaults to
-  config.num_layers (PLUG's decoder passes its own, with its config).
+  k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one array per layer in
+  `layers.cached_attention`'s layouts, k [batch * heads, head_dim, length] and v [batch * heads, length,
+  head_dim] (the layout for `unstack_layers` params: no per-step slicing or restacking, and the attention dots
+  read it in place). num_layers defaults to config.num_layers (PLUG's decoder passes its own, with its config).
   """
   dtype = dtype or config.compute_dtype
   num_layers = num_layers or config.num_layers
   if per_layer:
-    k = v = tuple(jnp.zeros((batch, config.num_heads, length, config.head_dim), dtype) for _ in range(num_layers))
+    rows = batch * config.num_heads
+    k = tuple(jnp.zeros((rows, config.head_dim, length), dtype) for _ in range(num_layers))
+    v = tuple(jnp.zeros((rows, length, config.head_dim), dtype) for _ in range(num_layers))
   else:
     k = v = jnp.zeros((num_layers, batch, length, config.num_heads, config.head_dim), dtype)
   return {
@@ -137,10 +139,12 @@ def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False,
                        num_layers: int | None = None) -> dict:
   """Logical axes of `init_cache`'s tree (per_layer needs the number of layers: num_layers or the config's)."""
   if per_layer:
-    kv = (("batch", "act_heads", "cache_length", None),) * (num_layers or config.num_layers)
+    num_layers = num_layers or config.num_layers
+    k = (("batch*act_heads", None, "cache_length"),) * num_layers
+    v = (("batch*act_heads", "cache_length", None),) * num_layers
   else:
-    kv = ("layers", "batch", "cache_length", "act_heads", None)
-  return {"k": kv, "v": kv, "segment_ids": ("batch", "cache_length"),
+    k = v = ("layers", "batch", "cache_length", "act_heads", None)
+  return {"k": k, "v": v, "segment_ids": ("batch", "cache_length"),
           "positions": ("batch", "cache_length"), "index": ()}
 
 
@@ -158,7 +162,7 @@ def unstack_layers(params: dict) -> dict:
 def _block(x, params, config: CPMConfig, mask, rng, kv=None, cache_index=None, heads_major: bool = False):
   """One pre-LN block. With `kv` (this layer's cached k, v), new k/v are written at cache_index.
 
-  The cached k/v are [batch, length, heads, head_dim], or [batch, heads, length, head_dim] if heads_major.
+  The cached k/v are [batch, length, heads, head_dim], or in `layers.cached_attention`'s layouts if heads_major.
   """
   dtype = config.compute_dtype
   rate = config.dropout_rate if rng is not None else 0.0

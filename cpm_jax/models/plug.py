@@ -285,15 +285,16 @@ def _decoder_layers(params: dict) -> tuple:
 
 def init_cache(params: dict, config: PlugConfig, encoder_hidden: jax.Array, encoder_segment_ids: jax.Array,
                length: int, dtype=None) -> dict:
-  """Decoder cache for params in the `unstack_decoder` layout, per layer: empty heads-major self-attention K/V
-  [batch, heads, length, head_dim] (cpm.init_cache's per_layer layout) and the cross-attention K/V over the
-  encoder output, cross_k / cross_v [batch, heads, src, head_dim], computed once here (every step reuses them)."""
+  """Decoder cache for params in the `unstack_decoder` layout, per layer: empty self-attention K/V (cpm.init_cache's
+  per_layer layout) and the cross-attention K/V over the encoder output in the same layouts (cross_k [batch *
+  heads, head_dim, src], cross_v [batch * heads, src, head_dim]), computed once here (every step reuses them)."""
   dtype = dtype or config.compute_dtype
   cache = cpm.init_cache(config, encoder_hidden.shape[0], length, dtype, per_layer=True,
                          num_layers=config.num_decoder_layers)
-  kv = [jnp.swapaxes(layers.project_qkv(encoder_hidden, block["cross_attn"], config.compute_dtype), 1, 3).astype(dtype)
-        for block in _decoder_layers(params)]  # [batch, heads, k/v, src, head_dim] per layer
-  return {**cache, "cross_k": tuple(a[:, :, 0] for a in kv), "cross_v": tuple(a[:, :, 1] for a in kv),
+  kv = [layers.project_qkv(encoder_hidden, block["cross_attn"], config.compute_dtype).astype(dtype)
+        for block in _decoder_layers(params)]  # [batch, src, k/v, heads, head_dim] per layer
+  return {**cache, "cross_k": tuple(layers.cache_keys(a[:, :, 0]) for a in kv),
+          "cross_v": tuple(layers.cache_values(a[:, :, 1]) for a in kv),
           "encoder_segment_ids": encoder_segment_ids.astype(jnp.int32)}
 
 
@@ -306,8 +307,9 @@ def cache_logical_axes(config: PlugConfig) -> dict:
 def _decoder_block(x, params, config: PlugConfig, self_mask, cross_mask, rng, encoder_hidden, layer_cache,
                    cache_index):
   """One pre-LN decoder block. Without `layer_cache` the cross-attention K/V are projected from encoder_hidden
-  [b, s, e]; with it (this layer's heads-major (k, v, cross_k, cross_v)) the new self-attention K/V are written
-  at cache_index and the cached cross K/V are read. Returns (x, updated (k, v) or None)."""
+  [b, s, e]; with it (this layer's (k, v, cross_k, cross_v), in `layers.cached_attention`'s layouts) the new
+  self-attention K/V are written at cache_index and the cached cross K/V are read. Returns (x, updated (k, v)
+  or None)."""
   dtype, eps = config.compute_dtype, config.layer_norm_eps
   rngs = _split(rng, 4)
   kv = None if layer_cache is None else layer_cache[:2]
@@ -318,12 +320,13 @@ def _decoder_block(x, params, config: PlugConfig, self_mask, cross_mask, rng, en
 
   p = params["cross_attn"]
   h = layers.layer_norm(x, params["ln_2"], eps)
+  q = layers.project_q(h, p, dtype)
   if layer_cache is None:
     memory = layers.project_qkv(encoder_hidden, p, dtype)
-    k, v = memory[:, :, 0], memory[:, :, 1]
+    out = layers.dot_product_attention(q, memory[:, :, 0], memory[:, :, 1], cross_mask, config.attention_impl)
   else:
-    k, v = (jnp.swapaxes(a, 1, 2).astype(dtype) for a in layer_cache[2:])
-  out = layers.dot_product_attention(layers.project_q(h, p, dtype), k, v, cross_mask, config.attention_impl)
+    keys, values = (a.astype(dtype) for a in layer_cache[2:])
+    out = layers.cached_attention(q, keys, values, cross_mask, config.attention_impl)
   x = x + layers.dropout(layers.project_out(out, p, dtype), _rate(config, rngs[1]), rngs[1])
 
   x = x + _ffn(layers.layer_norm(x, params["ln_3"], eps), params["mlp"], config, rngs[2:])
