@@ -5,8 +5,9 @@ The decode loops are generic: they drive any model through a step function
     step_fn(params, tokens [batch, 1], cache) -> (float32 logits [batch, 1, vocab], cache)
 
 over a cache pytree whose leaves carry logical axes (the `batch` axis, or a dimension merging it with minor
-ones such as "batch*act_heads", is what beam search reorders and what shards over the mesh's data axes). CPM-LM's adapter (`cpm_prefill`, `cpm_step_fn`) is below;
-PLUG's encoder-decoder plugs in the same way (prefill = run the encoder, step = one decoder token).
+ones such as "batch*act_heads", is what beam search reorders and what shards over the mesh's data axes).
+CPM-LM's adapter (`cpm_prefill`, `cpm_step_fn`) is below; PLUG's encoder-decoder plugs in the same way
+(prefill = run the encoder, step = one decoder token).
 Every loop is a `lax.while_loop` on device: one compiled program per shape bucket, no Python per token.
 """
 

@@ -191,6 +191,16 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
 
 
+# Logical axes of one layer's decode cache in `cached_attention`'s layouts.
+CACHE_KEYS_AXES = ("batch*act_heads", None, "cache_length")
+CACHE_VALUES_AXES = ("batch*act_heads", "cache_length", None)
+
+
+def empty_cache(batch: int, heads: int, length: int, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
+  """One layer's empty decode cache (keys, values) for `length` slots, in `cached_attention`'s layouts."""
+  return (jnp.zeros((batch * heads, head_dim, length), dtype), jnp.zeros((batch * heads, length, head_dim), dtype))
+
+
 def cache_keys(k: jax.Array) -> jax.Array:
   """Keys [b, t, heads, d] in the decode cache's layout, [b * heads, d, t] (see `cached_attention`)."""
   b, t, heads, d = k.shape

@@ -121,9 +121,8 @@ def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer
   dtype = dtype or config.compute_dtype
   num_layers = num_layers or config.num_layers
   if per_layer:
-    rows = batch * config.num_heads
-    k = tuple(jnp.zeros((rows, config.head_dim, length), dtype) for _ in range(num_layers))
-    v = tuple(jnp.zeros((rows, length, config.head_dim), dtype) for _ in range(num_layers))
+    k, v = zip(*(layers.empty_cache(batch, config.num_heads, length, config.head_dim, dtype)
+                 for _ in range(num_layers)))
   else:
     k = v = jnp.zeros((num_layers, batch, length, config.num_heads, config.head_dim), dtype)
   return {
@@ -140,8 +139,7 @@ def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False,
   """Logical axes of `init_cache`'s tree (per_layer needs the number of layers: num_layers or the config's)."""
   if per_layer:
     num_layers = num_layers or config.num_layers
-    k = (("batch*act_heads", None, "cache_length"),) * num_layers
-    v = (("batch*act_heads", "cache_length", None),) * num_layers
+    k, v = (layers.CACHE_KEYS_AXES,) * num_layers, (layers.CACHE_VALUES_AXES,) * num_layers
   else:
     k = v = ("layers", "batch", "cache_length", "act_heads", None)
   return {"k": k, "v": v, "segment_ids": ("batch", "cache_length"),
