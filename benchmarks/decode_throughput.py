@@ -1,7 +1,8 @@
 """Greedy decode throughput of cpm_jax.decoding against transformers' GPT2LMHeadModel.generate.
 
 Same architecture (cpm_small shape unless overridden), same prompt (32 tokens), 64 new tokens, batch 1
-and 8, float32 on CPU, PyTorch with one thread per core like XLA. Also prints the physical limit at batch 1: every
+and 8, float32 on CPU, PyTorch with one thread per core like XLA; cpm_jax decodes from params converted once to
+its decode layout (as experiments/generate.py does). Also prints the physical limit at batch 1: every
 weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (bytes of params); and, as a
 reference that shares whatever load the machine is under, an on-device loop of bare matrix-vector products
 over the same weights.
@@ -45,32 +46,29 @@ def matvec_bandwidth(repeats: int) -> tuple[float, float]:
   return matrix.nbytes / xla / 1e9, matrix.nbytes / pt / 1e9
 
 
-def weight_streaming_loop(params: dict, steps: int, batch: int = 1, out_major: bool = False):
+def weight_streaming_loop(params: dict, steps: int, batch: int = 1):
   """A jitted on-device loop of bare matrix products of `batch` rows over every decode matmul's weights (per
-  layer, plus the tied head): the same weight bytes and matmul FLOPs per token as decoding, nothing else (the
-  ceiling of a decode step in XLA). The block weights are in the model's [in, out] layouts, or with
-  `out_major` transposed copies [out, in] (torch.nn.Linear's layout)."""
+  layer, plus the tied head), in the model's decode layout (`cpm.decode_layout`: [out, in]): the same weight bytes
+  and matmul FLOPs per token as decoding, nothing else (the ceiling of a decode step in XLA)."""
+  import math
+
   import jax
   import jax.numpy as jnp
 
   from cpm_jax.models import cpm
 
-  blocks = cpm.unstack_layers(params)["blocks"]
   embed = params["embed"]["wte"].shape[1]
-  matrices = [w.reshape(-1, w.shape[-1]) if w.ndim == 3 else w.reshape(w.shape[0], -1)
-              for b in blocks for w in (b["attn"]["qkv_kernel"], b["attn"]["out_kernel"], b["mlp"]["in_kernel"],
-                                        b["mlp"]["out_kernel"])]
-  if out_major:
-    matrices = [jnp.asarray(w.T, copy=True) for w in matrices]
-  product = (lambda x, w: jnp.einsum("bi,oi->bo", x, w)) if out_major else (lambda x, w: x @ w)
+  matrices = [part[f"{name}_weight"].reshape(math.prod(part[f"{name}_bias"].shape), -1)
+              for block in cpm.decode_layout(params)["blocks"]
+              for part, name in ((block["attn"], "qkv"), (block["attn"], "out"), (block["mlp"], "in"),
+                                 (block["mlp"], "out"))]
 
   @jax.jit
   def run(matrices, wte):
     def body(_, x):
       for w in matrices:  # each product feeds the next, so none can be skipped
-        fan_in = w.shape[1] if out_major else w.shape[0]
-        x = x + product(jnp.tile(x, (1, fan_in // embed)), w)[:, :embed] * 1e-9
-      return x + (x @ wte.T)[:, :embed] * 1e-9
+        x = x + jnp.einsum("bi,oi->bo", jnp.tile(x, (1, w.shape[1] // embed)), w)[:, :embed] * 1e-9
+      return x + jnp.einsum("bi,oi->bo", x, wte)[:, :embed] * 1e-9
     return jax.lax.fori_loop(0, steps, body, jnp.ones((batch, embed)))
   return lambda: run(matrices, params["embed"]["wte"]).block_until_ready()
 
@@ -107,12 +105,14 @@ def main(argv):
         f"{limit:.1f} tokens/s")
   loop = best_time(weight_streaming_loop(params, new), FLAGS.repeats)
   print(f"bare matvec loop over the same weights (same run, same load): {new / loop:.1f} tokens/s")
-  out_major_loop = best_time(weight_streaming_loop(params, new, out_major=True), FLAGS.repeats)
-  print(f"  the same with the block weights stored [out, in]: {new / out_major_loop:.1f} tokens/s")
+  convert = best_time(lambda: jax.block_until_ready(cpm.decode_layout(params)), FLAGS.repeats)
+  decode_params = cpm.decode_layout(params)
+  print(f"params converted once to the decode layout (cpm.decode_layout, {convert * 1e3:.0f} ms; generate() "
+        "converts training-layout params on every call)")
   for batch in map(int, FLAGS.batch_sizes):
     prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, FLAGS.prompt_length))
-    ours = best_time(lambda: decoding.generate(params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
-                     FLAGS.repeats)
+    ours = best_time(lambda: decoding.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1,
+                                               pad_id=5), FLAGS.repeats)
     inputs = torch.from_numpy(prompts)
     with torch.inference_mode():
       theirs = best_time(lambda: hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,

@@ -258,7 +258,7 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
 # ---- CPM-LM adapter ----------------------------------------------------------------------------
 
 def cpm_cache_logical_axes(config: cpm.CPMConfig, per_layer: bool = True) -> dict:
-  """Logical axes of the adapter's cache (per_layer: for params in the cpm.unstack_layers layout)."""
+  """Logical axes of the adapter's cache (per_layer: for params in cpm.decode_layout)."""
   return {"lm": cpm.cache_logical_axes(config, per_layer), "position": ("batch",)}
 
 
@@ -268,8 +268,8 @@ def cpm_prefill(params: dict, prompts: jax.Array, lengths: jax.Array, config: cp
 
   All but the last column go into a fresh KV cache of `cache_length` slots (padding gets segment id 0
   and is never attended); returns (cache, last prompt token [batch]) for `sample_loop` /
-  `beam_search_loop`, whose first step feeds that last token. With params in the cpm.unstack_layers
-  layout (as `generate` uses them: faster steps) the cache is per layer.
+  `beam_search_loop`, whose first step feeds that last token. With params in cpm.decode_layout (as
+  `generate` uses them: faster steps) the cache is per layer.
   """
   batch, width = prompts.shape
   start = width - lengths[:, None]
@@ -334,11 +334,11 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], max_prompt_length: int, *,
 
 @functools.lru_cache(maxsize=None)
 def _cpm_decoder(config: cpm.CPMConfig, decoding: DecodingConfig, eod_id: int, pad_id: int, mesh):
-  """Jitted prompts -> (tokens, lengths) for one model/decoding setting (compiled per shape bucket)."""
+  """Jitted (params in cpm.decode_layout, prompts, lengths, rng) -> (tokens, lengths) for one model/decoding
+  setting (compiled per shape bucket)."""
   step_fn = cpm_step_fn(config)
 
   def run(params, prompts, lengths, rng):
-    params = cpm.unstack_layers(params)
     cache_length = prompts.shape[1] - 1 + decoding.max_new_tokens
     cache, last = cpm_prefill(params, prompts, lengths, config, cache_length)
     if isinstance(decoding, BeamSearchConfig):
@@ -362,9 +362,10 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConf
   """CPM-LM continuations (new token ids, without <eod>) of token-id prompts.
 
   Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
-  has one shape). Decoding runs on a per-layer copy of the block weights (cpm.unstack_layers: no weight
-  slicing per step), so the params are held twice while it runs. With `mesh`, the model's activations and the cache are sharded by the logical-axis
-  rules (params should already be placed, e.g. by checkpointing.restore_params with shardings).
+  has one shape). Decoding runs on params in `cpm.decode_layout`: params in the training layout are converted
+  first, a copy of the block weights held while this runs; callers that generate repeatedly pass
+  cpm.decode_layout(params), converted once. With `mesh`, the model's activations and the cache are sharded by
+  the logical-axis rules (params should already be placed, e.g. by checkpointing.restore_params with shardings).
   """
   if not prompts:
     return []
@@ -379,6 +380,7 @@ def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConf
     chunk = list(prompts[start:start + batch_size])
     chunk += [[]] * (batch_size - len(chunk))
     tokens, lengths = prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
+    params = cpm.decode_layout(params)  # converted by the first batch, as is from then on
     with partitioning.activate(mesh) if mesh is not None else contextlib.nullcontext():
       out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, start))
     out, out_lengths = np.asarray(out), np.asarray(out_lengths)

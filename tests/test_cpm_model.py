@@ -128,14 +128,31 @@ def test_dropout_only_with_rng():
   assert np.abs(a - c).max() > 1e-3
 
 
-def test_cached_forward_matches_full(params):
+def test_decode_layout_is_per_layer_with_out_major_weights(params):
+  decode = cpm.decode_layout(params)
+  assert cpm.decode_layout(decode) is decode
+  assert len(decode["blocks"]) == TINY.num_layers and "qkv_kernel" not in decode["blocks"][1]["attn"]
+  attn, mlp, stacked = decode["blocks"][1]["attn"], decode["blocks"][1]["mlp"], params["blocks"]
+  # Each kernel becomes a matrix [out, in], torch.nn.Linear's order; its input dims are those its bias lacks. The
+  # fused QKV outputs [3, heads, head_dim] go heads first.
+  qkv = stacked["attn"]["qkv_kernel"][1]  # [embed, 3, heads, head_dim]
+  np.testing.assert_array_equal(attn["qkv_weight"], jnp.transpose(qkv, (2, 1, 3, 0)).reshape(-1, TINY.embed_dim))
+  np.testing.assert_array_equal(attn["out_weight"], stacked["attn"]["out_kernel"][1].reshape(-1, TINY.embed_dim).T)
+  np.testing.assert_array_equal(mlp["in_weight"], stacked["mlp"]["in_kernel"][1].T)
+  np.testing.assert_array_equal(mlp["out_weight"], stacked["mlp"]["out_kernel"][1].T)
+  np.testing.assert_array_equal(decode["blocks"][2]["ln_2"]["scale"], stacked["ln_2"]["scale"][2])
+
+
+@pytest.mark.parametrize("layout", ["training", "decode"])
+def test_cached_forward_matches_full(params, layout):
   tokens = _tokens()
   full, _ = cpm.forward(params, tokens, TINY)
-  cache = cpm.init_cache(TINY, 2, 32)
-  first, cache = cpm.forward(params, tokens[:, :16], TINY, cache=cache)
+  step_params = cpm.decode_layout(params) if layout == "decode" else params
+  cache = cpm.init_cache(TINY, 2, 32, per_layer=layout == "decode")
+  first, cache = cpm.forward(step_params, tokens[:, :16], TINY, cache=cache)
   steps = [first]
   for t in range(16, 24):
-    logits, cache = cpm.forward(params, tokens[:, t:t + 1], TINY, cache=cache)
+    logits, cache = cpm.forward(step_params, tokens[:, t:t + 1], TINY, cache=cache)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
   assert int(cache["index"]) == 24

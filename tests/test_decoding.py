@@ -78,8 +78,12 @@ def test_cached_decoding_on_tensor_sharded_mesh(params):
   sharded = jax.device_put(params, shardings)
   assert sharded["blocks"]["attn"]["qkv_kernel"].sharding.spec[3] == "tensor"
   tokens, lengths = decoding.prepare_prompts(PROMPTS, CONFIG.max_positions - STEPS, eod_id=EOD, pad_id=PAD)
-  with partitioning.activate(mesh):  # in the decode layout that `generate` uses: per-layer weights and cache
-    out, logits, keys = jax.jit(greedy_with_logits)(cpm.unstack_layers(sharded), tokens, lengths)
+  decode_params = cpm.decode_layout(sharded)  # per-layer [out, in] weights: the layout `generate` uses
+  # The conversion keeps the tensor-parallel split: qkv_weight's rows [heads * 3 * head_dim] are split over tensor.
+  assert decode_params["blocks"][0]["attn"]["qkv_weight"].sharding.spec[0] == "tensor"
+  assert cpm.decode_layout(decode_params) is decode_params
+  with partitioning.activate(mesh):
+    out, logits, keys = jax.jit(greedy_with_logits)(decode_params, tokens, lengths)
   # The cache really is split: its [batch * heads] rows over `data` (batch) and `tensor` (heads).
   assert len(keys) == CONFIG.num_layers
   assert keys[0].shape == (len(PROMPTS) * CONFIG.num_heads, CONFIG.head_dim, tokens.shape[1] - 1 + STEPS)

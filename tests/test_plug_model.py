@@ -201,7 +201,7 @@ def test_cached_decoding_matches_full_decoder_pass(mesh_sizes):
   hidden = encode(params, src, config, segment_ids=segments)
   full, _ = decode(params, tgt, config, encoder_hidden=hidden, encoder_segment_ids=segments)
   full = plug.decoder_logits(params, full, config)
-  with pytest.raises(ValueError, match="unstack_decoder"):
+  with pytest.raises(ValueError, match="decode_layout"):
     plug.init_cache(params, config, hidden, segments, length=8)
 
   @jax.jit
@@ -222,7 +222,7 @@ def test_cached_decoding_matches_full_decoder_pass(mesh_sizes):
     params = jax.device_put(params, partitioning.tree_shardings(plug.logical_axes(config), mesh, params))
     context = partitioning.activate(mesh)
   with context:
-    logits, cache = cached(plug.unstack_decoder(params), hidden)
+    logits, cache = cached(plug.decode_layout(params), hidden)
   np.testing.assert_allclose(logits, full, atol=2e-5, rtol=1e-4)
   assert int(cache["index"]) == 5
   # One array per layer, [batch * heads] rows: self-attention K/V for 8 slots, cross-attention K/V over the 9 source

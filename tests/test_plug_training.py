@@ -143,7 +143,7 @@ def test_generation_cached_greedy_equals_recompute_and_sep_suppression():
     assert got == [t for t in prefix[1:] if t != sep_id]
   beam1 = decoding.BeamSearchConfig(max_new_tokens=6, beam_size=1, length_penalty=0.0, min_length=0)
   # Params already in the decode layout are taken as they are.
-  assert plug.generate(plug.unstack_decoder(params), sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
+  assert plug.generate(plug.decode_layout(params), sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
 
   # A model that prefers [SEP] everywhere: sampling holds it back until 80% of the length, beam search until
   # min_length.

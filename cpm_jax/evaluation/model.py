@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -91,8 +92,10 @@ def cpm_language_model(params: dict, config: cpm.CPMConfig, tokenizer: Any, *, b
                                     batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict,
                                     progress=progress, names=names)
 
+  decoding_params = functools.cache(lambda: cpm.decode_layout(params))  # one copy for every generate call
+
   def generate(prompts):
-    return decoding.generate(params, prompts, config, decoding_config, eod_id=tokenizer.eod_id,
+    return decoding.generate(decoding_params(), prompts, config, decoding_config, eod_id=tokenizer.eod_id,
                              pad_id=tokenizer.pad_id, batch_size=batch_size, strict=strict, mesh=mesh,
                              progress=progress)
 

@@ -87,7 +87,7 @@ def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTo
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   greedy = isinstance(decoding_config, decoding.SamplingConfig) and decoding_config.greedy
   on_mesh = (lambda: partitioning.activate(mesh)) if mesh is not None else contextlib.nullcontext
-  decoding_params = functools.cache(lambda: plug.unstack_decoder(params))  # one copy for every generate call
+  decoding_params = functools.cache(lambda: plug.decode_layout(params))  # one copy for every generate call
 
   def generate(prompts):
     if config.num_decoder_layers == 0:

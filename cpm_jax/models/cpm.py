@@ -11,6 +11,7 @@ Params layout (every block param is stacked over layers on a leading `layers` ax
   blocks/ln_2/{scale,bias} [L, embed]
   blocks/mlp/in_kernel [L, embed, mlp], in_bias [L, mlp], out_kernel [L, mlp, embed], out_bias [L, embed]
   ln_f/{scale,bias} [embed]
+Cached decoding takes the blocks per layer with each dense kernel a matrix [out, in] (`decode_layout`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer
 
   k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one array per layer in
   `layers.cached_attention`'s layouts, k [batch * heads, head_dim, length] and v [batch * heads, length,
-  head_dim] (the layout for `unstack_layers` params: no per-step slicing or restacking, and the attention dots
+  head_dim] (the layout for `decode_layout` params: no per-step slicing or restacking, and the attention dots
   read it in place). num_layers defaults to config.num_layers (PLUG's decoder passes its own, with its config).
   """
   dtype = dtype or config.compute_dtype
@@ -146,13 +147,23 @@ def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False,
           "positions": ("batch", "cache_length"), "index": ()}
 
 
-def unstack_layers(params: dict) -> dict:
-  """params with `blocks` as a tuple of per-layer trees: the decode layout.
+def decode_layout(params: dict) -> dict:
+  """params in the decode layout: `blocks` as a tuple of per-layer trees whose dense weights are stored [out, in]
+  (`layers.decode_layout`). Params already in it are returned as they are.
 
-  A cached decode step under jit then reads every layer's weights in place; with stacked blocks XLA copies
-  each layer's slice on every step (three times the weight traffic). Costs one copy of the block weights.
+  Cached decoding under jit then reads every layer's weights in place (with stacked blocks XLA copies each layer's
+  slice on every step), as matrix-vector products over weights whose contracted dim is minor (faster on XLA:CPU).
+  The conversion is compiled on its own, outside any decode program, and costs one copy of the block weights:
+  callers that generate repeatedly convert once (`decoding.generate` converts per call otherwise).
   """
-  return {**params, "blocks": layers.unstack(params["blocks"])}
+  if isinstance(params["blocks"], tuple):
+    return params
+  return _to_decode_layout(params)
+
+
+@jax.jit
+def _to_decode_layout(params: dict) -> dict:
+  return {**params, "blocks": tuple(layers.decode_layout(block) for block in layers.unstack(params["blocks"]))}
 
 
 # ---- forward -----------------------------------------------------------------------------------
@@ -194,7 +205,7 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
   tokens: int [batch, length]. positions: per-token positions (default 0.. or continuing the cache);
   they restart per document in packed rows. segment_ids: document id per token, 0 = padding
   (default all 1). dropout_rng: enables dropout. cache: from `init_cache`; the tokens are appended
-  at cache["index"] and attend to everything cached before them. params may be in the `unstack_layers`
+  at cache["index"] and attend to everything cached before them. params may be in the `decode_layout`
   layout (then with a per_layer cache).
   """
   batch, length = tokens.shape
@@ -215,7 +226,7 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
     kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, offset, axis=1)
     mask = layers.attention_mask(segment_ids, kv_segments, positions, kv_positions)
 
-  per_layer = isinstance(params["blocks"], tuple)  # `unstack_layers` layout (decoding)
+  per_layer = isinstance(params["blocks"], tuple)  # `decode_layout` (decoding)
 
   def body(x, layer_inputs):
     layer_params, index, kv = layer_inputs

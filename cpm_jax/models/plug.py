@@ -7,7 +7,7 @@ pre-LN blocks of causal self-attention, cross-attention over the final encoder o
 logits tied to the word embedding without bias. erf-GELU everywhere.
 
 Params layout (block params stacked over layers on a leading `layers` axis; attention as in CPM; cached
-decoding takes the decoder blocks per layer, see `unstack_decoder`):
+decoding takes the decoder blocks per layer, see `decode_layout`):
   embed/wte [vocab, embed], embed/wpe [positions, embed], embed/wtt [token_types, embed], embed/ln
   encoder/blocks/{ln_1, attn, ln_2, mlp}, encoder/ln_f (pre-LN only)
     pre-LN: ln_1 precedes attention, ln_2 the FFN. post-LN: ln_1 follows the attention residual
@@ -267,25 +267,31 @@ def classification_logits(params: dict, hidden: jax.Array, config: PlugConfig,
 
 # ---- decoder -----------------------------------------------------------------------------------
 
-def unstack_decoder(params: dict) -> dict:
-  """params with decoder/blocks as a tuple of per-layer trees: the layout of cached decoding (as
-  cpm.unstack_layers: no per-step slicing of stacked weights; costs one copy of the decoder block weights).
+def decode_layout(params: dict) -> dict:
+  """params with decoder/blocks in the layout of cached decoding, as cpm.decode_layout: a tuple of per-layer trees
+  with [out, in] dense weights, converted by a program of its own at the cost of one copy of the decoder blocks.
   Params already in this layout are returned as they are."""
   if isinstance(params["decoder"]["blocks"], tuple):
     return params
-  return {**params, "decoder": {**params["decoder"], "blocks": layers.unstack(params["decoder"]["blocks"])}}
+  return _to_decode_layout(params)
+
+
+@jax.jit
+def _to_decode_layout(params: dict) -> dict:
+  blocks = tuple(layers.decode_layout(block) for block in layers.unstack(params["decoder"]["blocks"]))
+  return {**params, "decoder": {**params["decoder"], "blocks": blocks}}
 
 
 def _decoder_layers(params: dict) -> tuple:
   blocks = params["decoder"]["blocks"]
   if not isinstance(blocks, tuple):
-    raise ValueError("Cached decoding needs params in the plug.unstack_decoder layout (per-layer decoder blocks).")
+    raise ValueError("Cached decoding needs params in plug.decode_layout (per-layer decoder blocks).")
   return blocks
 
 
 def init_cache(params: dict, config: PlugConfig, encoder_hidden: jax.Array, encoder_segment_ids: jax.Array,
                length: int, dtype=None) -> dict:
-  """Decoder cache for params in the `unstack_decoder` layout, per layer: empty self-attention K/V (cpm.init_cache's
+  """Decoder cache for params in `decode_layout`, per layer: empty self-attention K/V (cpm.init_cache's
   per_layer layout) and the cross-attention K/V over the encoder output in the same layouts (cross_k [batch *
   heads, head_dim, src], cross_v [batch * heads, src, head_dim]), computed once here (every step reuses them)."""
   dtype = dtype or config.compute_dtype
@@ -339,7 +345,7 @@ def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidde
   """Decoder hidden states [batch, length, embed] (after the final LN) and the updated cache.
 
   Without a cache, `encoder_hidden` (and its segment ids, default all 1) is required and decoder segment
-  k attends encoder segment k. With a cache from `init_cache` (params in the `unstack_decoder` layout), tokens
+  k attends encoder segment k. With a cache from `init_cache` (params in `decode_layout`), tokens
   are appended at cache["index"] and the cached cross K/V are used.
   """
   if config.num_decoder_layers == 0:
@@ -505,8 +511,8 @@ def warm_start(params: dict, pretrained: dict) -> tuple[dict, list[str]]:
 def prefill(params: dict, sources: jax.Array, source_segment_ids: jax.Array, config: PlugConfig, cache_length: int,
             *, cls_id: int, source_token_types: jax.Array | None = None) -> tuple[dict, jax.Array]:
   """Encodes right-padded sources [batch, src] once; returns (decoder cache holding the cross-attention K/V,
-  first decoder tokens = [CLS]) for decoding.sample_loop / beam_search_loop with `step_fn`. params in the
-  `unstack_decoder` layout."""
+  first decoder tokens = [CLS]) for decoding.sample_loop / beam_search_loop with `step_fn`. params in
+  `decode_layout`."""
   hidden = encode(params, sources, config, token_types=source_token_types, segment_ids=source_segment_ids)
   cache = init_cache(params, config, hidden, source_segment_ids, cache_length)
   cache = jax.tree.map(partitioning.constrain, cache, cache_logical_axes(config),
@@ -515,7 +521,7 @@ def prefill(params: dict, sources: jax.Array, source_segment_ids: jax.Array, con
 
 
 def step_fn(config: PlugConfig, *, suppress_id: int | None = None, suppress_before: int = 0):
-  """One cached decoder step (params in the `unstack_decoder` layout): tokens [batch, 1] -> (float32 logits
+  """One cached decoder step (params in `decode_layout`): tokens [batch, 1] -> (float32 logits
   [batch, 1, vocab], cache).
 
   `suppress_id` (PLUG's sampling: [SEP]) cannot be produced before `suppress_before` other new tokens.
@@ -535,7 +541,6 @@ def step_fn(config: PlugConfig, *, suppress_id: int | None = None, suppress_befo
 def _generator(config: PlugConfig, decoding: Any, cls_id: int, sep_id: int, pad_id: int, sep_fraction: float):
   """Jitted (sources, segment ids, token types, rng) -> (tokens, lengths) for one setting."""
   def run(params, sources, segment_ids, token_types, rng):
-    params = unstack_decoder(params)
     cache, first = prefill(params, sources, segment_ids, config, decoding.max_new_tokens, cls_id=cls_id,
                            source_token_types=token_types)
     if isinstance(decoding, decoding_lib.BeamSearchConfig):
@@ -557,9 +562,9 @@ def generate(params: dict, sources: Sequence[Sequence[int]], config: PlugConfig,
 
   decoding: a decoding.BeamSearchConfig (GNMT length penalty; [SEP] forbidden before min_length) or a
   SamplingConfig (PLUG's: top_k 20, temperature 0.9; [SEP] forbidden before sep_fraction x max_new_tokens).
-  Sources are right-padded to a power-of-two width; the decoder starts from [CLS]. Decoding runs on a per-layer
-  copy of the decoder blocks made inside the compiled call (`unstack_decoder`); params already in that layout
-  (unstack_decoder(params), made once by a caller that generates repeatedly) are used without a copy.
+  Sources are right-padded to a power-of-two width; the decoder starts from [CLS]. Decoding runs on params in
+  `decode_layout`: params in the training layout are converted first (a copy of the decoder blocks); callers that
+  generate repeatedly pass decode_layout(params), converted once.
   """
   if not sources:
     return []
@@ -577,6 +582,6 @@ def generate(params: dict, sources: Sequence[Sequence[int]], config: PlugConfig,
   if isinstance(decoding, decoding_lib.SamplingConfig):
     decoding = dataclasses.replace(decoding, seed=0)  # an input, not a reason to recompile
   run = _generator(config, decoding, cls_id, sep_id, pad_id, sep_fraction)
-  out, lengths = jax.device_get(run(params, tokens, segment_ids, types, rng))
+  out, lengths = jax.device_get(run(decode_layout(params), tokens, segment_ids, types, rng))
   return [row[:n].tolist() for row, n in zip(out, lengths)]
 
