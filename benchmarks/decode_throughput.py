@@ -3,9 +3,9 @@
 Same architecture (cpm_small shape unless overridden), same prompt (32 tokens), 64 new tokens, batch 1
 and 8, float32 on CPU, PyTorch with one thread per core like XLA; cpm_jax decodes from params converted once to
 its decode layout (as experiments/generate.py does). Also prints the physical limit at batch 1: every
-weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (bytes of params); and, as a
-reference that shares whatever load the machine is under, an on-device loop of bare matrix-vector products
-over the same weights.
+weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (bytes of params); and at each batch
+size an on-device loop of bare matrix products over the same weights, the ceiling of a decode step. cpm_jax,
+transformers and the bare loop run in turn in every timed round, so they meet the same load.
 
   .venv/bin/python benchmarks/decode_throughput.py
 """
@@ -16,12 +16,13 @@ import os
 
 from absl import app, flags
 
-from benchmark_timing import best_time
+from benchmark_timing import best_time, best_times
 
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
 flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row (no early stop).")
-flags.DEFINE_integer("repeats", 3, "Timed runs per setting (the best is reported).")
+flags.DEFINE_integer("repeats", 5, "Timed rounds per batch size, each running cpm_jax, transformers and the bare loop "
+                     "in turn (the best of each is reported).")
 flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch threads (XLA uses one per core).")
 flags.DEFINE_integer("num_layers", 12, "Model shape: layers (cpm_small: 12).")
 flags.DEFINE_integer("embed_dim", 768, "Model shape: hidden size (cpm_small: 768).")
@@ -103,22 +104,22 @@ def main(argv):
   limit = xla_bw * 1e9 / param_bytes
   print(f"matvec bandwidth: XLA {xla_bw:.1f} GB/s, PyTorch {torch_bw:.1f} GB/s -> batch-1 limit "
         f"{limit:.1f} tokens/s")
-  loop = best_time(weight_streaming_loop(params, new), FLAGS.repeats)
-  print(f"bare matvec loop over the same weights (same run, same load): {new / loop:.1f} tokens/s")
   convert = best_time(lambda: jax.block_until_ready(cpm.decode_layout(params)), FLAGS.repeats)
   decode_params = cpm.decode_layout(params)
   print(f"params converted once to the decode layout (cpm.decode_layout, {convert * 1e3:.0f} ms; generate() "
         "converts training-layout params on every call)")
   for batch in map(int, FLAGS.batch_sizes):
     prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, FLAGS.prompt_length))
-    ours = best_time(lambda: decoding.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1,
-                                               pad_id=5), FLAGS.repeats)
     inputs = torch.from_numpy(prompts)
-    with torch.inference_mode():
-      theirs = best_time(lambda: hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False,
-                                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0),
-                         FLAGS.repeats)
-    bare = loop if batch == 1 else best_time(weight_streaming_loop(params, new, batch), FLAGS.repeats)
+
+    def transformers_generate():
+      with torch.inference_mode():
+        hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=new,
+                    min_new_tokens=new, pad_token_id=0)
+
+    ours, theirs, bare = best_times([
+        lambda: decoding.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
+        transformers_generate, weight_streaming_loop(params, new, batch)], FLAGS.repeats)
     ours_tps, theirs_tps, bare_tps = batch * new / ours, batch * new / theirs, batch * new / bare
     line = (f"batch {batch}: cpm_jax {ours_tps:.1f} tokens/s, transformers {theirs_tps:.1f} tokens/s, "
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
