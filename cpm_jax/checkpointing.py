@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 from typing import Any
@@ -80,12 +81,21 @@ def _sync(name: str) -> None:
 
 # ---- params-only checkpoints -------------------------------------------------------------------
 
+def absolute_path(directory: epath.PathLike) -> epath.Path:
+  """`directory` as an absolute path: Orbax refuses relative ones, so a local relative path (e.g. a workdir flag
+  such as workdir/demo) is taken from the current directory. Remote paths (gs://...) are kept as given."""
+  path = epath.Path(directory)
+  if "://" in os.fspath(directory) or path.is_absolute():
+    return path
+  return epath.Path(os.path.abspath(os.fspath(directory)))
+
+
 def save_params(directory: epath.PathLike, params: Any, metadata: dict) -> epath.Path:
   """Writes `params` (Orbax) and `metadata` (JSON) to `directory`, atomically; call on every process.
 
   The files are written under `<directory>.incomplete` and renamed once complete.
   """
-  directory = epath.Path(directory)
+  directory = absolute_path(directory)
   try:
     metadata_text = json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False)
   except TypeError as e:
@@ -126,7 +136,7 @@ def restore_params(directory: epath.PathLike, abstract_params: Any = None,
   path for path and shape for shape (ValueError naming the first difference); dtypes are cast to it.
   Each array is read directly into its sharding from `shardings` (default: the first local device).
   """
-  directory = epath.Path(directory)
+  directory = absolute_path(directory)
   metadata = read_metadata(directory)
   with ocp.StandardCheckpointer() as checkpointer:
     stored = checkpointer.metadata(directory / PARAMS_DIR).item_metadata.tree
@@ -141,7 +151,7 @@ def restore_params(directory: epath.PathLike, abstract_params: Any = None,
 def restore_any_params(directory: epath.PathLike, abstract_params: Any = None, shardings: Any = None) -> Any:
   """Params of the `save_params` checkpoint at `directory`, or of the latest checkpoint of the training workdir
   there (its optimizer state is not read); checked and placed as in `restore_params`."""
-  directory = epath.Path(directory)
+  directory = absolute_path(directory)
   if (directory / METADATA_FILE).exists():
     return restore_params(directory, abstract_params, shardings)[0]
   if (directory / "checkpoints").is_dir():
@@ -204,7 +214,7 @@ class Checkpointer:
 
   def __init__(self, directory: epath.PathLike, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
                keep_period: int | None = None, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     self._save_interval_steps = save_interval_steps
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,

@@ -205,6 +205,18 @@ def test_retention_interval_and_forced_saves(tmp_path, params):
   assert int(restored.step) == 8 and iterator.position == 0
 
 
+def test_relative_directories_are_taken_from_the_working_directory(tmp_path, params, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # as `--workdir=workdir/demo` is, from where the script runs
+  checkpointing.save_params("exports/tiny", params, {"family": "cpm"})
+  restored, _ = checkpointing.restore_params("exports/tiny")
+  _assert_bitwise_equal(restored, params)
+  state = _make_state(params, 0)
+  with checkpointing.Checkpointer("workdir/checkpoints", save_interval_steps=1) as checkpointer:
+    assert checkpointer.maybe_save(1, state)
+  assert (tmp_path / "workdir/checkpoints/1").is_dir()
+  _assert_bitwise_equal(checkpointing.restore_any_params("workdir"), state.params)
+
+
 def test_restore_errors_name_what_is_wrong(tmp_path, params):
   state = _make_state(params, 0)
   abstract = jax.eval_shape(lambda: state)
