@@ -69,9 +69,6 @@ def stacked(specs: Any, num_layers: int) -> Any:
   return jax.tree.map(stack, specs, is_leaf=is_spec)
 
 
-def unstack(tree: Any) -> tuple:
-  """A tree stacked on a leading `layers` axis as a tuple of per-layer trees (the cached-decoding layout)."""
-  return tuple(jax.tree.map(lambda a, i=i: a[i], tree) for i in range(jax.tree.leaves(tree)[0].shape[0]))
 
 
 def init_from_specs(specs: Any, key: jax.Array, dtype=jnp.float32) -> Any:
@@ -279,6 +276,13 @@ def decode_layout(block: dict) -> dict:
     else:
       converted[key] = value
   return converted
+
+
+def decode_blocks(stacked: Any) -> tuple:
+  """Blocks stacked on a leading `layers` axis in the decode layout: a tuple of per-layer trees, each in
+  `decode_layout`."""
+  count = jax.tree.leaves(stacked)[0].shape[0]
+  return tuple(decode_layout(jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count))
 
 
 def project_qkv(x: jax.Array, params: dict, dtype) -> jax.Array:

@@ -163,7 +163,7 @@ def decode_layout(params: dict) -> dict:
 
 @jax.jit
 def _to_decode_layout(params: dict) -> dict:
-  return {**params, "blocks": tuple(layers.decode_layout(block) for block in layers.unstack(params["blocks"]))}
+  return {**params, "blocks": layers.decode_blocks(params["blocks"])}
 
 
 # ---- forward -----------------------------------------------------------------------------------

@@ -278,8 +278,7 @@ def decode_layout(params: dict) -> dict:
 
 @jax.jit
 def _to_decode_layout(params: dict) -> dict:
-  blocks = tuple(layers.decode_layout(block) for block in layers.unstack(params["decoder"]["blocks"]))
-  return {**params, "decoder": {**params["decoder"], "blocks": blocks}}
+  return {**params, "decoder": {**params["decoder"], "blocks": layers.decode_blocks(params["decoder"]["blocks"])}}
 
 
 def _decoder_layers(params: dict) -> tuple:
