@@ -188,45 +188,38 @@ def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.where(mask.any(-1, keepdims=True), weights, 0.0)
 
 
-# Logical axes of one layer's decode cache in `cached_attention`'s layouts.
-CACHE_KEYS_AXES = ("batch*act_heads", None, "cache_length")
-CACHE_VALUES_AXES = ("batch*act_heads", "cache_length", None)
+# Logical axes of a decode cache array (keys or values, one layer) in `cached_attention`'s layout.
+CACHE_AXES = ("batch*act_heads", "cache_length", None)
 
 
 def empty_cache(batch: int, heads: int, length: int, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
-  """One layer's empty decode cache (keys, values) for `length` slots, in `cached_attention`'s layouts."""
-  return (jnp.zeros((batch * heads, head_dim, length), dtype), jnp.zeros((batch * heads, length, head_dim), dtype))
+  """One layer's empty decode cache (keys, values) for `length` slots, each [batch * heads, length, head_dim]."""
+  return tuple(jnp.zeros((batch * heads, length, head_dim), dtype) for _ in range(2))
 
 
-def cache_keys(k: jax.Array) -> jax.Array:
-  """Keys [b, t, heads, d] in the decode cache's layout, [b * heads, d, t] (see `cached_attention`)."""
-  b, t, heads, d = k.shape
-  return jnp.transpose(k, (0, 2, 3, 1)).reshape(b * heads, d, t)
-
-
-def cache_values(v: jax.Array) -> jax.Array:
-  """Values [b, t, heads, d] in the decode cache's layout, [b * heads, t, d] (see `cached_attention`)."""
-  b, t, heads, d = v.shape
-  return jnp.swapaxes(v, 1, 2).reshape(b * heads, t, d)
+def cache_layout(x: jax.Array) -> jax.Array:
+  """Keys or values [b, t, heads, d] in the decode cache's layout, [b * heads, t, d] (see `cached_attention`)."""
+  b, t, heads, d = x.shape
+  return jnp.swapaxes(x, 1, 2).reshape(b * heads, t, d)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
                      implementation: Literal["xla", "jax", "cudnn"] = "xla") -> jax.Array:
-  """`dot_product_attention` of queries [b, t, heads, d] over a decode cache: keys [b * heads, d, length]
-  (stored transposed) and values [b * heads, length, d], the layouts of `cache_keys` / `cache_values`.
+  """`dot_product_attention` of queries [b, t, heads, d] over a decode cache: keys and values
+  [b * heads, length, d] (`cache_layout`).
 
-  Both attention products are then plain batched matrix products over the cache as stored. With keys
-  [b, length, heads, d] XLA:CPU transposed every layer's cache before every decode step's dots (~8% of a batch-1
-  step), and any 4-D cache in the decode loop (b and heads as two axes) made it copy the whole cache around
-  each in-place update, because the dots need the [b * heads] view.
+  Both attention products are then batched matrix products over the cache as stored, and a step's new keys and
+  values are written as contiguous [d] rows. Any 4-D cache in the decode loop (b and heads as two axes) made
+  XLA:CPU copy or transpose the whole cache around each step, because the dots need the [b * heads] view; keys
+  stored transposed ([b * heads, d, length]) made each step's write a strided scatter of single floats (~2.5% of
+  a batch-8 step).
   """
   b, t, heads, d = q.shape
-  length = keys.shape[-1]
+  length = keys.shape[1]
   if implementation != "xla":
-    return dot_product_attention(q, jnp.transpose(keys.reshape(b, heads, d, length), (0, 3, 1, 2)),
-                                 jnp.swapaxes(values.reshape(b, heads, length, d), 1, 2), mask, implementation)
-  queries = jnp.swapaxes(q, 1, 2).reshape(b * heads, t, d)
-  logits = jnp.einsum("nqd,ndk->nqk", queries, keys, preferred_element_type=jnp.float32)
+    return dot_product_attention(q, *(jnp.swapaxes(a.reshape(b, heads, length, d), 1, 2) for a in (keys, values)),
+                                 mask, implementation)
+  logits = jnp.einsum("nqd,nkd->nqk", cache_layout(q), keys, preferred_element_type=jnp.float32)
   weights = _masked_softmax(logits.reshape(b, heads, t, length) / math.sqrt(d), mask)
   out = jnp.einsum("nqk,nkd->nqd", weights.astype(values.dtype).reshape(b * heads, t, length), values)
   return jnp.swapaxes(out.reshape(b, heads, t, d), 1, 2)
@@ -309,8 +302,8 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
   qkv = project_qkv(x, params, dtype)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   if kv is not None and heads_major:
-    kv = (jax.lax.dynamic_update_slice_in_dim(kv[0], cache_keys(k).astype(kv[0].dtype), cache_index, axis=2),
-          jax.lax.dynamic_update_slice_in_dim(kv[1], cache_values(v).astype(kv[1].dtype), cache_index, axis=1))
+    kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
+               for cached, new in zip(kv, (k, v)))
     out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
     return project_out(out, params, dtype), kv
   if kv is not None:

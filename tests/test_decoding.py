@@ -86,7 +86,7 @@ def test_cached_decoding_on_tensor_sharded_mesh(params):
     out, logits, keys = jax.jit(greedy_with_logits)(decode_params, tokens, lengths)
   # The cache really is split: its [batch * heads] rows over `data` (batch) and `tensor` (heads).
   assert len(keys) == CONFIG.num_layers
-  assert keys[0].shape == (len(PROMPTS) * CONFIG.num_heads, CONFIG.head_dim, tokens.shape[1] - 1 + STEPS)
+  assert keys[0].shape == (len(PROMPTS) * CONFIG.num_heads, tokens.shape[1] - 1 + STEPS, CONFIG.head_dim)
   assert keys[0].sharding.spec[0] == ("data", "tensor")  # fsdp (size 1) dropped
   assert keys[0].addressable_shards[0].data.shape[0] == len(PROMPTS) * CONFIG.num_heads // 8
   assert_matches_recomputation(params, np.asarray(out), np.asarray(logits))

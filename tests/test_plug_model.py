@@ -226,10 +226,10 @@ def test_cached_decoding_matches_full_decoder_pass(mesh_sizes):
   np.testing.assert_allclose(logits, full, atol=2e-5, rtol=1e-4)
   assert int(cache["index"]) == 5
   # One array per layer, [batch * heads] rows: self-attention K/V for 8 slots, cross-attention K/V over the 9 source
-  # tokens; keys are stored transposed ([rows, head_dim, length]).
+  # tokens ([rows, length, head_dim]).
   assert len(cache["k"]) == len(cache["cross_v"]) == config.num_decoder_layers
   assert cache["k"][1].shape == (2 * 8, 8, 8) and cache["v"][1].shape == (2 * 8, 8, 8)
-  assert cache["cross_k"][1].shape == (2 * 8, 8, 9) and cache["cross_v"][1].shape == (2 * 8, 9, 8)
+  assert cache["cross_k"][1].shape == (2 * 8, 9, 8) and cache["cross_v"][1].shape == (2 * 8, 9, 8)
   if mesh_sizes:
     assert cache["k"][1].sharding.spec[0] == ("data", "tensor")
     assert cache["cross_v"][1].sharding.spec[0] == ("data", "tensor")

@@ -115,9 +115,9 @@ def init_cache(config: CPMConfig, batch: int, length: int, dtype=None, per_layer
   """Empty KV cache for `length` positions; slots with segment id 0 are never attended.
 
   k/v are [layers, batch, length, heads, head_dim], or with per_layer a tuple of one array per layer in
-  `layers.cached_attention`'s layouts, k [batch * heads, head_dim, length] and v [batch * heads, length,
-  head_dim] (the layout for `decode_layout` params: no per-step slicing or restacking, and the attention dots
-  read it in place). num_layers defaults to config.num_layers (PLUG's decoder passes its own, with its config).
+  `layers.cached_attention`'s layout, [batch * heads, length, head_dim] (the layout for `decode_layout` params: no
+  per-step slicing or restacking, and the attention dots read it in place). num_layers defaults to
+  config.num_layers (PLUG's decoder passes its own, with its config).
   """
   dtype = dtype or config.compute_dtype
   num_layers = num_layers or config.num_layers
@@ -140,7 +140,7 @@ def cache_logical_axes(config: CPMConfig | None = None, per_layer: bool = False,
   """Logical axes of `init_cache`'s tree (per_layer needs the number of layers: num_layers or the config's)."""
   if per_layer:
     num_layers = num_layers or config.num_layers
-    k, v = (layers.CACHE_KEYS_AXES,) * num_layers, (layers.CACHE_VALUES_AXES,) * num_layers
+    k = v = (layers.CACHE_AXES,) * num_layers
   else:
     k = v = ("layers", "batch", "cache_length", "act_heads", None)
   return {"k": k, "v": v, "segment_ids": ("batch", "cache_length"),

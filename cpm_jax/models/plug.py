@@ -291,15 +291,15 @@ def _decoder_layers(params: dict) -> tuple:
 def init_cache(params: dict, config: PlugConfig, encoder_hidden: jax.Array, encoder_segment_ids: jax.Array,
                length: int, dtype=None) -> dict:
   """Decoder cache for params in `decode_layout`, per layer: empty self-attention K/V (cpm.init_cache's
-  per_layer layout) and the cross-attention K/V over the encoder output in the same layouts (cross_k [batch *
-  heads, head_dim, src], cross_v [batch * heads, src, head_dim]), computed once here (every step reuses them)."""
+  per_layer layout) and the cross-attention K/V over the encoder output in the same layout (cross_k, cross_v
+  [batch * heads, src, head_dim]), computed once here (every step reuses them)."""
   dtype = dtype or config.compute_dtype
   cache = cpm.init_cache(config, encoder_hidden.shape[0], length, dtype, per_layer=True,
                          num_layers=config.num_decoder_layers)
   kv = [layers.project_qkv(encoder_hidden, block["cross_attn"], config.compute_dtype).astype(dtype)
         for block in _decoder_layers(params)]  # [batch, src, k/v, heads, head_dim] per layer
-  return {**cache, "cross_k": tuple(layers.cache_keys(a[:, :, 0]) for a in kv),
-          "cross_v": tuple(layers.cache_values(a[:, :, 1]) for a in kv),
+  return {**cache, "cross_k": tuple(layers.cache_layout(a[:, :, 0]) for a in kv),
+          "cross_v": tuple(layers.cache_layout(a[:, :, 1]) for a in kv),
           "encoder_segment_ids": encoder_segment_ids.astype(jnp.int32)}
 
 
