@@ -5,7 +5,7 @@ and 8, float32 on CPU, PyTorch with one thread per core like XLA; cpm_jax decode
 its decode layout (as experiments/generate.py does). Also prints the physical limit at batch 1: every
 weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (bytes of params); and at each batch
 size an on-device loop of bare matrix products over the same weights, the ceiling of a decode step. cpm_jax,
-transformers and the bare loop run in turn in every timed round, so they meet the same load.
+transformers, the bare loop and the bandwidth probes run in turn in every timed round, so they meet the same load.
 
   .venv/bin/python benchmarks/decode_throughput.py
 """
@@ -30,8 +30,9 @@ flags.DEFINE_integer("num_heads", 12, "Model shape: heads (cpm_small: 12).")
 FLAGS = flags.FLAGS
 
 
-def matvec_bandwidth(repeats: int) -> tuple[float, float]:
-  """GB/s streamed by a batch-1 float32 matrix-vector product over a 256 MB matrix: (XLA, PyTorch)."""
+def matvec_products(times: int = 5) -> tuple[int, list]:
+  """Bytes streamed by two calls that each run `times` batch-1 matrix-vector products over a 256 MB float32
+  matrix: (XLA, PyTorch)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -40,11 +41,17 @@ def matvec_bandwidth(repeats: int) -> tuple[float, float]:
   matrix = np.random.default_rng(0).standard_normal((8192, 8192), dtype=np.float32)
   w, x = jnp.asarray(matrix), jnp.ones((1, 8192), jnp.float32)
   product = jax.jit(lambda x, w: x @ w)
-  xla = best_time(lambda: product(x, w).block_until_ready(), 5 * repeats)
   wt, xt = torch.from_numpy(matrix), torch.ones(1, 8192)
-  with torch.inference_mode():
-    pt = best_time(lambda: xt @ wt, 5 * repeats)
-  return matrix.nbytes / xla / 1e9, matrix.nbytes / pt / 1e9
+
+  def xla_products():
+    for _ in range(times):
+      product(x, w).block_until_ready()
+
+  def torch_products():
+    with torch.inference_mode():
+      for _ in range(times):
+        xt @ wt
+  return times * matrix.nbytes, [xla_products, torch_products]
 
 
 def weight_streaming_loop(params: dict, steps: int, batch: int = 1):
@@ -100,10 +107,7 @@ def main(argv):
   print(f"model: {config.num_layers} layers x {config.embed_dim}, {param_bytes / 1e6:.0f} MB float32 params; "
         f"prompt {FLAGS.prompt_length}, {new} new tokens, greedy; {FLAGS.threads} threads; "
         f"load average {os.getloadavg()[0]:.1f}")
-  xla_bw, torch_bw = matvec_bandwidth(FLAGS.repeats)
-  limit = xla_bw * 1e9 / param_bytes
-  print(f"matvec bandwidth: XLA {xla_bw:.1f} GB/s, PyTorch {torch_bw:.1f} GB/s -> batch-1 limit "
-        f"{limit:.1f} tokens/s")
+  matrix_bytes, matvecs = matvec_products()
   convert = best_time(lambda: jax.block_until_ready(cpm.decode_layout(params)), FLAGS.repeats)
   decode_params = cpm.decode_layout(params)
   print(f"params converted once to the decode layout (cpm.decode_layout, {convert * 1e3:.0f} ms; generate() "
@@ -117,15 +121,18 @@ def main(argv):
         hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=new,
                     min_new_tokens=new, pad_token_id=0)
 
-    ours, theirs, bare = best_times([
+    ours, theirs, bare, xla_matvec, torch_matvec = best_times([
         lambda: decoding.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
-        transformers_generate, weight_streaming_loop(params, new, batch)], FLAGS.repeats)
+        transformers_generate, weight_streaming_loop(params, new, batch), *matvecs], FLAGS.repeats)
     ours_tps, theirs_tps, bare_tps = batch * new / ours, batch * new / theirs, batch * new / bare
     line = (f"batch {batch}: cpm_jax {ours_tps:.1f} tokens/s, transformers {theirs_tps:.1f} tokens/s, "
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
             f"{bare_tps / theirs_tps:.2f}x transformers), cpm_jax reaches {bare / ours:.2f} of it")
     if batch == 1:
-      line += f"; {100 * ours_tps / limit:.0f}% of the weight-streaming limit"
+      limit = matrix_bytes / xla_matvec / param_bytes
+      line += (f"; matvec bandwidth XLA {matrix_bytes / xla_matvec / 1e9:.1f} GB/s, PyTorch "
+               f"{matrix_bytes / torch_matvec / 1e9:.1f} GB/s -> weight-streaming limit {limit:.1f} tokens/s, "
+               f"cpm_jax reaches {100 * ours_tps / limit:.0f}% of it")
     print(line)
 
 
