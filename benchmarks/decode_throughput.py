@@ -121,18 +121,19 @@ def main(argv):
         hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=new,
                     min_new_tokens=new, pad_token_id=0)
 
-    ours, theirs, bare, xla_matvec, torch_matvec = best_times([
+    ours, theirs, bare, *probes = best_times([
         lambda: decoding.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
-        transformers_generate, weight_streaming_loop(params, new, batch), *matvecs], FLAGS.repeats)
+        transformers_generate, weight_streaming_loop(params, new, batch), *(matvecs if batch == 1 else [])],
+        FLAGS.repeats)
     ours_tps, theirs_tps, bare_tps = batch * new / ours, batch * new / theirs, batch * new / bare
     line = (f"batch {batch}: cpm_jax {ours_tps:.1f} tokens/s, transformers {theirs_tps:.1f} tokens/s, "
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
             f"{bare_tps / theirs_tps:.2f}x transformers), cpm_jax reaches {bare / ours:.2f} of it")
-    if batch == 1:
-      limit = matrix_bytes / xla_matvec / param_bytes
-      line += (f"; matvec bandwidth XLA {matrix_bytes / xla_matvec / 1e9:.1f} GB/s, PyTorch "
-               f"{matrix_bytes / torch_matvec / 1e9:.1f} GB/s -> weight-streaming limit {limit:.1f} tokens/s, "
-               f"cpm_jax reaches {100 * ours_tps / limit:.0f}% of it")
+    if probes:
+      xla_bandwidth, torch_bandwidth = (matrix_bytes / probe for probe in probes)
+      limit = xla_bandwidth / param_bytes
+      line += (f"; matvec bandwidth XLA {xla_bandwidth / 1e9:.1f} GB/s, PyTorch {torch_bandwidth / 1e9:.1f} GB/s -> "
+               f"weight-streaming limit {limit:.1f} tokens/s, cpm_jax reaches {100 * ours_tps / limit:.0f}% of it")
     print(line)
 
 

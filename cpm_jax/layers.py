@@ -198,7 +198,8 @@ def empty_cache(batch: int, heads: int, length: int, head_dim: int, dtype) -> tu
 
 
 def cache_layout(x: jax.Array) -> jax.Array:
-  """Keys or values [b, t, heads, d] in the decode cache's layout, [b * heads, t, d] (see `cached_attention`)."""
+  """Keys or values [b, t, heads, d] in the decode cache's layout, [b * heads, t, d] (see `cached_attention`;
+  queries take it too, for the batched attention products)."""
   b, t, heads, d = x.shape
   return jnp.swapaxes(x, 1, 2).reshape(b * heads, t, d)
 
