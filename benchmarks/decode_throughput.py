@@ -21,8 +21,8 @@ from benchmark_timing import best_time, best_times
 flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes to measure.")
 flags.DEFINE_integer("prompt_length", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per row (no early stop).")
-flags.DEFINE_integer("repeats", 5, "Timed rounds per batch size, each running cpm_jax, transformers and the bare loop "
-                     "in turn (the best of each is reported).")
+flags.DEFINE_integer("repeats", 5, "Timed rounds per batch size, each running cpm_jax, transformers, the bare loop "
+                     "and (batch 1) the bandwidth probes in turn (the best of each is reported).")
 flags.DEFINE_integer("threads", os.cpu_count(), "PyTorch threads (XLA uses one per core).")
 flags.DEFINE_integer("num_layers", 12, "Model shape: layers (cpm_small: 12).")
 flags.DEFINE_integer("embed_dim", 768, "Model shape: hidden size (cpm_small: 768).")
@@ -54,20 +54,18 @@ def matvec_products(times: int = 5) -> tuple[int, list]:
   return times * matrix.nbytes, [xla_products, torch_products]
 
 
-def weight_streaming_loop(params: dict, steps: int, batch: int = 1):
+def weight_streaming_loop(decode_params: dict, steps: int, batch: int = 1):
   """A jitted on-device loop of bare matrix products of `batch` rows over every decode matmul's weights (per
-  layer, plus the tied head), in the model's decode layout (`cpm.decode_layout`: [out, in]): the same weight bytes
+  layer, plus the tied head) of params in the decode layout (`cpm.decode_layout`: [out, in]): the same weight bytes
   and matmul FLOPs per token as decoding, nothing else (the ceiling of a decode step in XLA)."""
   import math
 
   import jax
   import jax.numpy as jnp
 
-  from cpm_jax.models import cpm
-
-  embed = params["embed"]["wte"].shape[1]
+  embed = decode_params["embed"]["wte"].shape[1]
   matrices = [part[f"{name}_weight"].reshape(math.prod(part[f"{name}_bias"].shape), -1)
-              for block in cpm.decode_layout(params)["blocks"]
+              for block in decode_params["blocks"]
               for part, name in ((block["attn"], "qkv"), (block["attn"], "out"), (block["mlp"], "in"),
                                  (block["mlp"], "out"))]
 
@@ -78,7 +76,7 @@ def weight_streaming_loop(params: dict, steps: int, batch: int = 1):
         x = x + jnp.einsum("bi,oi->bo", jnp.tile(x, (1, w.shape[1] // embed)), w)[:, :embed] * 1e-9
       return x + jnp.einsum("bi,oi->bo", x, wte)[:, :embed] * 1e-9
     return jax.lax.fori_loop(0, steps, body, jnp.ones((batch, embed)))
-  return lambda: run(matrices, params["embed"]["wte"]).block_until_ready()
+  return lambda: run(matrices, decode_params["embed"]["wte"]).block_until_ready()
 
 
 def main(argv):
@@ -123,7 +121,7 @@ def main(argv):
 
     ours, theirs, bare, *probes = best_times([
         lambda: decoding.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
-        transformers_generate, weight_streaming_loop(params, new, batch), *(matvecs if batch == 1 else [])],
+        transformers_generate, weight_streaming_loop(decode_params, new, batch), *(matvecs if batch == 1 else [])],
         FLAGS.repeats)
     ours_tps, theirs_tps, bare_tps = batch * new / ours, batch * new / theirs, batch * new / bare
     line = (f"batch {batch}: cpm_jax {ours_tps:.1f} tokens/s, transformers {theirs_tps:.1f} tokens/s, "

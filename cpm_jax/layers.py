@@ -69,8 +69,6 @@ def stacked(specs: Any, num_layers: int) -> Any:
   return jax.tree.map(stack, specs, is_leaf=is_spec)
 
 
-
-
 def init_from_specs(specs: Any, key: jax.Array, dtype=jnp.float32) -> Any:
   """Initial values for a tree of ParamSpecs, one independent key per leaf (by tree position)."""
   leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
