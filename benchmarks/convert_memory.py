@@ -2,8 +2,8 @@
 
 Builds a random cpm_medium-shaped GPT2LMHeadModel checkpoint (safetensors, float32; written tensor by tensor),
 then measures, each in a fresh process: peak RSS (VmHWM) and the RSS after imports (baseline) for
-  hf->orbax (save_params)   cpm_jax.convert.load_hf + save_orbax (what `convert_checkpoint.py --from=hf` runs)
-  orbax->hf                 cpm_jax.convert.load_orbax + save_hf (`--to=hf`)
+  hf->orbax (save_params)   the cpm family's hf load + orbax save (what `convert_checkpoint.py --from=hf` runs)
+  orbax->hf                 orbax load + hf save (`--to=hf`)
   orbax->megatron (mp=2)    load_orbax + save_megatron (`--to=megatron --mp=2`)
   megatron->orbax (mp=2)    load_megatron of those shards + save_orbax (`--from=megatron`)
   peer                      transformers.GPT2LMHeadModel.from_pretrained of the same directory, every weight read
@@ -69,9 +69,10 @@ def write_checkpoint(directory: pathlib.Path) -> int:
   """A random cpm-shaped HF checkpoint, generated and written one tensor at a time; returns its bytes."""
   import numpy as np
 
-  from cpm_jax.convert import cpm as cpm_layout
-  from cpm_jax.convert import hf
+  from cpm_jax.convert import safetensors_io
   from cpm_jax.models import cpm
+  from cpm_jax.models.cpm import convert as cpm_layout
+  from cpm_jax.models.cpm import hf
 
   config = cpm.CPMConfig(vocab_size=_VOCAB.value, num_layers=_LAYERS.value, embed_dim=_EMBED.value,
                          num_heads=_EMBED.value // 64, max_positions=_POSITIONS.value)
@@ -79,7 +80,7 @@ def write_checkpoint(directory: pathlib.Path) -> int:
   rng = np.random.default_rng(0)
   directory.mkdir(parents=True)
   (directory / "config.json").write_text(json.dumps(hf.gpt2_config(config)))
-  hf.safetensors_io.write(directory / "model.safetensors", [(t.key, t.dtype, t.shape) for t in wanted],
+  safetensors_io.write(directory / "model.safetensors", [(t.key, t.dtype, t.shape) for t in wanted],
                           (rng.standard_normal(t.shape, np.float32) * 0.02 for t in wanted), {"format": "pt"})
   return (directory / "model.safetensors").stat().st_size
 
@@ -93,18 +94,18 @@ def convert_case(case: str, workdir: pathlib.Path) -> float:
     with torch.no_grad():
       sum(float(param.sum()) for param in model.parameters())  # touch every weight (loading may be lazy)
     return rss_mib("VmHWM")
-  from cpm_jax import convert, partitioning
+  from cpm_jax import partitioning
+  from cpm_jax.models import registry
+  formats = registry.formats("cpm")
   source, target = case.split("_to_")
-  if source == "orbax":
-    loaded = convert.load_orbax(workdir / "orbax")
-  else:
-    loaded = convert.FORMATS["cpm"].loaders[source](workdir / source, mesh=partitioning.make_mesh())
+  mesh = None if source == "orbax" else partitioning.make_mesh()
+  loaded = formats[source].load(workdir / source, mesh=mesh)
   loaded_peak = rss_mib("VmHWM")
   if target == "megatron":
-    convert.save_megatron(loaded.params, loaded.config, workdir / "megatron", 2)
+    formats["megatron"].save(loaded.params, loaded.config, workdir / "megatron", num_ranks=2)
   else:  # hf->orbax writes the "orbax" input of the orbax->* cases
     output = workdir / ("orbax" if case == "hf_to_orbax" else case)
-    convert.FORMATS["cpm"].savers[target](loaded.params, loaded.config, output)
+    formats[target].save(loaded.params, loaded.config, output)
   return loaded_peak
 
 
@@ -113,7 +114,7 @@ def measure(case: str, workdir: pathlib.Path) -> None:
   if case == "peer":
     import transformers  # noqa: F401  (imports are not counted)
   else:
-    from cpm_jax import convert  # noqa: F401
+    from cpm_jax.models import registry  # noqa: F401
   baseline, anon_baseline, start = rss_mib("VmRSS"), rss_mib("RssAnon"), time.perf_counter()
   sampler = AnonPeak()
   sampler.start()

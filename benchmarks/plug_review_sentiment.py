@@ -17,8 +17,8 @@ import numpy as np
 from absl import app, flags
 
 from cpm_jax import gin_setup, partitioning, train_loop, training
-from cpm_jax.convert import plug as convert_plug
-from cpm_jax.data import plug_pipeline
+from cpm_jax.models.plug import convert as convert_plug
+from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.models import plug
 
 _VOCAB = flags.DEFINE_string("vocab", "../shared/vocab/plug/vocab.txt", "BERT-Chinese vocab.txt.")

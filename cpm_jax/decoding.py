@@ -6,16 +6,14 @@ The decode loops are generic: they drive any model through a step function
 
 over a cache pytree whose leaves carry logical axes (the `batch` axis, or a dimension merging it with minor
 ones such as "batch*act_heads", is what beam search reorders and what shards over the mesh's data axes).
-CPM-LM's adapter (`cpm_prefill`, `cpm_step_fn`) is below; PLUG's encoder-decoder plugs in the same way
-(prefill = run the encoder, step = one decoder token).
-Every loop is a `lax.while_loop` on device: one compiled program per shape bucket, no Python per token.
+Each family's decode module supplies its prefill and step (CPM: the prompt into the cache, one token per step;
+PLUG: the encoder once, one decoder token per step). Every loop is a `lax.while_loop` on device: one compiled
+program per shape bucket, no Python per token.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import logging
 from typing import Any, Callable, Sequence
 
@@ -23,10 +21,8 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from cpm_jax import partitioning
-from cpm_jax.models import cpm
 
 StepFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
 NEG_INF = -1e30  # finite stand-in for -inf in log-space (keeps arithmetic NaN-free)
@@ -40,6 +36,8 @@ class SamplingConfig:
   Logits are processed in CPM's order: repetition penalty, then top-k, then top-p (nucleus, on the
   probabilities renormalised over the top-k), then temperature, then a categorical draw. With
   `greedy` the token is the argmax after the repetition penalty. top_k=0 / top_p=1.0 disable them.
+  The end token cannot be produced before `min_length` new tokens; None leaves it to the model's release
+  protocol (PLUG samples no [SEP] before 80% of max_new_tokens; CPM: 0).
   """
 
   max_new_tokens: int = 64
@@ -48,6 +46,7 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   repetition_penalty: float = 1.0  # CTRL's: seen tokens' logits divided (if > 0) or multiplied by it
+  min_length: int | None = None
   seed: int = 0
 
   def __post_init__(self):
@@ -61,6 +60,34 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p={self.top_p}; expected in (0, 1].")
     if self.repetition_penalty <= 0:
       raise ValueError(f"SamplingConfig.repetition_penalty={self.repetition_penalty}; expected > 0.")
+    if self.min_length is not None and not 0 <= self.min_length <= self.max_new_tokens:
+      raise ValueError(f"SamplingConfig.min_length={self.min_length}; expected in [0, max_new_tokens="
+                       f"{self.max_new_tokens}] (or None).")
+
+  def with_min_length_fraction(self, fraction: float) -> "SamplingConfig":
+    """This config with an open min_length (None) filled in by a model's protocol: `fraction` x max_new_tokens
+    when sampling, 0 when greedy."""
+    if self.min_length is not None:
+      return self
+    return dataclasses.replace(self, min_length=0 if self.greedy else int(fraction * self.max_new_tokens))
+
+  @property
+  def needs_seen_tokens(self) -> bool:
+    """Whether `run` needs the prompt's tokens (`seen_tokens`): for the repetition penalty."""
+    return self.repetition_penalty != 1.0
+
+  def unseeded(self) -> "SamplingConfig":
+    """The config without its seed: what a compiled decoder depends on (the seed is passed as an rng)."""
+    return dataclasses.replace(self, seed=0)
+
+  def run(self, step_fn: "StepFn", params: Any, cache: Any, cache_axes: Any, last_tokens: jax.Array, *,
+          eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array,
+          seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(tokens [batch, max_new_tokens], lengths [batch]) by `sample_loop` (cache_axes unused)."""
+    del cache_axes
+    tokens, lengths, _ = sample_loop(step_fn, params, cache, last_tokens, self, eod_id=eod_id, pad_id=pad_id,
+                                     vocab_size=vocab_size, rng=rng, seen=seen)
+    return tokens, lengths
 
 
 @gin.configurable
@@ -86,6 +113,25 @@ class BeamSearchConfig:
     if not 0 <= self.min_length <= self.max_new_tokens:
       raise ValueError(f"BeamSearchConfig.min_length={self.min_length}; expected in [0, max_new_tokens="
                        f"{self.max_new_tokens}].")
+
+  seed = 0  # beam search draws nothing
+  needs_seen_tokens = False
+
+  def with_min_length_fraction(self, fraction: float) -> "BeamSearchConfig":
+    del fraction  # min_length is always set
+    return self
+
+  def unseeded(self) -> "BeamSearchConfig":
+    return self
+
+  def run(self, step_fn: "StepFn", params: Any, cache: Any, cache_axes: Any, last_tokens: jax.Array, *,
+          eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array,
+          seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(best tokens [batch, max_new_tokens], lengths [batch]) by `beam_search_loop`."""
+    del vocab_size, rng, seen
+    tokens, lengths, _ = beam_search_loop(step_fn, params, cache, cache_axes, last_tokens, self, eod_id=eod_id,
+                                          pad_id=pad_id)
+    return tokens, lengths
 
 
 DecodingConfig = SamplingConfig | BeamSearchConfig
@@ -119,7 +165,7 @@ def choose_tokens(logits: jax.Array, config: SamplingConfig, rng: jax.Array) -> 
   return choice.astype(jnp.int32)
 
 
-def _seen_tokens(tokens: jax.Array, valid: jax.Array, vocab: int) -> jax.Array:
+def seen_tokens(tokens: jax.Array, valid: jax.Array, vocab: int) -> jax.Array:
   """bool [batch, vocab]: which ids occur at the valid positions of each row."""
   rows = jnp.arange(tokens.shape[0])[:, None]
   return jnp.zeros((tokens.shape[0], vocab), bool).at[rows, tokens].max(valid)
@@ -134,13 +180,16 @@ def sample_loop(step_fn: StepFn, params: Any, cache: Any, last_tokens: jax.Array
 
   last_tokens [batch]: the token each row feeds first (the last prompt token, whose predecessors are
   already in `cache`). seen: bool [batch, vocab] of prompt tokens, needed for a repetition penalty.
+  config.min_length must be set (`with_min_length_fraction`): <eod> is forbidden before that many new tokens.
   Returns tokens [batch, max_new_tokens] (pad_id after a row's <eod>), lengths [batch] (new tokens
   before <eod>) and the final cache.
   """
+  if config.min_length is None:
+    raise ValueError("sample_loop: SamplingConfig.min_length is None; fill it in with with_min_length_fraction.")
   batch, steps = last_tokens.shape[0], config.max_new_tokens
   penalise = config.repetition_penalty != 1.0
   if penalise and seen is None:
-    seen = _seen_tokens(last_tokens[:, None], jnp.ones((batch, 1), bool), vocab_size)
+    seen = seen_tokens(last_tokens[:, None], jnp.ones((batch, 1), bool), vocab_size)
 
   def cond(state):
     step, _, _, done, _, _ = state
@@ -152,6 +201,8 @@ def sample_loop(step_fn: StepFn, params: Any, cache: Any, last_tokens: jax.Array
     logits = logits[:, -1].astype(jnp.float32)
     if penalise:
       logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if config.min_length:
+      logits = logits.at[:, eod_id].set(jnp.where(step < config.min_length, NEG_INF, logits[:, eod_id]))
     token = choose_tokens(logits, config, jax.random.fold_in(rng, step))
     token = jnp.where(done, pad_id, token)
     if penalise:
@@ -255,47 +306,6 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
   return tokens, _lengths(tokens, eod_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
 
 
-# ---- CPM-LM adapter ----------------------------------------------------------------------------
-
-def cpm_cache_logical_axes(config: cpm.CPMConfig, per_layer: bool = True) -> dict:
-  """Logical axes of the adapter's cache (per_layer: for params in cpm.decode_layout)."""
-  return {"lm": cpm.cache_logical_axes(config, per_layer), "position": ("batch",)}
-
-
-def cpm_prefill(params: dict, prompts: jax.Array, lengths: jax.Array, config: cpm.CPMConfig,
-                cache_length: int) -> tuple[dict, jax.Array]:
-  """Runs left-padded prompts [batch, width] (lengths [batch] >= 1) through the model.
-
-  All but the last column go into a fresh KV cache of `cache_length` slots (padding gets segment id 0
-  and is never attended); returns (cache, last prompt token [batch]) for `sample_loop` /
-  `beam_search_loop`, whose first step feeds that last token. With params in cpm.decode_layout (as
-  `generate` uses them: faster steps) the cache is per layer.
-  """
-  batch, width = prompts.shape
-  start = width - lengths[:, None]
-  columns = jnp.arange(width)[None, :]
-  segment_ids = (columns >= start).astype(jnp.int32)
-  positions = jnp.maximum(columns - start, 0).astype(jnp.int32)
-  per_layer = isinstance(params["blocks"], tuple)
-  lm = cpm.init_cache(config, batch, cache_length, per_layer=per_layer)
-  lm = jax.tree.map(partitioning.constrain, lm, cpm.cache_logical_axes(config, per_layer),
-                    is_leaf=partitioning.is_logical_axes)
-  if width > 1:
-    _, lm = cpm.hidden_states(params, prompts[:, :-1], config, positions=positions[:, :-1],
-                              segment_ids=segment_ids[:, :-1], cache=lm)
-  return {"lm": lm, "position": positions[:, -1]}, prompts[:, -1]
-
-
-def cpm_step_fn(config: cpm.CPMConfig) -> StepFn:
-  """One cached CPM step: tokens [batch, 1] at each row's next position."""
-  def step(params, tokens, cache):
-    position = cache["position"]
-    logits, lm = cpm.forward(params, tokens, config, positions=position[:, None],
-                             segment_ids=jnp.ones_like(tokens), cache=cache["lm"])
-    return logits, {"lm": lm, "position": position + 1}
-  return step
-
-
 # ---- host side: prompts in, token lists out ------------------------------------------------------
 
 def bucket_width(length: int, maximum: int, minimum: int = 8) -> int:
@@ -332,57 +342,3 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], max_prompt_length: int, *,
   return tokens, np.array([len(row) for row in rows], np.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpm_decoder(config: cpm.CPMConfig, decoding: DecodingConfig, eod_id: int, pad_id: int, mesh):
-  """Jitted (params in cpm.decode_layout, prompts, lengths, rng) -> (tokens, lengths) for one model/decoding
-  setting (compiled per shape bucket)."""
-  step_fn = cpm_step_fn(config)
-
-  def run(params, prompts, lengths, rng):
-    cache_length = prompts.shape[1] - 1 + decoding.max_new_tokens
-    cache, last = cpm_prefill(params, prompts, lengths, config, cache_length)
-    if isinstance(decoding, BeamSearchConfig):
-      tokens, new_lengths, _ = beam_search_loop(step_fn, params, cache, cpm_cache_logical_axes(config), last,
-                                                decoding, eod_id=eod_id, pad_id=pad_id)
-      return tokens, new_lengths
-    seen = None
-    if decoding.repetition_penalty != 1.0:
-      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
-      seen = _seen_tokens(prompts, valid, config.vocab_size)
-    tokens, new_lengths, _ = sample_loop(step_fn, params, cache, last, decoding, eod_id=eod_id, pad_id=pad_id,
-                                         vocab_size=config.vocab_size, rng=rng, seen=seen)
-    return tokens, new_lengths
-
-  return jax.jit(run)
-
-
-def generate(params: dict, prompts: Sequence[Sequence[int]], config: cpm.CPMConfig, decoding: DecodingConfig,
-             *, eod_id: int, pad_id: int, batch_size: int | None = None, strict: bool = False,
-             mesh: jax.sharding.Mesh | None = None, progress: bool = False) -> list[list[int]]:
-  """CPM-LM continuations (new token ids, without <eod>) of token-id prompts.
-
-  Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
-  has one shape). Decoding runs on params in `cpm.decode_layout`: params in the training layout are converted
-  first, a copy of the block weights held while this runs; callers that generate repeatedly pass
-  cpm.decode_layout(params), converted once. With `mesh`, the model's activations and the cache are sharded by
-  the logical-axis rules (params should already be placed, e.g. by checkpointing.restore_params with shardings).
-  """
-  if not prompts:
-    return []
-  max_prompt = config.max_positions - decoding.max_new_tokens
-  batch_size = batch_size or len(prompts)
-  rng = jax.random.key(getattr(decoding, "seed", 0))
-  if isinstance(decoding, SamplingConfig):
-    decoding = dataclasses.replace(decoding, seed=0)  # the seed is an input, not a reason to recompile
-  run = _cpm_decoder(config, decoding, eod_id, pad_id, mesh)
-  results = []
-  for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
-    chunk = list(prompts[start:start + batch_size])
-    chunk += [[]] * (batch_size - len(chunk))
-    tokens, lengths = prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
-    params = cpm.decode_layout(params)  # converted by the first batch, as is from then on
-    with partitioning.activate(mesh) if mesh is not None else contextlib.nullcontext():
-      out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, start))
-    out, out_lengths = np.asarray(out), np.asarray(out_lengths)
-    results += [out[i, :out_lengths[i]].tolist() for i in range(len(prompts[start:start + batch_size]))]
-  return results

@@ -8,6 +8,7 @@ shapes (no allocation) and shardings.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any, Callable, Literal
 
@@ -81,7 +82,8 @@ def logical_axes(specs: Any) -> Any:
 
 
 def abstract_params(specs: Any, dtype=jnp.float32) -> Any:
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), specs, is_leaf=is_spec)
+  """ShapeDtypeStructs of the params a tree of specs declares (no allocation), all of `dtype`."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), specs, is_leaf=is_spec)
 
 
 def count_params(tree: Any) -> int:
@@ -224,9 +226,21 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
   return jnp.swapaxes(out.reshape(b, heads, t, d), 1, 2)
 
 
-def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1) -> jax.Array:
-  """x [..., *in] times the layer's `{name}_kernel` [*in, *out], or in the decode layout its `{name}_weight`
-  [out, in] (see `decode_layout`), plus `{name}_bias` [*out].
+class Layout(enum.Enum):
+  """How a block's dense weights are stored; every function that reads them is told which, never guesses.
+
+  TRAINING: `{name}_kernel` [*in, *out] (the layout params are created, trained and checkpointed in).
+  DECODE: `{name}_weight` [out, in], a 2-D matrix (`decode_layout`), for cached decoding.
+  """
+
+  TRAINING = "training"
+  DECODE = "decode"
+
+
+def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
+          layout: Layout = Layout.TRAINING) -> jax.Array:
+  """x [..., *in] times the layer's `{name}_kernel` [*in, *out] (Layout.TRAINING) or `{name}_weight` [out, in]
+  (Layout.DECODE, see `decode_layout`), plus `{name}_bias` [*out].
 
   Several input dims are merged into one before the product: contracted as separate dims (e.g. an output
   projection's heads and head_dim) XLA:CPU re-lays the kernel out (a full copy) on every call.
@@ -234,7 +248,7 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1) -> jax
   bias = params[f"{name}_bias"].astype(dtype)
   lead = x.shape[:x.ndim - in_dims]
   x = x.astype(dtype).reshape(*lead, -1)
-  if f"{name}_weight" not in params:
+  if layout is Layout.TRAINING:
     kernel = params[f"{name}_kernel"].astype(dtype)
     return jax.lax.dot_general(x, kernel.reshape(-1, *bias.shape), (((x.ndim - 1,), (0,)), ((), ()))) + bias
   out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
@@ -243,9 +257,9 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1) -> jax
   return out.reshape(*lead, *bias.shape) + bias
 
 
-def decode_layout(block: dict) -> dict:
-  """One layer's params with every `{name}_kernel` [*in, *out] stored as a matrix `{name}_weight` [out, in]
-  (torch.nn.Linear's order), which `dense` contracts on its minor dim.
+def decode_block(block: dict) -> dict:
+  """One layer's params in Layout.DECODE: every `{name}_kernel` [*in, *out] stored as a matrix `{name}_weight`
+  [out, in] (torch.nn.Linear's order), which `dense` contracts on its minor dim.
 
   A batch-1 decode step is a chain of matrix-vector products, and XLA:CPU streams a weight whose contracted dim is
   minor 1.2-1.4x faster than one stored [in, out] (BUILD.md, decode throughput). The weights are 2-D because XLA
@@ -256,7 +270,7 @@ def decode_layout(block: dict) -> dict:
   converted = {}
   for key, value in block.items():
     if isinstance(value, dict):
-      converted[key] = decode_layout(value)
+      converted[key] = decode_block(value)
     elif key.endswith("_kernel"):
       name = key[:-len("_kernel")]
       out_dims = block[f"{name}_bias"].ndim
@@ -272,58 +286,51 @@ def decode_layout(block: dict) -> dict:
 
 def decode_blocks(stacked: Any) -> tuple:
   """Blocks stacked on a leading `layers` axis in the decode layout: a tuple of per-layer trees, each in
-  `decode_layout`."""
+  Layout.DECODE (`decode_block`)."""
   count = jax.tree.leaves(stacked)[0].shape[0]
-  return tuple(decode_layout(jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count))
+  return tuple(decode_block(jax.tree.map(lambda a, i=i: a[i], stacked)) for i in range(count))
 
 
-def project_qkv(x: jax.Array, params: dict, dtype) -> jax.Array:
+def project_qkv(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAINING) -> jax.Array:
   """x [b, t, e] -> [b, t, n, heads, head_dim] with one fused matmul."""
-  out = dense(x, params, "qkv", dtype)
+  out = dense(x, params, "qkv", dtype, layout=layout)
   return partitioning.constrain(out, ("batch", "length", None, "act_heads", None))
 
 
-def project_q(x: jax.Array, params: dict, dtype) -> jax.Array:
+def project_q(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAINING) -> jax.Array:
   """x [b, t, e] -> queries [b, t, heads, head_dim] (params from `query_specs`)."""
-  out = dense(x, params, "q", dtype)
+  out = dense(x, params, "q", dtype, layout=layout)
   return partitioning.constrain(out, ("batch", "length", "act_heads", None))
 
 
 def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implementation: str = "xla",
-                   kv: tuple[jax.Array, jax.Array] | None = None,
-                   cache_index: jax.Array | int | None = None, heads_major: bool = False) -> tuple[jax.Array, Any]:
+                   layout: Layout = Layout.TRAINING, kv: tuple[jax.Array, jax.Array] | None = None,
+                   cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
   """Fused-QKV self-attention with its output projection; returns (output [b, t, e], kv).
 
-  With `kv` (this layer's cached k, v [b, cache_len, heads, head_dim], or if heads_major in `cached_attention`'s
-  layouts) the new keys and values are written at `cache_index` and the queries attend over the whole cache;
-  the updated kv is returned.
+  With `kv` (this layer's decode cache: keys and values in `cache_layout`) the new keys and values are written at
+  `cache_index`, the queries attend over the whole cache, and the updated kv is returned.
   """
-  qkv = project_qkv(x, params, dtype)
+  qkv = project_qkv(x, params, dtype, layout)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  if kv is not None and heads_major:
-    kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
-               for cached, new in zip(kv, (k, v)))
-    out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
-    return project_out(out, params, dtype), kv
-  if kv is not None:
-    k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-    v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
-    kv = (k, v)
-    k, v = k.astype(dtype), v.astype(dtype)
-  out = dot_product_attention(q, k, v, mask, implementation)
-  return project_out(out, params, dtype), kv
+  if kv is None:
+    return project_out(dot_product_attention(q, k, v, mask, implementation), params, dtype, layout), None
+  kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
+             for cached, new in zip(kv, (k, v)))
+  out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
+  return project_out(out, params, dtype, layout), kv
 
 
-def project_out(x: jax.Array, params: dict, dtype) -> jax.Array:
+def project_out(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAINING) -> jax.Array:
   """Row-parallel output projection [b, t, heads, head_dim] -> [b, t, e]."""
-  out = dense(x, params, "out", dtype, in_dims=2)
+  out = dense(x, params, "out", dtype, in_dims=2, layout=layout)
   return partitioning.constrain(out, ("batch", "length", "act_embed"))
 
 
 def mlp(x: jax.Array, params: dict, dtype, approximate_gelu: bool, dropout_rate: float = 0.0,
-        rng: jax.Array | None = None) -> jax.Array:
-  h = gelu(dense(x, params, "in", dtype), approximate_gelu)
+        rng: jax.Array | None = None, layout: Layout = Layout.TRAINING) -> jax.Array:
+  h = gelu(dense(x, params, "in", dtype, layout=layout), approximate_gelu)
   h = partitioning.constrain(h, ("batch", "length", "act_mlp"))
   h = dropout(h, dropout_rate, rng)
-  out = dense(h, params, "out", dtype)
+  out = dense(h, params, "out", dtype, layout=layout)
   return partitioning.constrain(out, ("batch", "length", "act_embed"))

@@ -186,6 +186,11 @@ def activate(mesh: Mesh, rules: Rules | None = None) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
+def on_mesh(mesh: Mesh | None, rules: Rules | None = None) -> contextlib.AbstractContextManager:
+  """`activate(mesh, rules)`, or no constraints at all without a mesh (single-device use)."""
+  return contextlib.nullcontext() if mesh is None else activate(mesh, rules)
+
+
 def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   """Sharding constraint by logical axes; a no-op outside `activate` (e.g. single-device use)."""
   active = _ACTIVE.get()

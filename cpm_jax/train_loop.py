@@ -7,23 +7,19 @@ and, on SIGTERM, finishes the current step, saves, and returns.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as logging_std
 import math
 import os
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import gin
 import jax
-import numpy as np
 from absl import logging
 
 from cpm_jax import checkpointing, flops, partitioning, training
-from cpm_jax.data import pipeline, sources
-from cpm_jax.models import families
-from cpm_jax.tokenization import CPMTokenizer
+from cpm_jax.models import registry
 
 
 def quiet_library_logs() -> None:
@@ -37,43 +33,6 @@ def quiet_library_logs() -> None:
 
 class TrainingDiverged(RuntimeError):
   """Raised after too many consecutive steps with a non-finite loss or gradient."""
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class LMData:
-  """Packed LM batches from a TFDS text dataset (default: the embedded People's Daily demo corpus)."""
-
-  tokenizer_path: str = gin.REQUIRED
-  dataset: str = "peoples_daily_1998"
-  data_dir: str = "~/tensorflow_datasets"
-  train_split: str = "train"
-  eval_split: str = "validation"
-  seq_len: int = 256
-  global_batch_size: int = 8
-  max_documents: int | None = None
-  eval_max_documents: int | None = None
-
-  @property
-  def tokenizer(self) -> CPMTokenizer:
-    return CPMTokenizer(os.path.expanduser(self.tokenizer_path))
-
-  def checkpoint_metadata(self) -> dict:
-    """Recorded with the model in the workdir, for evaluate.py / generate.py."""
-    return {"tokenizer": self.tokenizer_path}
-
-  def _source(self, split: str):
-    return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))
-
-  def train_iterator(self, seed: int) -> Iterator[dict]:
-    return pipeline.make_lm_iterator(self._source(self.train_split), self.tokenizer, seq_len=self.seq_len,
-                                     global_batch_size=self.global_batch_size, seed=seed,
-                                     max_documents=self.max_documents)
-
-  def eval_batches(self) -> Iterable[dict]:
-    return pipeline.make_eval_iterator(self._source(self.eval_split), self.tokenizer, seq_len=self.seq_len,
-                                       global_batch_size=self.global_batch_size,
-                                       max_documents=self.eval_max_documents)
 
 
 class MetricsLog:
@@ -144,13 +103,12 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def _write_config(workdir: str, model: training.Model, data: Any) -> None:
-  """config.gin (the operative gin config) and checkpointing.MODEL_RECORD (families.record of the model's
+  """config.gin (the operative gin config) and checkpointing.MODEL_RECORD (registry.record of the model's
   config plus the data's checkpoint_metadata(), e.g. the tokenizer path)."""
   _write_atomically(os.path.join(workdir, "config.gin"), gin.config_str())
-  if hasattr(model, "config"):
-    extra = data.checkpoint_metadata() if hasattr(data, "checkpoint_metadata") else {}
-    _write_atomically(os.path.join(workdir, checkpointing.MODEL_RECORD),
-                      json.dumps(families.record(model.config, **extra), indent=1, ensure_ascii=False))
+  _write_atomically(os.path.join(workdir, checkpointing.MODEL_RECORD),
+                    json.dumps(registry.record(model.config, **data.checkpoint_metadata()), indent=1,
+                               ensure_ascii=False))
 
 
 @gin.configurable(denylist=["workdir"])

@@ -1,7 +1,7 @@
 """Train state, optimizer, and the pure, sharded train / eval steps.
 
-A model is any object with `param_specs()`, `loss(params, batch, dropout_rng) -> (loss, sums)` and
-`flops_per_token(seq_len)` (see cpm_jax.models.cpm.CPMLanguageModel). Everything here is a pure
+A model is any object with its family's `config`, `param_specs()`, `loss(params, batch, dropout_rng) -> (loss, sums)`
+and `flops_per_token(seq_len)` (see cpm_jax.models.cpm.CPMLanguageModel). Everything here is a pure
 function of (state, batch); `make_sharded_steps` jits them with explicit in/out shardings over a mesh.
 """
 
@@ -22,6 +22,8 @@ from cpm_jax import layers, partitioning
 
 
 class Model(Protocol):
+  config: Any  # the family's config (what checkpoints record)
+
   def param_specs(self) -> Any: ...
   def loss(self, params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]: ...
   def flops_per_token(self, seq_len: int) -> float: ...

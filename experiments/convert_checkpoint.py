@@ -19,15 +19,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import gin
 from absl import app, flags
 
-from cpm_jax import checkpointing, convert, partitioning
-from cpm_jax.models import cpm, families, plug
+from cpm_jax import checkpointing, gin_setup, partitioning
+from cpm_jax.convert.common import ConversionError
+from cpm_jax.models import registry
 
-FORMATS = sorted(convert.FORMATS["cpm"].loaders)
-_MODEL = flags.DEFINE_enum("model", None, sorted(families.FAMILIES), "Model family (default: an Orbax input's "
-                           "metadata, else plug if gin binds PlugConfig, else cpm).")
+FORMATS = sorted({name for family in registry.FAMILIES for name in registry.formats(family)})
+_MODEL = flags.DEFINE_enum("model", None, sorted(registry.FAMILIES), "Model family (default: an Orbax input's "
+                           "metadata, else the family whose config the gin files bind, else cpm).")
 _FROM = flags.DEFINE_enum("from", "orbax", FORMATS, "Format of --input (megatron: mp_rank_XX_model_states.pt "
                           "shards, CPM's Megatron and PLUG's DeepSpeed release; hf: GPT-2 for CPM, BERT for PLUG).")
 _TO = flags.DEFINE_enum("to", "orbax", FORMATS, "Format of --output.")
@@ -44,26 +44,19 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "--to=orbax: tokenizer to re
                                  "SentencePiece model; PLUG: vocab.txt).")
 _TRUST_PICKLE = flags.DEFINE_bool("trust_pickle", False, "Let torch files hold arbitrary Python objects (unsafe: "
                                   "only for files you trust).")
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files: a model config (CPMConfig / PlugConfig) the "
-                                       "checkpoint must match, a MeshConfig for the Orbax output's sharding.")
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (paths, or relative to gin_configs/): a model "
+                                       "config (CPMConfig / PlugConfig) the checkpoint must match, a MeshConfig for "
+                                       "the Orbax output's sharding.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'MeshConfig.tensor = 2'.")
 _MESH = {axis: flags.DEFINE_integer(f"mesh_{axis}", None, f"--to=orbax: size of mesh axis '{axis}' (-1 = the rest; "
                                     "default: gin MeshConfig).") for axis in partitioning.MESH_AXES}
+# The format options each flag sets (convert.common.Format.load_options / save_options).
+_LOAD_OPTIONS = {"num_heads": _NUM_HEADS, "tag": _TAG, "trust_pickle": _TRUST_PICKLE}
+_SAVE_OPTIONS = {"num_ranks": _MP, "tag": _OUTPUT_TAG}
 
 
-def gin_model_config(config_class: type) -> cpm.CPMConfig | plug.PlugConfig | None:
-  """config_class() when gin binds any of its fields (a model config to check against), else None."""
-  for field in dataclasses.fields(config_class):
-    try:
-      gin.query_parameter(f"{config_class.__name__}.{field.name}")
-    except ValueError:
-      continue
-    return config_class()
-  return None
-
-
-def model_family(source: str) -> str:
-  """--model, else what an Orbax input's metadata names, else plug if gin binds PlugConfig, else cpm."""
+def model_family(source: str) -> registry.Family:
+  """--model, else what an Orbax input's metadata names, else the family whose config gin binds, else cpm."""
   if source == "orbax":
     try:
       stored = checkpointing.read_metadata(_INPUT.value).get("model")
@@ -71,53 +64,55 @@ def model_family(source: str) -> str:
       raise app.UsageError(str(e)) from e
     if _MODEL.value and stored and stored != _MODEL.value:
       raise app.UsageError(f"--model={_MODEL.value} but {_INPUT.value} holds a {stored!r} checkpoint.")
-    if stored in families.FAMILIES:
-      return stored
+    if stored in registry.FAMILIES:
+      return registry.FAMILIES[stored]
   if _MODEL.value:
-    return _MODEL.value
-  return "plug" if gin_model_config(plug.PlugConfig) else "cpm"
+    return registry.FAMILIES[_MODEL.value]
+  return registry.gin_bound_family() or registry.FAMILIES[registry.DEFAULT]
 
 
-def _refuse(flag: flags.FlagHolder, applies: bool, when: str) -> None:
-  if not applies and flag.present:
-    raise app.UsageError(f"--{flag.name} applies only {when}.")
+def _options(flag_of: dict[str, flags.FlagHolder], accepted: tuple[str, ...], where: str) -> dict:
+  """The options the format accepts, from their flags; a flag given for an option it does not take is an error."""
+  for option, flag in flag_of.items():
+    if option not in accepted and flag.present:
+      raise app.UsageError(f"--{flag.name} does not apply to {where}.")
+  return {option: flag_of[option].value for option in accepted}
+
+
+def gin_model_config(family: registry.Family):
+  """The family's config from gin when gin binds any of its fields (a config to check against), else None."""
+  return family.config_class() if registry.gin_bound_family() is family else None
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  gin.parse_config_files_and_bindings(_GIN_FILES.value, _GIN_BINDINGS.value)
+  gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
   source, target = _FROM.value, _TO.value
   family = model_family(source)
-  formats = convert.FORMATS[family]
-  for name, direction, available in (("--from", source, formats.loaders), ("--to", target, formats.savers)):
-    if direction not in available:
-      raise app.UsageError(f"{name}={direction} is not available for {family} checkpoints (it takes "
-                           f"{', '.join(sorted(available))}).")
-  _refuse(_NUM_HEADS, source != "orbax" and family == "cpm", "to CPM with --from=hf or --from=megatron")
-  _refuse(_TRUST_PICKLE, source != "orbax", "to --from=hf or --from=megatron")
-  _refuse(_TAG, source == "megatron", "to --from=megatron")
-  _refuse(_MP, target == "megatron", "to --to=megatron")
-  _refuse(_OUTPUT_TAG, target == "megatron", "to --to=megatron")
-  _refuse(_TOKENIZER, target == "orbax", "to --to=orbax")
+  formats = registry.formats(family.name)
+  for name, direction, side in (("--from", source, "load"), ("--to", target, "save")):
+    if direction not in formats or getattr(formats[direction], side) is None:
+      available = sorted(f for f, fmt in formats.items() if getattr(fmt, side) is not None)
+      raise app.UsageError(f"{name}={direction} is not available for {family.name} checkpoints (it takes "
+                           f"{', '.join(available)}).")
+  reader, writer = formats[source], formats[target]
+  options = {"config": gin_model_config(family), "dtype": _DTYPE.value,
+             **_options(_LOAD_OPTIONS, reader.load_options, f"--from={source} for {family.name}")}
+  save_options = _options(_SAVE_OPTIONS, writer.save_options, f"--to={target} for {family.name}")
+  if reader.needs_config and options["config"] is None:
+    raise app.UsageError(f"--from={source} for {family.name} needs the model's config from gin (the weights do not "
+                         "fix it), e.g. --gin_file=models/structbert_large.gin.")
+  if _TOKENIZER.present and target != "orbax":
+    raise app.UsageError("--tokenizer applies only to --to=orbax.")
   for flag in _MESH.values():
-    _refuse(flag, target == "orbax", "to --to=orbax")
-
-  options = {"config": gin_model_config(families.FAMILIES[family].config_class), "dtype": _DTYPE.value}
-  if family == "plug" and source == "hf" and options["config"] is None:
-    raise app.UsageError("--model=plug --from=hf needs the encoder's config: a gin PlugConfig with "
-                         "encoder_pre_ln=False, e.g. --gin_file=models/structbert_large.gin.")
+    if flag.present and target != "orbax":
+      raise app.UsageError(f"--{flag.name} applies only to --to=orbax.")
   if target == "orbax":
     sizes = {axis: flag.value for axis, flag in _MESH.items() if flag.value is not None}
     options["mesh"] = partitioning.make_mesh(dataclasses.replace(partitioning.MeshConfig(), **sizes))
-  if source != "orbax":
-    options["trust_pickle"] = _TRUST_PICKLE.value
-  if source != "orbax" and family == "cpm":
-    options["num_heads"] = _NUM_HEADS.value
-  if source == "megatron":
-    options["tag"] = _TAG.value
   try:
-    loaded = formats.loaders[source](_INPUT.value, **options)
+    loaded = reader.load(_INPUT.value, **options)
     for note in loaded.notes:
       print(note)
     if target == "orbax":
@@ -125,14 +120,11 @@ def main(argv: list[str]) -> None:
       metadata["converted_from"] = {"format": source, "path": _INPUT.value}
       if _TOKENIZER.value:
         metadata["tokenizer"] = _TOKENIZER.value
-      output = formats.savers["orbax"](loaded.params, loaded.config, _OUTPUT.value, **metadata)
-    elif target == "hf":
-      output = formats.savers["hf"](loaded.params, loaded.config, _OUTPUT.value)
-    else:
-      output = formats.savers["megatron"](loaded.params, loaded.config, _OUTPUT.value, _MP.value, _OUTPUT_TAG.value)
-  except (convert.ConversionError, FileExistsError) as e:
+      save_options.update(metadata)
+    output = writer.save(loaded.params, loaded.config, _OUTPUT.value, **save_options)
+  except (ConversionError, FileExistsError) as e:
     sys.exit(f"convert_checkpoint: {e}")
-  print(f"Wrote {output} ({family}, {target}) from {_INPUT.value} ({source}): {loaded.config}")
+  print(f"Wrote {output} ({family.name}, {target}) from {_INPUT.value} ({source}): {loaded.config}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main(argv):
   task = tasks.configured_task()
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
-  params = model_lib.untrained_params(checkpoint.config, mesh) if _UNTRAINED.value else None
+  params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
   decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,
                      "beam": decoding.BeamSearchConfig}[_DECODING.value]()
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,

@@ -36,9 +36,9 @@ _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL's pena
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same prompts -> same output).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sampling).")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search: GNMT alpha in ((5 + len) / 6) ** alpha.")
-_MIN_LENGTH = flags.DEFINE_integer("min_length", 0, "Beam search: no <eod> before this many new tokens.")
-_SEP_FRACTION = flags.DEFINE_float("sep_fraction", 0.8, "PLUG sampling: no [SEP] (the end) before this fraction of "
-                                   "--max_new_tokens, as PLUG's release samples.")
+_MIN_LENGTH = flags.DEFINE_integer("min_length", None, "No end token (<eod>, PLUG's [SEP]) before this many new "
+                                   "tokens (default: the model's release protocol: 0 for CPM and for beam search; "
+                                   "PLUG samples none before 80% of --max_new_tokens).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per compiled batch.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on prompts longer than the model's positions allow instead of "
                             "keeping their last tokens.")
@@ -49,10 +49,11 @@ _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
 def decoding_config() -> decoding.DecodingConfig:
   if _BEAM_SIZE.value:
     return decoding.BeamSearchConfig(max_new_tokens=_MAX_NEW_TOKENS.value, beam_size=_BEAM_SIZE.value,
-                                     length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value)
+                                     length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value or 0)
   return decoding.SamplingConfig(max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                                 repetition_penalty=_REPETITION_PENALTY.value, seed=_SEED.value)
+                                 repetition_penalty=_REPETITION_PENALTY.value, min_length=_MIN_LENGTH.value,
+                                 seed=_SEED.value)
 
 
 def read_prompts() -> list[str]:
@@ -76,15 +77,14 @@ def main(argv):
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
-  options = {"sep_fraction": _SEP_FRACTION.value} if checkpoint.family.name == "plug" else {}
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
-                                   strict=_STRICT.value, **options)
+                                   strict=_STRICT.value)
   outputs = model.generate_text(prompts)
   if _OUTPUT.value:
     report.write_jsonl(_OUTPUT.value, [{"prompt": p, "generated": g} for p, g in zip(prompts, outputs)])
   else:
-    separator = "" if checkpoint.family.name == "cpm" else "\n=> "  # CPM continues the prompt; PLUG answers it
+    separator = "" if model.continues_prompt else "\n=> "
     for prompt, generated in zip(prompts, outputs):
       print(f"{prompt}{separator}{generated}\n")
 

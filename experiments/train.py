@@ -12,8 +12,7 @@ import jax
 from absl import app, flags, logging
 
 from cpm_jax import gin_setup, train_loop
-from cpm_jax.data import plug_pipeline  # noqa: F401  (registers the PLUG data configurables)
-from cpm_jax.models import cpm, plug  # noqa: F401  (registers the model configurables)
+from cpm_jax.models import registry  # noqa: F401  (every family's gin configurables: models, data)
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (paths, or relative to gin_configs/).")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.num_steps = 100'.")

@@ -122,6 +122,9 @@ class TextData:
     return pipeline.make_eval_iterator(self._examples[:8], CharTokenizer(), seq_len=self.seq_len,
                                        global_batch_size=self.global_batch_size)
 
+  def checkpoint_metadata(self):
+    return {}
+
 
 def session_root(tmp_path_factory) -> pathlib.Path:
   """A temporary folder shared by all pytest-xdist workers of this test session."""

@@ -10,8 +10,8 @@ import torch
 import transformers
 from convert_util import assert_trees_equal, cpm_tokens, hf_state, random_gpt2
 
-from cpm_jax import convert
 from cpm_jax.models import cpm
+from cpm_jax.models.cpm import hf
 
 
 @pytest.mark.parametrize("layers,embed,heads,inner", [(1, 32, 2, None), (2, 48, 4, None), (3, 64, 8, 96)])
@@ -21,10 +21,10 @@ def test_logits_match_transformers_at_every_position(tmp_path, cpm_vocab_path, l
   tokens = cpm_tokens(cpm_vocab_path)
   assert tokens.shape[1] > 20 and tokens.max() > 1000  # real Chinese pieces, not specials
 
-  loaded = convert.load_hf(tmp_path / "hf")
+  loaded = hf.load_hf(tmp_path / "hf")
   assert (loaded.config.num_layers, loaded.config.embed_dim, loaded.config.num_heads) == (layers, embed, heads)
   assert loaded.config.ffn_dim == (inner or 4 * embed)
-  logits, _ = cpm.forward(loaded.params, tokens, loaded.config)
+  logits = cpm.forward(loaded.params, tokens, loaded.config)
   with torch.no_grad():
     want = model(torch.from_numpy(tokens).long()).logits.numpy()
   assert np.abs(want).max() > 1.0  # weights large enough that a mis-mapped tensor shows
@@ -34,8 +34,8 @@ def test_logits_match_transformers_at_every_position(tmp_path, cpm_vocab_path, l
 def test_cpm_jax_to_hf_gives_back_the_same_tensors(tmp_path):
   model = random_gpt2(2, 32, 4)
   model.save_pretrained(tmp_path / "hf")
-  loaded = convert.load_hf(tmp_path / "hf")
-  convert.save_hf(loaded.params, loaded.config, tmp_path / "out")
+  loaded = hf.load_hf(tmp_path / "hf")
+  hf.save_hf(loaded.params, loaded.config, tmp_path / "out")
 
   written = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
   want = hf_state(model)
@@ -64,10 +64,10 @@ def test_pytorch_bin_bfloat16_and_sharded_safetensors(tmp_path):
            for key, value in model.state_dict().items()}
   torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
 
-  single = convert.load_hf(tmp_path / "single")
-  assert_trees_equal(convert.load_hf(tmp_path / "sharded").params, single.params)
-  from_bin = convert.load_hf(tmp_path / "bin")
+  single = hf.load_hf(tmp_path / "single")
+  assert_trees_equal(hf.load_hf(tmp_path / "sharded").params, single.params)
+  from_bin = hf.load_hf(tmp_path / "bin")
   assert from_bin.config.param_dtype == "bfloat16"
-  assert_trees_equal(from_bin.params, convert.load_hf(tmp_path / "single", dtype="bfloat16").params)
-  upcast = convert.load_hf(tmp_path / "bin", dtype="float32").params
+  assert_trees_equal(from_bin.params, hf.load_hf(tmp_path / "single", dtype="bfloat16").params)
+  upcast = hf.load_hf(tmp_path / "bin", dtype="float32").params
   assert_trees_equal(upcast, jax.tree.map(lambda x: np.asarray(x, np.float32), from_bin.params))

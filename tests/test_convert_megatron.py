@@ -7,10 +7,11 @@ import pytest
 import torch
 from convert_util import assert_trees_equal, random_gpt2, release_shards
 
-from cpm_jax import convert
-from cpm_jax.convert import cpm as cpm_layout
+from cpm_jax.models.cpm import convert as cpm_layout
 from cpm_jax.convert import megatron
 from cpm_jax.models import cpm
+from cpm_jax.models.cpm import hf
+from cpm_jax.convert.common import ConversionError
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +20,14 @@ def gpt2(tmp_path_factory):
   model = random_gpt2(2, 32, 4, vocab=512, inner=64, seed=3)
   directory = tmp_path_factory.mktemp("hf")
   model.save_pretrained(directory)
-  return model, convert.load_hf(directory)
+  return model, hf.load_hf(directory)
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
 def test_release_shards_convert_to_the_hf_params(tmp_path, gpt2, num_ranks):
   model, from_hf = gpt2
   release_shards(model, tmp_path / "ckpt", num_ranks)
-  loaded = convert.load_megatron(tmp_path / "ckpt", num_heads=4)
+  loaded = cpm_layout.load_megatron(tmp_path / "ckpt", num_heads=4)
   assert loaded.config == from_hf.config
   assert_trees_equal(loaded.params, from_hf.params)
   assert any(f"merged {num_ranks} model-parallel rank(s)" in note for note in loaded.notes)
@@ -34,7 +35,7 @@ def test_release_shards_convert_to_the_hf_params(tmp_path, gpt2, num_ranks):
 
 def test_mp2_round_trip_is_lossless_and_splits_like_the_release(tmp_path, gpt2):
   model, from_hf = gpt2
-  convert.save_megatron(from_hf.params, from_hf.config, tmp_path / "ours", 2)
+  cpm_layout.save_megatron(from_hf.params, from_hf.config, tmp_path / "ours", 2)
   release_shards(model, tmp_path / "release", 2)
   assert (tmp_path / "ours" / "latest_checkpointed_iteration.txt").read_text() == "release"
   for rank in range(2):
@@ -43,7 +44,7 @@ def test_mp2_round_trip_is_lossless_and_splits_like_the_release(tmp_path, gpt2):
     assert ours["mp_world_size"] == 2 and set(ours["module"]) == set(theirs["module"])
     for key, tensor in theirs["module"].items():
       assert torch.equal(ours["module"][key], tensor), key
-  back = convert.load_megatron(tmp_path / "ours", config=from_hf.config)
+  back = cpm_layout.load_megatron(tmp_path / "ours", config=from_hf.config)
   assert_trees_equal(back.params, from_hf.params)
   assert back.notes[0] == "num_heads=4 from the gin model config"
 
@@ -51,9 +52,9 @@ def test_mp2_round_trip_is_lossless_and_splits_like_the_release(tmp_path, gpt2):
 def test_resharding_mp4_to_mp2_via_cpm_jax(tmp_path, gpt2):
   model, from_hf = gpt2
   release_shards(model, tmp_path / "mp4", 4)
-  loaded = convert.load_megatron(tmp_path / "mp4", tag="1000", num_heads=4)
-  convert.save_megatron(loaded.params, loaded.config, tmp_path / "mp2", 2, tag="1000")
-  assert_trees_equal(convert.load_megatron(tmp_path / "mp2", num_heads=4).params, from_hf.params)
+  loaded = cpm_layout.load_megatron(tmp_path / "mp4", tag="1000", num_heads=4)
+  cpm_layout.save_megatron(loaded.params, loaded.config, tmp_path / "mp2", 2, tag="1000")
+  assert_trees_equal(cpm_layout.load_megatron(tmp_path / "mp2", num_heads=4).params, from_hf.params)
 
 
 def test_split_and_merge_are_inverse_by_parts():
@@ -71,18 +72,18 @@ def test_heads_from_flag_gin_or_released_sizes():
   assert config.num_heads == 12 and "inferred from hidden size 768" in note
   config, note = cpm_layout.resolve_config(found, "ckpt", num_heads=24)
   assert config.num_heads == 24 and "--num_heads" in note
-  with pytest.raises(convert.ConversionError, match="pass --num_heads"):
+  with pytest.raises(ConversionError, match="pass --num_heads"):
     cpm_layout.resolve_config(dict(found, embed_dim=32, ffn_dim=128), "ckpt")
   gin = cpm.CPMConfig(vocab_size=64, num_layers=2, embed_dim=768, num_heads=6, max_positions=32)
   assert cpm_layout.resolve_config(found, "ckpt", base=gin)[0].num_heads == 6
-  with pytest.raises(convert.ConversionError, match="num_heads disagree: 24 .* 6 from the gin model config"):
+  with pytest.raises(ConversionError, match="num_heads disagree: 24 .* 6 from the gin model config"):
     cpm_layout.resolve_config(found, "ckpt", base=gin, num_heads=24)
-  with pytest.raises(convert.ConversionError, match="num_layers: checkpoint 2, gin 3"):
+  with pytest.raises(ConversionError, match="num_layers: checkpoint 2, gin 3"):
     cpm_layout.resolve_config(found, "ckpt", base=dataclasses.replace(gin, num_layers=3))
 
 
 def test_mp_must_divide_heads_vocab_and_ffn(tmp_path, gpt2):
   _, from_hf = gpt2
-  with pytest.raises(convert.ConversionError, match="--mp=3 must divide num_heads=4"):
-    convert.save_megatron(from_hf.params, from_hf.config, tmp_path / "out", 3)
+  with pytest.raises(ConversionError, match="--mp=3 must divide num_heads=4"):
+    cpm_layout.save_megatron(from_hf.params, from_hf.config, tmp_path / "out", 3)
   assert not (tmp_path / "out").exists()

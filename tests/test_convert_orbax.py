@@ -13,8 +13,10 @@ import torch
 import transformers
 from convert_util import assert_trees_equal, random_gpt2, release_shards
 
-from cpm_jax import checkpointing, convert, partitioning
+from cpm_jax import checkpointing, partitioning
 from cpm_jax.models import cpm
+from cpm_jax.convert import orbax
+from cpm_jax.models.cpm import hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -33,22 +35,22 @@ def mesh(data, fsdp, tensor):
 
 def test_sharded_load_then_restore_on_another_mesh_changes_no_value(tmp_path, gpt2):
   _, hf_dir = gpt2
-  reference = convert.load_hf(hf_dir)
+  reference = hf.load_hf(hf_dir)
   mesh_a, mesh_b = mesh(1, 2, 4), mesh(2, 4, 1)
-  on_a = convert.load_hf(hf_dir, mesh=mesh_a)
+  on_a = hf.load_hf(hf_dir, mesh=mesh_a)
   want_a = partitioning.tree_shardings(cpm.logical_axes(on_a.config), mesh_a)
   jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), on_a.params, want_a)
   assert_trees_equal(on_a.params, reference.params)
 
-  convert.save_orbax(on_a.params, on_a.config, tmp_path / "orbax", tokenizer="vocab.model")
-  on_b = convert.load_orbax(tmp_path / "orbax", mesh=mesh_b)
+  orbax.save_orbax(cpm.FAMILY, on_a.params, on_a.config, tmp_path / "orbax", tokenizer="vocab.model")
+  on_b = orbax.load_orbax(cpm.FAMILY, tmp_path / "orbax", mesh=mesh_b)
   assert on_b.config == reference.config and on_b.metadata["tokenizer"] == "vocab.model"
   want_b = partitioning.tree_shardings(cpm.logical_axes(on_b.config), mesh_b)
   jax.tree.map(lambda x, s: np.testing.assert_equal(x.sharding, s), on_b.params, want_b)
   assert_trees_equal(on_b.params, reference.params)
   restored, metadata = checkpointing.restore_params(tmp_path / "orbax", cpm.abstract_params(on_b.config), want_b)
   assert_trees_equal(restored, reference.params)
-  assert convert.cpm.config_from_metadata(metadata, "orbax") == reference.config
+  assert cpm.FAMILY.config_from_record(metadata, "orbax") == reference.config
 
 
 def run_cli(*args):
@@ -70,7 +72,7 @@ def test_command_line_release_shards_to_orbax_to_hf(tmp_path, gpt2):
   assert "num_heads=4 from the gin model config" in out
   metadata = json.loads((tmp_path / "orbax" / "metadata.json").read_text())
   assert metadata["converted_from"]["format"] == "megatron" and metadata["tokenizer"] == "chinese_vocab.model"
-  assert_trees_equal(convert.load_orbax(tmp_path / "orbax").params, convert.load_hf(hf_dir).params)
+  assert_trees_equal(orbax.load_orbax(cpm.FAMILY, tmp_path / "orbax").params, hf.load_hf(hf_dir).params)
 
   run_cli("--to=hf", f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'hf'}")
   reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()

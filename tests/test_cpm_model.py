@@ -1,6 +1,5 @@
 """CPM-LM model: released sizes, packing, scan/remat/attention options, dtypes, dropout."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +56,15 @@ def test_init_statistics_follow_release():
 
 def test_scan_and_unrolled_agree(params):
   tokens = _tokens()
-  scanned, _ = cpm.forward(params, tokens, TINY)
-  unrolled, _ = cpm.forward(params, tokens, cpm.CPMConfig(**{**TINY.__dict__, "scan_layers": False}))
+  scanned = cpm.forward(params, tokens, TINY)
+  unrolled = cpm.forward(params, tokens, cpm.CPMConfig(**{**TINY.__dict__, "scan_layers": False}))
   np.testing.assert_allclose(scanned, unrolled, atol=1e-5)
 
 
 def test_causal_prefix_is_unchanged_by_later_tokens(params):
   tokens = _tokens()
-  full, _ = cpm.forward(params, tokens, TINY)
-  prefix, _ = cpm.forward(params, tokens[:, :10], TINY)
+  full = cpm.forward(params, tokens, TINY)
+  prefix = cpm.forward(params, tokens[:, :10], TINY)
   np.testing.assert_allclose(full[:, :10], prefix, atol=1e-5)
 
 
@@ -74,9 +73,9 @@ def test_packed_documents_do_not_see_each_other(params):
   packed = jnp.concatenate([doc_a, doc_b], axis=1)
   segment_ids = jnp.array([[1] * 10 + [2] * 14])
   positions = jnp.array([list(range(10)) + list(range(14))])
-  packed_logits, _ = cpm.forward(params, packed, TINY, segment_ids=segment_ids, positions=positions)
-  alone_a, _ = cpm.forward(params, doc_a, TINY)
-  alone_b, _ = cpm.forward(params, doc_b, TINY)
+  packed_logits = cpm.forward(params, packed, TINY, segment_ids=segment_ids, positions=positions)
+  alone_a = cpm.forward(params, doc_a, TINY)
+  alone_b = cpm.forward(params, doc_b, TINY)
   np.testing.assert_allclose(packed_logits[:, :10], alone_a, atol=1e-5)
   np.testing.assert_allclose(packed_logits[:, 10:], alone_b, atol=1e-5)
 
@@ -85,8 +84,8 @@ def test_attention_implementations_agree(params):
   tokens = _tokens()
   segment_ids = jnp.array([[1] * 12 + [2] * 12, [1] * 20 + [0] * 4])
   positions = jnp.array([list(range(12)) * 2, list(range(24))])
-  xla, _ = cpm.forward(params, tokens, TINY, segment_ids=segment_ids, positions=positions)
-  via_jax, _ = cpm.forward(params, tokens, cpm.CPMConfig(**{**TINY.__dict__, "attention_impl": "jax"}),
+  xla = cpm.forward(params, tokens, TINY, segment_ids=segment_ids, positions=positions)
+  via_jax = cpm.forward(params, tokens, cpm.CPMConfig(**{**TINY.__dict__, "attention_impl": "jax"}),
                            segment_ids=segment_ids, positions=positions)
   np.testing.assert_allclose(xla, via_jax, atol=1e-5)
 
@@ -107,9 +106,9 @@ def test_remat_keeps_gradients(params, policy):
 
 def test_bfloat16_compute_is_close_to_float32(params):
   tokens = _tokens()
-  f32, _ = cpm.forward(params, tokens, TINY)
+  f32 = cpm.forward(params, tokens, TINY)
   bf16_config = cpm.CPMConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
-  bf16, _ = cpm.forward(params, tokens, bf16_config)
+  bf16 = cpm.forward(params, tokens, bf16_config)
   assert bf16.dtype == jnp.float32  # logits always float32 for the loss
   np.testing.assert_allclose(bf16, f32, atol=0.05)
   assert not np.allclose(bf16, f32, atol=1e-6)  # really computed in bfloat16
@@ -119,18 +118,17 @@ def test_dropout_only_with_rng():
   config = cpm.CPMConfig(**{**TINY.__dict__, "dropout_rate": 0.1})
   p = cpm.init(config, jax.random.key(0))
   tokens = _tokens()
-  a, _ = cpm.forward(p, tokens, config)
-  b, _ = cpm.forward(p, tokens, config)
-  c, _ = cpm.forward(p, tokens, config, dropout_rng=jax.random.key(1))
-  d, _ = cpm.forward(p, tokens, config, dropout_rng=jax.random.key(1))
+  a = cpm.forward(p, tokens, config)
+  b = cpm.forward(p, tokens, config)
+  c = cpm.forward(p, tokens, config, dropout_rng=jax.random.key(1))
+  d = cpm.forward(p, tokens, config, dropout_rng=jax.random.key(1))
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(c, d)
   assert np.abs(a - c).max() > 1e-3
 
 
 def test_decode_layout_is_per_layer_with_out_major_weights(params):
-  decode = cpm.decode_layout(params)
-  assert cpm.decode_layout(decode) is decode
+  decode = cpm.decode_layout(params).tree
   assert len(decode["blocks"]) == TINY.num_layers and "qkv_kernel" not in decode["blocks"][1]["attn"]
   attn, mlp, stacked = decode["blocks"][1]["attn"], decode["blocks"][1]["mlp"], params["blocks"]
   # Each kernel becomes a matrix [out, in], torch.nn.Linear's order; its input dims are those its bias lacks. The
@@ -143,16 +141,20 @@ def test_decode_layout_is_per_layer_with_out_major_weights(params):
   np.testing.assert_array_equal(decode["blocks"][2]["ln_2"]["scale"], stacked["ln_2"]["scale"][2])
 
 
-@pytest.mark.parametrize("layout", ["training", "decode"])
-def test_cached_forward_matches_full(params, layout):
+def test_cached_forward_matches_full(params):
   tokens = _tokens()
-  full, _ = cpm.forward(params, tokens, TINY)
-  step_params = cpm.decode_layout(params) if layout == "decode" else params
-  cache = cpm.init_cache(TINY, 2, 32, per_layer=layout == "decode")
-  first, cache = cpm.forward(step_params, tokens[:, :16], TINY, cache=cache)
+  full = cpm.forward(params, tokens, TINY)
+  decode = cpm.decode_layout(params)
+  cache = cpm.init_cache(TINY, 2, 32)
+
+  def logits(tokens, cache):
+    hidden, cache = cpm.cached_hidden_states(decode, tokens, TINY, cache)
+    return cpm.logits_from_hidden(decode.tree, hidden, TINY), cache
+
+  first, cache = logits(tokens[:, :16], cache)
   steps = [first]
   for t in range(16, 24):
-    logits, cache = cpm.forward(step_params, tokens[:, t:t + 1], TINY, cache=cache)
-    steps.append(logits)
+    step, cache = logits(tokens[:, t:t + 1], cache)
+    steps.append(step)
   np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5)
   assert int(cache["index"]) == 24

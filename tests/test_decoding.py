@@ -24,9 +24,14 @@ def params():
   return jax.jit(cpm.init, static_argnums=0)(CONFIG, jax.random.key(0))
 
 
+@pytest.fixture(scope="module")
+def decode_params(params):
+  return cpm.decode_layout(params)
+
+
 @jax.jit
 def _forward_padded(params, tokens, segment_ids):
-  return cpm.forward(params, tokens, CONFIG, segment_ids=segment_ids)[0]
+  return cpm.forward(params, tokens, CONFIG, segment_ids=segment_ids)
 
 
 def full_logits(params, tokens):
@@ -49,10 +54,10 @@ def recording_step_fn(step_fn):
 
 def greedy_with_logits(params, tokens, lengths):
   """Runs prefill + the generic sample_loop; returns the tokens and the logits each step produced."""
-  greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)
-  cache, last = decoding.cpm_prefill(params, tokens, lengths, CONFIG, tokens.shape[1] - 1 + STEPS)
+  greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True, min_length=0)
+  cache, last = cpm.prefill(params, tokens, lengths, CONFIG, tokens.shape[1] - 1 + STEPS)
   cache = {"inner": cache, "logits": jnp.zeros((tokens.shape[0], STEPS, CONFIG.vocab_size)), "t": 0}
-  out, _, cache = decoding.sample_loop(recording_step_fn(decoding.cpm_step_fn(CONFIG)), params, cache, last,
+  out, _, cache = decoding.sample_loop(recording_step_fn(cpm.step_fn(CONFIG)), params, cache, last,
                                        greedy, eod_id=-1, pad_id=PAD, vocab_size=CONFIG.vocab_size,
                                        rng=jax.random.key(0))
   return out, cache["logits"], cache["inner"]["lm"]["k"]
@@ -66,24 +71,23 @@ def assert_matches_recomputation(params, out, logits):
     np.testing.assert_array_equal(out[row], reference.argmax(-1))
 
 
-def test_cached_decoding_equals_full_recomputation_every_step(params):
+def test_cached_decoding_equals_full_recomputation_every_step(params, decode_params):
   tokens, lengths = decoding.prepare_prompts(PROMPTS, CONFIG.max_positions - STEPS, eod_id=EOD, pad_id=PAD)
-  out, logits, _ = jax.jit(greedy_with_logits)(params, tokens, lengths)
+  out, logits, _ = jax.jit(greedy_with_logits)(decode_params, tokens, lengths)
   assert_matches_recomputation(params, np.asarray(out), np.asarray(logits))
 
 
-def test_cached_decoding_on_tensor_sharded_mesh(params):
+def test_cached_decoding_on_tensor_sharded_mesh(params, decode_params):
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=1, tensor=4))
   shardings = partitioning.tree_shardings(cpm.logical_axes(CONFIG), mesh, params)
   sharded = jax.device_put(params, shardings)
   assert sharded["blocks"]["attn"]["qkv_kernel"].sharding.spec[3] == "tensor"
   tokens, lengths = decoding.prepare_prompts(PROMPTS, CONFIG.max_positions - STEPS, eod_id=EOD, pad_id=PAD)
-  decode_params = cpm.decode_layout(sharded)  # per-layer [out, in] weights: the layout `generate` uses
+  sharded_decode = cpm.decode_layout(sharded)  # per-layer [out, in] weights: the layout `generate` uses
   # The conversion keeps the tensor-parallel split: qkv_weight's rows [heads * 3 * head_dim] are split over tensor.
-  assert decode_params["blocks"][0]["attn"]["qkv_weight"].sharding.spec[0] == "tensor"
-  assert cpm.decode_layout(decode_params) is decode_params
+  assert sharded_decode.tree["blocks"][0]["attn"]["qkv_weight"].sharding.spec[0] == "tensor"
   with partitioning.activate(mesh):
-    out, logits, keys = jax.jit(greedy_with_logits)(decode_params, tokens, lengths)
+    out, logits, keys = jax.jit(greedy_with_logits)(sharded_decode, tokens, lengths)
   # The cache really is split: its [batch * heads] rows over `data` (batch) and `tensor` (heads).
   assert len(keys) == CONFIG.num_layers
   assert keys[0].shape == (len(PROMPTS) * CONFIG.num_heads, tokens.shape[1] - 1 + STEPS, CONFIG.head_dim)
@@ -92,29 +96,29 @@ def test_cached_decoding_on_tensor_sharded_mesh(params):
   assert_matches_recomputation(params, np.asarray(out), np.asarray(logits))
   # The public entry point gives the same tokens on the mesh as on one device.
   greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)
-  assert (decoding.generate(sharded, PROMPTS, CONFIG, greedy, eod_id=EOD, pad_id=PAD, mesh=mesh)
-          == decoding.generate(params, PROMPTS, CONFIG, greedy, eod_id=EOD, pad_id=PAD))
+  assert (cpm.generate(sharded_decode, PROMPTS, CONFIG, greedy, eod_id=EOD, pad_id=PAD, mesh=mesh)
+          == cpm.generate(decode_params, PROMPTS, CONFIG, greedy, eod_id=EOD, pad_id=PAD))
 
 
-def test_generation_stops_at_eod_per_row(params):
+def test_generation_stops_at_eod_per_row(params, decode_params):
   prompts = [p for p in PROMPTS if p]
   greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)
-  free = decoding.generate(params, prompts, CONFIG, greedy, eod_id=-1, pad_id=PAD)
+  free = cpm.generate(decode_params, prompts, CONFIG, greedy, eod_id=-1, pad_id=PAD)
   eod = free[0][2]  # make the third token of row 0 the end of document
-  stopped = decoding.generate(params, prompts, CONFIG, greedy, eod_id=eod, pad_id=PAD)
+  stopped = cpm.generate(decode_params, prompts, CONFIG, greedy, eod_id=eod, pad_id=PAD)
   assert len(stopped[0]) <= 2
   for row, full in zip(stopped, free):
     expected = full[:full.index(eod)] if eod in full else full
     assert row == expected
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(params):
-  sample = lambda seed, **kw: decoding.generate(  # noqa: E731
-      params, PROMPTS, CONFIG, decoding.SamplingConfig(max_new_tokens=STEPS, seed=seed, **kw), eod_id=EOD,
+def test_sampling_is_seeded_and_top_k_1_is_greedy(params, decode_params):
+  sample = lambda seed, **kw: cpm.generate(  # noqa: E731
+      decode_params, PROMPTS, CONFIG, decoding.SamplingConfig(max_new_tokens=STEPS, seed=seed, **kw), eod_id=EOD,
       pad_id=PAD, batch_size=3)
   assert sample(1) == sample(1)
   assert sample(1) != sample(2)
-  greedy = decoding.generate(params, PROMPTS, CONFIG, decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True),
+  greedy = cpm.generate(decode_params, PROMPTS, CONFIG, decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True),
                              eod_id=EOD, pad_id=PAD)
   assert sample(3, top_k=1) == greedy
 
@@ -141,12 +145,12 @@ def test_sampling_frequencies_and_cpm_filter_order():
   assert set(np.flatnonzero(draw(np.log(probs), top_k=2, top_p=0.6))) == {0}
 
 
-def test_repetition_penalty(params):
+def test_repetition_penalty(params, decode_params):
   logits = jnp.array([[2.0, -2.0, 2.0, -2.0]])
   seen = jnp.array([[True, True, False, False]])
   np.testing.assert_allclose(decoding.apply_repetition_penalty(logits, seen, 2.0), [[1.0, -4.0, 2.0, -2.0]])
   config = decoding.SamplingConfig(max_new_tokens=12, greedy=True, repetition_penalty=1e6)
-  for prompt, new in zip(PROMPTS, decoding.generate(params, PROMPTS, CONFIG, config, eod_id=-1, pad_id=PAD)):
+  for prompt, new in zip(PROMPTS, cpm.generate(decode_params, PROMPTS, CONFIG, config, eod_id=-1, pad_id=PAD)):
     assert len(set(new)) == len(new) and not set(new) & set(prompt or [-1])
 
 
@@ -202,18 +206,17 @@ def test_beam_search_finds_the_exhaustive_optimum(alpha, min_length):
     assert lengths[row] == len(seq) - (seq[-1] == BEAM_EOD)
 
 
-def test_beam_search_on_cpm_scores_its_own_output(params):
+def test_beam_search_on_cpm_scores_its_own_output(params, decode_params):
   prompts = [p for p in PROMPTS if p]
   config = decoding.BeamSearchConfig(max_new_tokens=5, beam_size=3, length_penalty=0.6, min_length=2)
   tokens, lengths = decoding.prepare_prompts(prompts, CONFIG.max_positions - 5, eod_id=EOD, pad_id=PAD)
 
   @jax.jit
   def run(params, tokens, lengths):
-    cache, last = decoding.cpm_prefill(params, tokens, lengths, CONFIG, tokens.shape[1] + 4)
-    return decoding.beam_search_loop(decoding.cpm_step_fn(CONFIG), params, cache,
-                                     decoding.cpm_cache_logical_axes(CONFIG, per_layer=False), last, config,
-                                     eod_id=EOD, pad_id=PAD)
-  out, out_lengths, scores = run(params, tokens, lengths)
+    cache, last = cpm.prefill(params, tokens, lengths, CONFIG, tokens.shape[1] + 4)
+    return decoding.beam_search_loop(cpm.step_fn(CONFIG), params, cache, cpm.cache_logical_axes(CONFIG), last,
+                                     config, eod_id=EOD, pad_id=PAD)
+  out, out_lengths, scores = run(decode_params, tokens, lengths)
   for row, prompt in enumerate(prompts):
     new = out[row].tolist()
     new = new[:new.index(EOD) + 1] if EOD in new else new
@@ -225,8 +228,8 @@ def test_beam_search_on_cpm_scores_its_own_output(params):
   # One beam without length penalty is greedy search.
   one = decoding.BeamSearchConfig(max_new_tokens=STEPS, beam_size=1, length_penalty=0.0, min_length=0)
   greedy = decoding.SamplingConfig(max_new_tokens=STEPS, greedy=True)
-  assert (decoding.generate(params, prompts, CONFIG, one, eod_id=EOD, pad_id=PAD)
-          == decoding.generate(params, prompts, CONFIG, greedy, eod_id=EOD, pad_id=PAD))
+  assert (cpm.generate(decode_params, prompts, CONFIG, one, eod_id=EOD, pad_id=PAD)
+          == cpm.generate(decode_params, prompts, CONFIG, greedy, eod_id=EOD, pad_id=PAD))
 
 
 # ---- prompts -----------------------------------------------------------------------------------
@@ -242,4 +245,4 @@ def test_prompt_padding_truncation_and_strict_mode(caplog):
   with pytest.raises(ValueError, match="Prompt 0 has 20 tokens.*strict|shorten"):
     decoding.prepare_prompts([list(range(20))], 12, eod_id=EOD, pad_id=PAD, strict=True)
   with pytest.raises(ValueError, match="max_new_tokens"):
-    decoding.generate({}, [[1]], CONFIG, decoding.SamplingConfig(max_new_tokens=64), eod_id=EOD, pad_id=PAD)
+    cpm.generate(None, [[1]], CONFIG, decoding.SamplingConfig(max_new_tokens=64), eod_id=EOD, pad_id=PAD)

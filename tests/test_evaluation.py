@@ -15,10 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from cpm_jax import checkpointing, gin_setup, partitioning
+from cpm_jax import checkpointing, decoding, gin_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
-from cpm_jax.evaluation import report, scoring, tasks
-from cpm_jax.models import cpm, families
+from cpm_jax.evaluation import interface, report, scoring, tasks
+from cpm_jax.models import cpm, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = cpm.CPMConfig(vocab_size=30000, num_layers=2, embed_dim=32, num_heads=4, max_positions=64,
@@ -27,7 +27,7 @@ CONFIG = cpm.CPMConfig(vocab_size=30000, num_layers=2, embed_dim=32, num_heads=4
 
 @pytest.fixture(scope="module")
 def params():
-  return model_lib.untrained_params(CONFIG, seed=1)
+  return jax.jit(cpm.init, static_argnums=0)(CONFIG, jax.random.key(1))
 
 
 # ---- scoring -----------------------------------------------------------------------------------
@@ -35,13 +35,13 @@ def params():
 def test_scores_match_transformers_gpt2(params, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from cpm_jax.convert import hf
+  from cpm_jax.models.cpm import hf
 
   hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf.save_hf(params, CONFIG, tmp_path / "hf")).eval()
   rng = np.random.default_rng(0)
   requests = [(rng.integers(10, 30000, n).tolist(), rng.integers(10, 30000, m).tolist())
               for n, m in [(0, 5), (3, 1), (1, 9), (30, 35), (7, 7)]]
-  totals, counts = scoring.score_requests(scoring.cpm_score_fn(CONFIG), params, requests, max_length=64,
+  totals, counts = scoring.score_requests(cpm.score_fn(CONFIG), params, requests, max_length=64,
                                           batch_size=2, pad_id=5)
   for (context, continuation), total, count in zip(requests, totals, counts):
     ids = torch.tensor([context + continuation])
@@ -91,7 +91,7 @@ def fake_model(preferred: str, generations=None):
   def generate(prompts):
     return [CharTokenizer().encode(generations[i]) for i in range(len(prompts))]
 
-  return model_lib.LanguageModel(CharTokenizer(), score, generate), seen
+  return interface.LanguageModel(CharTokenizer(), score, generate), seen
 
 
 def test_label_prompt_protocol_and_sampled_setting():
@@ -186,7 +186,7 @@ def test_load_cpm_from_a_training_workdir(params, tmp_path, cpm_vocab_path):
     checkpointer.maybe_save(3, state, force=True)
   with pytest.raises(FileNotFoundError, match="model.json"):
     model_lib.load_checkpoint(workdir)
-  (workdir / "model.json").write_text(json.dumps(families.record(CONFIG, tokenizer=str(cpm_vocab_path))))
+  (workdir / "model.json").write_text(json.dumps(registry.record(CONFIG, tokenizer=str(cpm_vocab_path))))
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=1, tensor=4))
   loaded = model_lib.load_checkpoint(workdir, mesh)
   assert loaded.config == CONFIG and loaded.family.name == "cpm"
@@ -219,7 +219,7 @@ def test_programs_lm_score_and_generate(params, tmp_path, cpm_vocab_path):
   config, tokenizer, loaded = loaded.config, model_lib.load_tokenizer(loaded), loaded.params
   for text, record in zip(texts, records):
     ids = tokenizer.encode(text)
-    totals, counts = scoring.score_requests(scoring.cpm_score_fn(config), loaded, [(ids[:1], ids[1:])],
+    totals, counts = scoring.score_requests(cpm.score_fn(config), loaded, [(ids[:1], ids[1:])],
                                             max_length=64, batch_size=1, pad_id=5)
     assert record["tokens"] == len(ids) - 1 == counts[0]
     assert record["log_likelihood"] == pytest.approx(totals[0], rel=1e-5)
@@ -230,8 +230,8 @@ def test_programs_lm_score_and_generate(params, tmp_path, cpm_vocab_path):
   run_program("generate.py", f"--checkpoint={checkpoint}", f"--input_file={tmp_path / 'in.jsonl'}",
               f"--output={tmp_path / 'out.jsonl'}", "--max_new_tokens=5", "--top_k=5", "--top_p=0.9", "--seed=1")
   generated = [r["generated"] for r in tasks.read_jsonl(tmp_path / "out.jsonl")]
-  model = model_lib.cpm_language_model(loaded, config, tokenizer, batch_size=8, decoding_config=
-                                       model_lib.decoding.SamplingConfig(max_new_tokens=5, top_k=5, top_p=0.9, seed=1))
+  model = cpm.language_model(loaded, config, tokenizer, {}, batch_size=8, decoding_config=
+                             decoding.SamplingConfig(max_new_tokens=5, top_k=5, top_p=0.9, seed=1))
   assert generated == model.generate_text(texts)
 
 
@@ -250,7 +250,7 @@ def test_untrained_model_is_at_chance_on_review_sentiment(params, tmp_path, cpm_
   assert {e["label"] for e in examples[:400]} == {0}  # the split is sorted by label: a prefix is one class
   examples = tasks.sample_examples(examples, 120, seed=0)
   assert 40 < sum(e["label"] for e in examples) < 80
-  model = model_lib.cpm_language_model(params, CONFIG, CPMTokenizer(cpm_vocab_path), batch_size=48)
+  model = cpm.language_model(params, CONFIG, CPMTokenizer(cpm_vocab_path), {}, batch_size=48)
   result = task.evaluate(model, examples)
   # Scores of an untrained model carry no information about the label, so accuracy ~ Binomial(120, ~0.5) / 120:
   # 0.5 +- 0.15 is more than 3 standard deviations (0.046) plus the test split's 52/48 label imbalance.

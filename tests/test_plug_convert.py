@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from cpm_jax import partitioning
-from cpm_jax.convert import plug as convert_plug
+from cpm_jax.models.plug import convert as convert_plug
 from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import plug
+from cpm_jax.convert import orbax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = plug.PlugConfig(vocab_size=512, num_encoder_layers=2, num_decoder_layers=2, embed_dim=64, num_heads=8,
@@ -87,9 +88,9 @@ def test_export_splits_exactly_as_released_and_round_trips(params, tmp_path):
 
 
 def test_orbax_round_trip_onto_a_tensor_parallel_mesh(params, tmp_path):
-  convert_plug.save_orbax(params, CONFIG, tmp_path / "orbax", tokenizer="vocab.txt")
+  orbax.save_orbax(plug.FAMILY, params, CONFIG, tmp_path / "orbax", tokenizer="vocab.txt")
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=1, tensor=8))
-  loaded = convert_plug.load_orbax(tmp_path / "orbax", mesh=mesh)
+  loaded = orbax.load_orbax(plug.FAMILY, tmp_path / "orbax", mesh=mesh)
   assert loaded.config == CONFIG and loaded.metadata["tokenizer"] == "vocab.txt"
   assert loaded.params["embed"]["wte"].sharding.spec == partitioning.logical_to_spec(("vocab", "embed"))
   assert_same(loaded.params, params)
@@ -132,7 +133,7 @@ def test_command_line_release_to_orbax_to_shards_and_hf_bert(params, tmp_path):
   code, out = run_cli("--from=megatron", f"--input={release}", f"--output={tmp_path / 'orbax'}",
                       f"--gin_file={gin_file}", "--mesh_tensor=8", "--tokenizer=vocab.txt")
   assert code == 0, out
-  loaded = convert_plug.load_orbax(tmp_path / "orbax")
+  loaded = orbax.load_orbax(plug.FAMILY, tmp_path / "orbax")
   assert loaded.metadata["tokenizer"] == "vocab.txt" and loaded.metadata["converted_from"]["format"] == "megatron"
   assert_same(loaded.params, params)
   code, out = run_cli(f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'mp2'}", "--to=megatron", "--mp=2")
@@ -147,7 +148,7 @@ def test_command_line_release_to_orbax_to_shards_and_hf_bert(params, tmp_path):
   code, out = run_cli(f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'hf'}", "--to=hf")
   assert code != 0 and "--to=hf is not available for plug checkpoints" in out
   code, out = run_cli("--model=plug", "--from=hf", f"--input={tmp_path}", f"--output={tmp_path / 'bert'}")
-  assert code != 0 and "needs the encoder's config" in out
+  assert code != 0 and "needs the model's config" in out
   code, out = run_cli("--model=cpm", f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'cpm'}")
   assert code != 0 and "holds a 'plug' checkpoint" in out
   assert not any((tmp_path / name).exists() for name in ("hf", "bert", "cpm"))
@@ -168,5 +169,5 @@ def test_command_line_hugging_face_bert_to_encoder(tmp_path):
                       f"--gin_file={gin_file}")
   assert code == 0, out
   state = transformers.BertForMaskedLM.from_pretrained(tmp_path / "bert").state_dict()
-  want, _ = convert_plug.params_from_hf_state(state, convert_plug.load_orbax(tmp_path / "orbax").config)
-  assert_same(convert_plug.load_orbax(tmp_path / "orbax").params, want)
+  want, _ = convert_plug.params_from_hf_state(state, orbax.load_orbax(plug.FAMILY, tmp_path / "orbax").config)
+  assert_same(orbax.load_orbax(plug.FAMILY, tmp_path / "orbax").params, want)

@@ -15,11 +15,12 @@ import pytest
 
 from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
 from cpm_jax import decoding, gin_setup, train_loop
-from cpm_jax.convert import plug as convert_plug
-from cpm_jax.data import corpus, plug_pipeline
+from cpm_jax.data import corpus
+from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import tasks
 from cpm_jax.models import plug
+from cpm_jax.convert import orbax
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,7 +111,7 @@ def test_classifier_accuracy_through_evaluate_matches_the_training_model(plug_vo
     gin.clear_config()
   config = dataclasses.replace(config, dropout_rate=0.0)
   params = jax.jit(plug.init, static_argnums=0)(config, jax.random.key(3))
-  convert_plug.save_orbax(params, config, tmp_path / "classifier", tokenizer=str(plug_vocab_path),
+  orbax.save_orbax(plug.FAMILY, params, config, tmp_path / "classifier", tokenizer=str(plug_vocab_path),
                           labels=["0", "1"])
   run_program("evaluate.py", f"--checkpoint={tmp_path / 'classifier'}", "--task=review_sentiment_classifier",
               f"--data_dir={demo_data_dir}", "--limit=40", f"--output={tmp_path / 'result.json'}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import transformers
 
 from cpm_jax import layers, partitioning
-from cpm_jax.convert import plug as convert_plug
+from cpm_jax.models.plug import convert as convert_plug
 from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import plug
 
@@ -180,7 +180,7 @@ def test_pre_ln_encoder_decoder_match_torch_reference_of_release():
 
   segments = jnp.asarray(src_mask.astype(np.int32))
   hidden = encode(params, jnp.asarray(src), config, token_types=jnp.asarray(types), segment_ids=segments)
-  dec_hidden, _ = decode(params, jnp.asarray(tgt), config, encoder_hidden=hidden, encoder_segment_ids=segments)
+  dec_hidden = decode(params, jnp.asarray(tgt), config, encoder_hidden=hidden, encoder_segment_ids=segments)
   tol = dict(atol=2e-4, rtol=2e-4)
   np.testing.assert_allclose(np.asarray(hidden)[src_mask], enc.numpy()[src_mask], **tol)
   np.testing.assert_allclose(np.asarray(plug.mlm_logits(params, hidden, config))[src_mask], mlm.numpy()[src_mask],
@@ -199,18 +199,16 @@ def test_cached_decoding_matches_full_decoder_pass(mesh_sizes):
   segments = jnp.array([[1] * 9, [1] * 6 + [0] * 3], jnp.int32)
   tgt = jax.random.randint(jax.random.key(1), (2, 5), 106, 21128)
   hidden = encode(params, src, config, segment_ids=segments)
-  full, _ = decode(params, tgt, config, encoder_hidden=hidden, encoder_segment_ids=segments)
+  full = decode(params, tgt, config, encoder_hidden=hidden, encoder_segment_ids=segments)
   full = plug.decoder_logits(params, full, config)
-  with pytest.raises(ValueError, match="decode_layout"):
-    plug.init_cache(params, config, hidden, segments, length=8)
 
   @jax.jit
   def cached(params, hidden):
     cache = plug.init_cache(params, config, hidden, segments, length=8)
     cache = jax.tree.map(partitioning.constrain, cache, plug.cache_logical_axes(config),
                          is_leaf=partitioning.is_logical_axes)
-    prefix, cache = plug.decode(params, tgt[:, :2], config, cache=cache)
-    steps = [plug.decoder_logits(params, prefix, config)]
+    prefix, cache = plug.cached_decode(params, tgt[:, :2], config, cache)
+    steps = [plug.decoder_logits(params.tree, prefix, config)]
     for t in range(2, 5):
       logits, cache = plug.step_fn(config)(params, tgt[:, t:t + 1], cache)
       steps.append(logits)
@@ -242,8 +240,8 @@ def test_unrolled_layers_with_remat_match_scan():
   unrolled = tiny(dropout_rate=0.0, scan_layers=False, remat_policy="full")
   hidden = encode(params, src, config)
   np.testing.assert_allclose(encode(params, src, unrolled), hidden, atol=1e-5)
-  np.testing.assert_allclose(decode(params, src, unrolled, encoder_hidden=hidden)[0],
-                             decode(params, src, config, encoder_hidden=hidden)[0], atol=1e-5)
+  np.testing.assert_allclose(decode(params, src, unrolled, encoder_hidden=hidden),
+                             decode(params, src, config, encoder_hidden=hidden), atol=1e-5)
 
 
 def test_bad_configs_and_inputs_raise_clear_errors():

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
-from cpm_jax import objectives
-from cpm_jax.data import plug_pipeline, sources
+from cpm_jax.models.plug import objectives
+from cpm_jax.data import sources
+from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.tokenization import BertTokenizer
 
 

@@ -11,9 +11,10 @@ import pytest
 
 from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
 from cpm_jax import decoding, gin_setup, partitioning, train_loop, training
-from cpm_jax.convert import plug as convert_plug
-from cpm_jax.data import plug_pipeline
+from cpm_jax.models.plug import convert as convert_plug
+from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.models import plug
+from cpm_jax.convert import orbax
 
 TINY = plug.PlugConfig(vocab_size=256, num_encoder_layers=2, num_decoder_layers=2, embed_dim=32, num_heads=8,
                        mlp_dim=64, max_positions=32, type_vocab_size=2, init_stddev=0.02)
@@ -100,7 +101,7 @@ def test_two_stages_and_fine_tuning_on_demo_data(plug_vocab_path, demo_data_dir,
   initialised = convert_plug.save_warm_start(tmp_path / "stage1", config2, tmp_path / "stage2_init")
   assert initialised and all(name.startswith("['decoder']") for name in initialised)
   stage1_params = convert_plug.read_params(tmp_path / "stage1")
-  start = convert_plug.load_orbax(tmp_path / "stage2_init").params
+  start = orbax.load_orbax(plug.FAMILY, tmp_path / "stage2_init").params
   np.testing.assert_array_equal(start["encoder"]["blocks"]["attn"]["qkv_kernel"],
                                 stage1_params["encoder"]["blocks"]["attn"]["qkv_kernel"])
   eval2 = plug_pipeline.PalmData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir), seq_len=64,
@@ -130,26 +131,27 @@ def test_generation_cached_greedy_equals_recompute_and_sep_suppression():
   sources = [[2, 17, 30, 41, 9, 1], [2, 5, 6, 1]]
   cls_id, sep_id = 2, 1
   greedy = decoding.SamplingConfig(max_new_tokens=6, greedy=True)
-  out = plug.generate(params, sources, config, greedy, cls_id=cls_id, sep_id=sep_id, sep_fraction=0.0)
+  decode_params = plug.decode_layout(params)
+  out = plug.generate(decode_params, sources, config, greedy, cls_id=cls_id, sep_id=sep_id)
   for source, got in zip(sources, out):  # uncached: the whole prefix through encoder and decoder every step
     hidden = plug.encode(params, jnp.asarray([source]), config)
     prefix = [cls_id]
     for _ in range(6):
-      logits = plug.decoder_logits(params, plug.decode(params, jnp.asarray([prefix]), config, encoder_hidden=hidden)[0],
+      logits = plug.decoder_logits(params, plug.decode(params, jnp.asarray([prefix]), config, encoder_hidden=hidden),
                                    config)
       prefix.append(int(jnp.argmax(logits[0, -1])))
       if prefix[-1] == sep_id:
         break
     assert got == [t for t in prefix[1:] if t != sep_id]
   beam1 = decoding.BeamSearchConfig(max_new_tokens=6, beam_size=1, length_penalty=0.0, min_length=0)
-  # Params already in the decode layout are taken as they are.
-  assert plug.generate(plug.decode_layout(params), sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
+  assert plug.generate(decode_params, sources, config, beam1, cls_id=cls_id, sep_id=sep_id) == out
 
   # A model that prefers [SEP] everywhere: sampling holds it back until 80% of the length, beam search until
   # min_length.
   biased = jax.tree.map(lambda x: x, params)  # decoder output fixed at ones; [SEP]'s logit 320, others ~0
   biased["decoder"]["ln_f"] = {"scale": jnp.zeros(32), "bias": jnp.ones(32)}
   biased["embed"]["wte"] = params["embed"]["wte"].at[sep_id].set(10.0)
+  biased = plug.decode_layout(biased)
   sampled = plug.generate(biased, sources, config, decoding.SamplingConfig(max_new_tokens=10, top_k=20,
                                                                            temperature=0.9), cls_id=cls_id,
                           sep_id=sep_id)
@@ -158,7 +160,7 @@ def test_generation_cached_greedy_equals_recompute_and_sep_suppression():
                                                                           min_length=4), cls_id=cls_id, sep_id=sep_id)
   assert [len(s) for s in beams] == [4, 4]
   with pytest.raises(ValueError, match="max_positions=32"):
-    plug.generate(params, [[1] * 40], config, greedy, cls_id=cls_id, sep_id=sep_id)
+    plug.generate(decode_params, [[1] * 40], config, greedy, cls_id=cls_id, sep_id=sep_id)
 
 
 def test_stage1_recipe_parses(plug_vocab_path):

@@ -125,6 +125,9 @@ class _ListData:
     return pipeline.make_eval_iterator(self._texts[:8], _CharTokenizer(), seq_len=self.seq_len,
                                        global_batch_size=self.global_batch_size)
 
+  def checkpoint_metadata(self):
+    return {}
+
 
 def test_loop_learns_logs_and_writes_workdir(tmp_path):
   texts = [("人民日报" * (3 + i % 5)) + "。" for i in range(64)]

@@ -9,6 +9,7 @@ silently left at a random init and nothing in a source file is silently ignored:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -19,22 +20,36 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from cpm_jax.models import families
-
 
 class ConversionError(ValueError):
   """A checkpoint could not be converted; the message names the file, key and what was expected."""
 
 
-def config_from_metadata(meta: dict, where: str, family: str) -> Any:
-  """The `family` model config that a params-only checkpoint's metadata records (families.record)."""
-  try:
-    found, config = families.from_record(meta, where)
-  except ValueError as e:
-    raise ConversionError(str(e)) from e
-  if found.name != family:
-    raise ConversionError(f"{where}: metadata names no {family.upper()} model config (model={found.name!r}).")
-  return config
+@dataclasses.dataclass
+class Loaded:
+  """Converted params with their config and notes on how the config was found (e.g. the heads)."""
+
+  params: dict
+  config: Any
+  notes: list[str]
+  metadata: dict = dataclasses.field(default_factory=dict)  # what an Orbax input stored beside its params
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  """One checkpoint format of a family: how to read it into params and write params out (either may be None).
+
+  load(path, *, config, dtype, mesh, **options) -> Loaded; save(params, config, path, **options) -> path.
+  load_options / save_options name the extra keywords each takes (convert_checkpoint.py maps its flags onto them:
+  num_heads, tag, trust_pickle / num_ranks, tag). needs_config: the weights do not fix the model config, so loading
+  needs one (a gin model config).
+  """
+
+  load: Callable[..., Loaded] | None = None
+  save: Callable[..., pathlib.Path] | None = None
+  load_options: tuple[str, ...] = ()
+  save_options: tuple[str, ...] = ()
+  needs_config: bool = False
 
 
 def flatten(tree: dict) -> dict[str, Any]:

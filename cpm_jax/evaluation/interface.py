@@ -17,6 +17,7 @@ class LanguageModel:
   score(requests, names) -> (total log-likelihoods, scored-token counts); generate(prompt ids) -> new ids;
   classify(texts: one tuple of text fields per example) -> class logits [n, classes], or None for a model
   without a classification head. A model that cannot score or generate raises a ValueError saying so.
+  continues_prompt: whether generations continue the prompt's text (CPM) or answer it (PLUG's decoder).
   """
 
   tokenizer: Any
@@ -24,6 +25,7 @@ class LanguageModel:
   generate: Callable[[Sequence[Sequence[int]]], list[list[int]]]
   classify: Callable[[Sequence[Sequence[str]]], np.ndarray] | None = None
   labels: Sequence[str] = ()  # what classify's classes mean (as the checkpoint records them)
+  continues_prompt: bool = True
 
   def generate_text(self, prompts: Sequence[str]) -> list[str]:
     """Decoded continuations of text prompts."""

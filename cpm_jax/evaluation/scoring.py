@@ -16,7 +16,6 @@ import numpy as np
 import tqdm
 
 from cpm_jax import decoding
-from cpm_jax.models import cpm
 
 Request = tuple[Sequence[int], Sequence[int]]
 ScoreFn = Callable[[Any, dict], dict]  # (params, batch) -> {"total": [batch], "count": [batch]}
@@ -30,15 +29,6 @@ def continuation_log_likelihood(logits: jax.Array, targets: jax.Array, weights: 
   weights = weights.astype(jnp.float32)
   total, count = (token_ll * weights).sum(-1), weights.sum(-1)
   return {"total": total, "count": count, "mean": total / jnp.maximum(count, 1.0)}
-
-
-def cpm_score_fn(config: cpm.CPMConfig) -> ScoreFn:
-  """Jitted (params, batch) -> continuation_log_likelihood for CPM-LM."""
-  def score(params, batch):
-    logits, _ = cpm.forward(params, batch["inputs"], config, positions=batch["positions"],
-                            segment_ids=batch["segment_ids"])
-    return continuation_log_likelihood(logits, batch["targets"], batch["weights"])
-  return jax.jit(score)
 
 
 def make_batch(requests: Sequence[Request], width: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -14,66 +14,14 @@ import re
 import jax
 import numpy as np
 
-from cpm_jax.convert import cpm as cpm_layout
-from cpm_jax.convert import safetensors_io, torch_io
-from cpm_jax.convert.common import ConversionError, KeyLedger, atomic_output_dir
-from cpm_jax.models import cpm
+from cpm_jax.convert import hf_io, safetensors_io
+from cpm_jax.convert.common import ConversionError, Loaded, atomic_output_dir
+from cpm_jax.models.cpm import convert as cpm_layout
+from cpm_jax.models.cpm import model as cpm
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 # Buffers of older GPT-2 checkpoints (the causal mask), not parameters.
 _BUFFER = re.compile(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias")
-
-
-class Weights:
-  """The tensors of a HF model directory, each read when asked for (safetensors: plain reads; .bin: mmap)."""
-
-  def __init__(self, directory: pathlib.Path, trust_pickle: bool = False):
-    name = next((name for name in WEIGHT_FILES if (directory / name).is_file()), None)
-    if name is None:
-      raise ConversionError(f"{directory}: no weights found; expected one of {', '.join(WEIGHT_FILES)}.")
-    files = None
-    if name.endswith(".index.json"):
-      try:
-        files = json.loads((directory / name).read_text()).get("weight_map")
-      except (ValueError, AttributeError) as e:
-        raise ConversionError(f"{directory / name}: not a JSON weight index ({e}).") from e
-      if not files:
-        raise ConversionError(f"{directory / name}: no 'weight_map'.")
-    readers, specs = {}, {}
-    self._file_of = {}
-    for file in sorted(set(files.values())) if files else [name]:
-      path = directory / file
-      if file.endswith(".safetensors"):
-        reader = safetensors_io.Reader(path)
-        readers[file] = reader.read
-        specs.update({key: (reader.shape(key), reader.dtype(key)) for key in reader.keys()})
-      else:
-        state = torch_io.load(path, trust_pickle)
-        not_tensors = [key for key, value in state.items() if not hasattr(value, "detach")]
-        if not_tensors:
-          raise ConversionError(f"{path}: entries {not_tensors[:4]} are not tensors; expected a state dict.")
-        readers[file] = lambda key, state=state: torch_io.to_numpy(state[key])
-        specs.update({key: (tuple(t.shape), torch_io.to_numpy(t).dtype) for key, t in state.items()})
-      self._file_of.update({key: file for key in specs if key not in self._file_of})
-    self._directory, self._readers, self._specs = directory, readers, specs
-    self.ledger = KeyLedger(self._file_of, str(directory))
-
-  def read(self, key: str) -> tuple[np.ndarray, str]:
-    """(array, "file: key"); the array may be a view into a memory-mapped file."""
-    self.ledger.take(key)
-    file = self._file_of[key]
-    return self._readers[file](key), f"{self._directory / file}: {key}"
-
-  def keys(self) -> list[str]:
-    return list(self._file_of)
-
-  def spec(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of `key` without reading it."""
-    if key not in self._specs:
-      raise ConversionError(f"{self._directory}: missing key {key!r}; not a GPT-2 checkpoint?")
-    return self._specs[key]
 
 
 def read_config(directory: pathlib.Path) -> dict:
@@ -100,7 +48,7 @@ def gpt2_config(config: cpm.CPMConfig) -> dict:
   dropout = config.dropout_rate
   return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
           "n_positions": config.max_positions, "n_embd": config.embed_dim, "n_layer": config.num_layers,
-          "n_head": config.num_heads, "n_inner": config.mlp_dim or None, "activation_function": "gelu_new",
+          "n_head": config.num_heads, "n_inner": config.mlp_dim, "activation_function": "gelu_new",
           "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": dropout, "embd_pdrop": dropout,
           "attn_pdrop": dropout, "initializer_range": config.init_stddev, "tie_word_embeddings": True,
           "scale_attn_weights": True, "bos_token_id": 7, "eos_token_id": 7, "pad_token_id": 5,
@@ -109,7 +57,7 @@ def gpt2_config(config: cpm.CPMConfig) -> dict:
 
 def load_hf(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, num_heads: int | None = None,
             dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-            trust_pickle: bool = False) -> cpm_layout.Loaded:
+            trust_pickle: bool = False) -> Loaded:
   """CPM-LM params from a GPT2LMHeadModel directory; `config` (e.g. from gin) is checked against it.
 
   dtype: of the params (default: the checkpoint's). With `mesh`, each parameter is placed with its
@@ -119,7 +67,7 @@ def load_hf(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, num
   if not directory.is_dir():
     raise ConversionError(f"{directory}: not a directory (expected a Hugging Face GPT2LMHeadModel directory).")
   hf = read_config(directory)
-  weights = Weights(directory, trust_pickle)
+  weights = hf_io.Weights(directory, trust_pickle)
   prefix = "transformer." if "transformer.wte.weight" in weights.ledger else ""
   (vocab, embed), wte_dtype = weights.spec(prefix + "wte.weight")
   layer_ids = [int(m.group(1)) for key in weights.keys()
@@ -136,7 +84,7 @@ def load_hf(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, num
                                            dtype or wte_dtype.name)
   key = lambda entry: prefix + entry.hf  # noqa: E731
   ignore = lambda name: name == "lm_head.weight" or bool(_BUFFER.fullmatch(name))  # noqa: E731
-  weights.ledger.expect({t.key for t in cpm_layout.tensors(cpm.abstract_params(config), key)}, ignore)
+  weights.ledger.expect({t.key for t in cpm_layout.tensors(cpm_layout.abstract_params(config), key)}, ignore)
 
   def read(entry: cpm_layout.Entry, layer: int | None) -> tuple[np.ndarray, str]:
     array, origin = weights.read(key(entry).format(i=layer))
@@ -149,7 +97,7 @@ def load_hf(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, num
 
   params = cpm_layout.load_params(config, read, mesh)
   weights.ledger.check_all_taken(lambda name: bool(_BUFFER.fullmatch(name)))
-  return cpm_layout.Loaded(params, config, [note])
+  return Loaded(params, config, [note])
 
 
 def save_hf(params: dict, config: cpm.CPMConfig, path: str | os.PathLike) -> pathlib.Path:

@@ -26,8 +26,8 @@ import grain
 import jax
 import numpy as np
 
-from cpm_jax import objectives
 from cpm_jax.data import jsonl, sources
+from cpm_jax.models.plug import objectives
 from cpm_jax.tokenization import BertTokenizer
 
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")

@@ -1,5 +1,6 @@
 """CPM-LM parameters <-> HF GPT-2 and Megatron key layouts: one table, config inference, exactly-once loading.
 
+
 Every cpm_jax parameter is one `Entry`. Its *HF layout* (GPT2LMHeadModel, Conv1D weights [in, out]) is a
 reshape of the cpm_jax array per layer: matrices keep their `in_dims` leading dims as rows; vectors are
 flattened. Megatron's layout is the HF one, transposed for torch Linear weights ([out, in]).
@@ -18,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import checkpointing, partitioning
-from cpm_jax.convert import common, megatron, torch_io
-from cpm_jax.convert.common import ConversionError, TargetParams, device_placer, flatten
-from cpm_jax.models import cpm, families
+from cpm_jax import layers, partitioning
+from cpm_jax.convert import megatron, torch_io
+from cpm_jax.convert.common import ConversionError, Loaded, TargetParams, device_placer, flatten
+from cpm_jax.models.cpm import model as cpm
 
 # hidden size -> heads of the released CPM sizes (small, medium, large)
 KNOWN_HEADS = {768: 12, 1024: 16, 2560: 32}
@@ -81,16 +82,6 @@ def megatron_layout(entry: Entry, hf_array: np.ndarray) -> np.ndarray:
   return hf_array.T if entry.linear else hf_array
 
 
-@dataclasses.dataclass
-class Loaded:
-  """Converted params with their config and notes on how the config was found (e.g. the heads)."""
-
-  params: dict
-  config: cpm.CPMConfig
-  notes: list[str]
-  metadata: dict = dataclasses.field(default_factory=dict)  # what an Orbax input stored beside its params
-
-
 # ---- config ------------------------------------------------------------------------------------
 
 def resolve_config(found: dict[str, Any], where: str, base: cpm.CPMConfig | None = None,
@@ -132,7 +123,7 @@ def resolve_config(found: dict[str, Any], where: str, base: cpm.CPMConfig | None
       raise ConversionError(f"{where} does not match the gin model config: {'; '.join(mismatched)}.")
   try:
     config = dataclasses.replace(base or cpm.CPMConfig(), **found, num_heads=heads,
-                                 mlp_dim=0 if ffn == 4 * found["embed_dim"] else ffn, param_dtype=dtype)
+                                 mlp_dim=ffn, param_dtype=dtype)
   except ValueError as e:
     raise ConversionError(f"{where}: {e}") from e
   return config, heads_note
@@ -145,17 +136,17 @@ def structure(config: cpm.CPMConfig) -> dict[str, Any]:
           "layer_norm_eps": config.layer_norm_eps}
 
 
-def config_from_metadata(meta: dict, where: str) -> cpm.CPMConfig:
-  return common.config_from_metadata(meta, where, "cpm")
-
-
 # ---- params ------------------------------------------------------------------------------------
+
+def abstract_params(config: cpm.CPMConfig) -> dict:
+  return layers.abstract_params(cpm.param_specs(config), config.param_dtype)
+
 
 def placer(config: cpm.CPMConfig, mesh: jax.sharding.Mesh | None):
   """Places each converted tensor with its NamedSharding on `mesh`; without a mesh, keeps numpy arrays."""
   if mesh is None:
     return None
-  shardings = partitioning.tree_shardings(cpm.logical_axes(config), mesh, cpm.abstract_params(config))
+  shardings = partitioning.tree_shardings(layers.logical_axes(cpm.param_specs(config)), mesh, abstract_params(config))
   return device_placer(shardings)
 
 
@@ -166,7 +157,7 @@ def load_params(config: cpm.CPMConfig, read: Callable[[Entry, int | None], tuple
   Each parameter group (e.g. qkv_kernel of all layers) is assembled on the host, placed (sharded on
   `mesh`), and freed before the next; every parameter must be assigned exactly once.
   """
-  target = TargetParams(cpm.abstract_params(config), placer(config, mesh))
+  target = TargetParams(abstract_params(config), placer(config, mesh))
   for entry in ENTRIES:
     shape = target.specs[entry.target].shape
     if entry.per_layer:
@@ -246,7 +237,7 @@ def load_megatron(path: str | os.PathLike, *, tag: str | None = None, config: cp
            "max_positions": shards.shapes("position_embeddings.weight")[0][0]}
   source_dtype = torch_io.to_numpy(shards.modules[0]["word_embeddings.weight"]).dtype
   config, note = resolve_config(found, where, config, num_heads, dtype or source_dtype.name)
-  shards.ledger.expect({t.key for t in tensors(cpm.abstract_params(config), lambda entry: entry.megatron)})
+  shards.ledger.expect({t.key for t in tensors(abstract_params(config), lambda entry: entry.megatron)})
 
   def read(entry: Entry, layer: int | None) -> tuple[np.ndarray, str]:
     key = entry.megatron.format(i=layer)
@@ -272,27 +263,3 @@ def save_megatron(params: dict, config: cpm.CPMConfig, path: str | os.PathLike, 
             for t, array in zip(wanted, hf_arrays(params, wanted))}
 
   return megatron.write_shards(path, num_ranks, rank_module, tag)
-
-
-# ---- Orbax (cpm_jax's own params-only checkpoints) ---------------------------------------------
-
-def load_orbax(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, dtype: str | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> Loaded:
-  """Params written by `save_orbax` (or `checkpointing.save_params` with `metadata`), read straight into
-  their shardings on `mesh` (default: the first device); `config` (gin) is checked against the stored one."""
-  try:
-    meta = checkpointing.read_metadata(path)
-  except FileNotFoundError as e:
-    raise ConversionError(str(e)) from e
-  stored = config_from_metadata(meta, f"{path}/{checkpointing.METADATA_FILE}")
-  config, note = resolve_config(structure(stored), f"{path}/{checkpointing.METADATA_FILE}", config or stored,
-                                dtype=dtype or stored.param_dtype)
-  abstract = cpm.abstract_params(config)
-  shardings = None if mesh is None else partitioning.tree_shardings(cpm.logical_axes(config), mesh, abstract)
-  params, _ = checkpointing.restore_params(path, abstract, shardings)
-  return Loaded(params, config, [note], meta)
-
-
-def save_orbax(params: dict, config: cpm.CPMConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
-  """A params-only Orbax checkpoint (atomic) whose metadata holds `config`, as train/evaluate/generate read."""
-  return pathlib.Path(checkpointing.save_params(path, params, families.record(config, **extra_metadata)))

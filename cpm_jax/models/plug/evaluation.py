@@ -1,13 +1,12 @@
 """PLUG behind the LanguageModel interface: generation with its decoder, classification with its [CLS] head.
 
 Prompts are encoder inputs: "a[SEP]b" is encoded as [CLS] a [SEP] b [SEP] with token types 0 / 1, as
-`plug_pipeline.Seq2SeqData` builds fine-tuning sources (e.g. a task template '{answer}[SEP]{context}').
+`plug.data.Seq2SeqData` builds fine-tuning sources (e.g. a task template '{answer}[SEP]{context}').
 PLUG scores no continuations: tasks that need `score` fail with a clear error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from typing import Sequence
@@ -19,7 +18,8 @@ import tqdm
 
 from cpm_jax import decoding, partitioning
 from cpm_jax.evaluation.interface import LanguageModel, unsupported
-from cpm_jax.models import plug
+from cpm_jax.models.plug import decode
+from cpm_jax.models.plug import model as plug
 from cpm_jax.tokenization import BertTokenizer
 
 
@@ -72,22 +72,20 @@ def _padded(rows: Sequence[Sequence[int]], batch_size: int, max_length: int) -> 
   return out
 
 
-def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokenizer, *, batch_size: int = 8,
-                        decoding_config: decoding.DecodingConfig | None = None, mesh=None, strict: bool = False,
-                        progress: bool = False, labels: Sequence[str] = (), sep_fraction: float = 0.8
-                        ) -> LanguageModel:
+def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokenizer, metadata: dict, *,
+                   batch_size: int = 8, decoding_config: decoding.DecodingConfig | None = None, mesh=None,
+                   strict: bool = False, progress: bool = False) -> LanguageModel:
   """PLUG behind the LanguageModel interface.
 
-  generate: the decoder from [CLS] (greedy for 64 tokens unless told otherwise). Non-greedy sampling follows
-  PLUG's recipe and holds [SEP] back for the first `sep_fraction` of max_new_tokens; beam search holds it back
-  for min_length. classify (config.num_classes > 0): [CLS]-head logits of one or two text fields per example;
-  `labels` names the classes (as ClassificationData.labels did in training).
+  generate: the decoder from [CLS] (greedy for 64 tokens unless told otherwise); sampling with an open min_length
+  follows PLUG's release (decode.RELEASE_SEP_FRACTION). classify (config.num_classes > 0): [CLS]-head logits of
+  one or two text fields per example; the metadata's "labels" name the classes (as ClassificationData.labels did
+  in training).
   """
+  labels = tuple(metadata.get("labels", ()))
   prompts_tokenizer = PromptTokenizer(tokenizer, config.max_positions, strict)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
-  greedy = isinstance(decoding_config, decoding.SamplingConfig) and decoding_config.greedy
-  on_mesh = (lambda: partitioning.activate(mesh)) if mesh is not None else contextlib.nullcontext
-  decoding_params = functools.cache(lambda: plug.decode_layout(params))  # one copy for every generate call
+  decode_params = functools.cache(lambda: decode.decode_layout(params))  # one copy for every generate call
 
   def generate(prompts):
     if config.num_decoder_layers == 0:
@@ -96,11 +94,9 @@ def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTo
     for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
       chunk = [list(p) for p in prompts[start:start + batch_size]]
       rows = chunk + [[tokenizer.cls_id, tokenizer.sep_id]] * (batch_size - len(chunk))  # one compiled batch size
-      with on_mesh():
-        generated = plug.generate(decoding_params(), rows, config, decoding_config, cls_id=tokenizer.cls_id,
+      generated = decode.generate(decode_params(), rows, config, decoding_config, cls_id=tokenizer.cls_id,
                                   sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
-                                  token_types=[prompts_tokenizer.token_types(p) for p in rows],
-                                  sep_fraction=0.0 if greedy else sep_fraction)
+                                  token_types=[prompts_tokenizer.token_types(p) for p in rows], mesh=mesh)
       outputs += generated[:len(chunk)]
     return outputs
 
@@ -119,11 +115,11 @@ def plug_language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTo
         tokens = _padded([e["input_ids"] for e in encoded], batch_size, config.max_positions)
         types = _padded([e["token_type_ids"] for e in encoded], batch_size, config.max_positions)
         segments = _padded([[1] * len(e["input_ids"]) for e in encoded], batch_size, config.max_positions)
-        with on_mesh():
+        with partitioning.on_mesh(mesh):
           out = run(params, jnp.asarray(tokens), jnp.asarray(types), jnp.asarray(segments))
         logits.append(np.asarray(out, np.float32)[:len(chunk)])
       return np.concatenate(logits) if logits else np.zeros((0, config.num_classes), np.float32)
 
   return LanguageModel(prompts_tokenizer, unsupported("score continuations (it is an encoder-decoder)", "PLUG"),
-                       generate, classify, tuple(labels))
+                       generate, classify, labels, continues_prompt=False)
 

@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpm_jax import checkpointing, layers, partitioning
-from cpm_jax.convert import hf, megatron, torch_io
-from cpm_jax.convert.common import (ConversionError, KeyLedger, TargetParams, config_from_metadata, device_placer,
-                                    flatten)
-from cpm_jax.convert.cpm import Loaded
-from cpm_jax.models import families, plug
+from cpm_jax.convert import hf_io, megatron, torch_io
+from cpm_jax.convert.common import ConversionError, KeyLedger, Loaded, TargetParams, device_placer, flatten
+from cpm_jax.models import family
+from cpm_jax.models.plug import model as plug
 
 DECODER_WEIGHT = "cls.predictions.decoder_weight"  # PLUG's tied copy of the word embedding (vocab-split)
 # Heads a source may lack; they are initialised from the config (and reported) when absent.
@@ -147,10 +146,10 @@ def load_params(config: plug.PlugConfig, read: Reader, present: Callable[[str], 
 
   Optional head groups whose first key is not `present` are initialised from the config (noted).
   """
-  abstract = plug.abstract_params(config)
+  abstract = layers.abstract_params(plug.param_specs(config), config.param_dtype)
   place = None
   if mesh is not None:
-    place = device_placer(partitioning.tree_shardings(plug.logical_axes(config), mesh, abstract))
+    place = device_placer(partitioning.tree_shardings(layers.logical_axes(plug.param_specs(config)), mesh, abstract))
   target = TargetParams(abstract, place)
   wanted = entries(config)
   absent = sorted({e.target.split("/")[0] for e in wanted if e.target.split("/")[0] in OPTIONAL_GROUPS
@@ -272,7 +271,7 @@ def load_hf_bert(path: str | os.PathLike, *, config: plug.PlugConfig, dtype: str
            if hf_config.get(name, value) != value]
   if wrong:
     raise ConversionError(f"{directory / 'config.json'} does not match the model config: {'; '.join(wrong)}.")
-  weights = hf.Weights(directory, trust_pickle)
+  weights = hf_io.Weights(directory, trust_pickle)
   config = dataclasses.replace(config, param_dtype=dtype or config.param_dtype)
   params, notes = _load_hf_bert(weights.keys(), weights.read, weights.ledger, config, mesh, None)
   return Loaded(params, config, notes + [f"read Hugging Face BERT {directory}"])
@@ -299,7 +298,7 @@ def state_from_params(params: dict, config: plug.PlugConfig) -> dict[str, np.nda
 def save_deepspeed(params: dict, config: plug.PlugConfig, path: str | os.PathLike, num_ranks: int,
                    tag: str = "release") -> pathlib.Path:
   """Writes PLUG's DeepSpeed layout split over `num_ranks` model-parallel ranks, atomically."""
-  for name, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size), ("mlp_dim", config.mlp_dim)):
+  for name, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size), ("ffn_dim", config.ffn_dim)):
     if size % num_ranks:
       raise ConversionError(f"--mp={num_ranks} must divide {name}={size} of the model.")
 
@@ -313,31 +312,7 @@ def save_deepspeed(params: dict, config: plug.PlugConfig, path: str | os.PathLik
   return megatron.write_shards(path, num_ranks, rank_module, tag)
 
 
-# ---- Orbax -------------------------------------------------------------------------------------
-
-def load_orbax(path: str | os.PathLike, *, config: plug.PlugConfig | None = None, dtype: str | None = None,
-               mesh: jax.sharding.Mesh | None = None) -> Loaded:
-  """PLUG params written by `save_orbax`, read straight into their shardings on `mesh`."""
-  where = f"{path}/{checkpointing.METADATA_FILE}"
-  try:
-    meta = checkpointing.read_metadata(path)
-  except FileNotFoundError as e:
-    raise ConversionError(str(e)) from e
-  stored = config_from_metadata(meta, where, "plug")
-  config = dataclasses.replace(config or stored, param_dtype=dtype or stored.param_dtype)
-  abstract = plug.abstract_params(config)
-  shardings = None if mesh is None else partitioning.tree_shardings(plug.logical_axes(config), mesh, abstract)
-  try:
-    params, _ = checkpointing.restore_params(path, abstract, shardings)
-  except ValueError as e:
-    raise ConversionError(f"{path}: {e}") from e
-  return Loaded(params, config, [], meta)
-
-
-def save_orbax(params: dict, config: plug.PlugConfig, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
-  """A params-only Orbax checkpoint (atomic) whose metadata holds the PLUG config."""
-  return pathlib.Path(checkpointing.save_params(path, params, families.record(config, **extra_metadata)))
-
+# ---- warm starts -------------------------------------------------------------------------------
 
 def read_params(path: str | os.PathLike) -> dict:
   """Params (host arrays) of a params-only checkpoint or of the latest checkpoint of a training workdir."""
@@ -352,11 +327,13 @@ def save_warm_start(source: str | os.PathLike, config: plug.PlugConfig, output: 
   """Writes a params-only checkpoint of `config` (for `train.init_params_from`) whose params come from `source`
   wherever it holds them with the same path and shape (plug.warm_start), the rest freshly initialised: stage 2
   from a stage-1 run, a classifier from a pre-trained encoder. Returns the paths not taken from `source`."""
-  fresh = jax.jit(plug.init, static_argnums=0)(config, jax.random.key(seed))
+  specs = plug.param_specs(config)
+  fresh = jax.jit(lambda key: layers.init_from_specs(specs, key, jnp.dtype(config.param_dtype)))(jax.random.key(seed))
   params, taken = plug.warm_start(fresh, read_params(source))
   if not taken:
     raise ConversionError(f"{source}: no param matches the model config in path and shape.")
   names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   initialised = sorted(set(names) - set(taken))
-  save_orbax(params, config, output, warm_started_from=str(source), initialised=initialised, **extra_metadata)
+  checkpointing.save_params(output, params, family.record("plug", config, warm_started_from=str(source),
+                                                          initialised=initialised, **extra_metadata))
   return initialised

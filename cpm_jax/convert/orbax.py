@@ -1,0 +1,57 @@
+"""cpm_jax's own params-only Orbax checkpoints (`checkpointing.save_params` + the family record), for any family.
+
+The registry gives every family this format as "orbax"; it reads the stored config from metadata.json, checks a
+given (gin) config against it field by field, and reads each array straight into its sharding on a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any
+
+import jax
+
+from cpm_jax import checkpointing, partitioning
+from cpm_jax.convert.common import ConversionError, Loaded
+
+
+def check_config(given: Any, stored: Any, where: str) -> None:
+  """Raises a ConversionError naming every field (other than the config's execution options) where a given model
+  config disagrees with the one a checkpoint stores."""
+  mismatched = [f"{field.name}: checkpoint {getattr(stored, field.name)!r}, given {getattr(given, field.name)!r}"
+                for field in dataclasses.fields(given)
+                if field.name not in given.execution_fields and getattr(given, field.name) != getattr(stored,
+                                                                                                      field.name)]
+  if mismatched:
+    raise ConversionError(f"{where} does not match the given {type(given).__name__}: {'; '.join(mismatched)}.")
+
+
+def load_orbax(family: Any, path: str | os.PathLike, *, config: Any = None, dtype: str | None = None,
+               mesh: jax.sharding.Mesh | None = None) -> Loaded:
+  """Params written by `save_orbax` for `family` (a registry.Family), read straight into their shardings on `mesh`
+  (default: the first device). `config` (e.g. from gin) must match the stored one in every structural field; its
+  execution options (dtype, remat, ...) are used. dtype: of the params (default: the stored ones')."""
+  where = f"{path}/{checkpointing.METADATA_FILE}"
+  try:
+    meta = checkpointing.read_metadata(path)
+    stored = family.config_from_record(meta, where)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConversionError(str(e)) from e
+  if config is not None:
+    check_config(config, stored, where)
+  config = dataclasses.replace(config or stored, param_dtype=dtype or stored.param_dtype)
+  abstract = family.abstract_params(config)
+  shardings = None if mesh is None else partitioning.tree_shardings(family.logical_axes(config), mesh, abstract)
+  try:
+    params, _ = checkpointing.restore_params(path, abstract, shardings)
+  except ValueError as e:
+    raise ConversionError(f"{path}: {e}") from e
+  return Loaded(params, config, [], meta)
+
+
+def save_orbax(family: Any, params: dict, config: Any, path: str | os.PathLike, **extra_metadata) -> pathlib.Path:
+  """A params-only Orbax checkpoint (atomic) whose metadata records `family` and `config` (and `extra_metadata`,
+  e.g. the tokenizer path), as train / evaluate / generate read it."""
+  return pathlib.Path(checkpointing.save_params(path, params, family.record(config, **extra_metadata)))

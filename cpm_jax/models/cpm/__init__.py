@@ -1,0 +1,42 @@
+"""CPM-LM (TsinghuaAI CPM-1): a GPT-2-style Chinese decoder. Everything CPM-specific is in this folder:
+
+  model.py      config, param specs, forward (training layout) and cached forward (decode layout), the training model
+  data.py       LMData: packed LM batches for the train loop
+  decode.py     the decoding adapter: decode layout, prefill, step, generate
+  evaluation.py the LanguageModel adapter: continuation scoring and generation
+  convert.py    the release's Megatron/DeepSpeed shards (one key table, config inference)
+  hf.py         Hugging Face GPT2LMHeadModel directories
+"""
+
+from cpm_jax.convert.common import Format
+from cpm_jax.models.cpm import convert, hf
+from cpm_jax.models.cpm.data import LMData
+from cpm_jax.models.cpm.decode import cache_logical_axes, decode_layout, generate, init_cache, prefill, step_fn
+from cpm_jax.models.cpm.evaluation import language_model, score_fn
+from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
+                                      hidden_states, logits_from_hidden, param_specs)
+from cpm_jax.models.family import Family
+from cpm_jax.tokenization import CPMTokenizer
+
+FAMILY = Family(
+    name="cpm",
+    config_class=CPMConfig,
+    param_specs=param_specs,
+    training_models=(CPMLanguageModel,),
+    data=(LMData,),
+    tokenizer=CPMTokenizer,
+    language_model=language_model,
+    formats={
+        "hf": Format(load=hf.load_hf, save=hf.save_hf, load_options=("num_heads", "trust_pickle")),
+        "megatron": Format(load=convert.load_megatron, save=convert.save_megatron,
+                           load_options=("num_heads", "tag", "trust_pickle"), save_options=("num_ranks", "tag")),
+    },
+)
+init = FAMILY.init
+abstract_params = FAMILY.abstract_params
+logical_axes = FAMILY.logical_axes
+
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LMData", "abstract_params", "cache_logical_axes",
+           "cached_hidden_states", "decode_layout", "embed", "forward", "generate", "hidden_states", "init",
+           "init_cache", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "prefill",
+           "score_fn", "step_fn"]

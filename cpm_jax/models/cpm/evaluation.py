@@ -1,0 +1,47 @@
+"""CPM-LM behind the evaluation interface (cpm_jax.evaluation.interface.LanguageModel): scoring continuations by
+log-likelihood and generating continuations."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+
+from cpm_jax import decoding, partitioning
+from cpm_jax.evaluation import scoring
+from cpm_jax.evaluation.interface import LanguageModel
+from cpm_jax.models.cpm import decode, model
+
+
+def score_fn(config: model.CPMConfig) -> scoring.ScoreFn:
+  """Jitted (params, batch) -> scoring.continuation_log_likelihood for CPM-LM."""
+  def score(params, batch):
+    logits = model.forward(params, batch["inputs"], config, positions=batch["positions"],
+                           segment_ids=batch["segment_ids"])
+    return scoring.continuation_log_likelihood(logits, batch["targets"], batch["weights"])
+  return jax.jit(score)
+
+
+def language_model(params: dict, config: model.CPMConfig, tokenizer: Any, metadata: dict, *, batch_size: int = 8,
+                   decoding_config: decoding.DecodingConfig | None = None, mesh=None, strict: bool = False,
+                   progress: bool = False) -> LanguageModel:
+  """CPM-LM behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise)."""
+  del metadata  # CPM records nothing that changes how it is evaluated
+  score = score_fn(config)
+  decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
+
+  def score_requests(requests, names=None):
+    with partitioning.on_mesh(mesh):
+      return scoring.score_requests(score, params, requests, max_length=config.max_positions,
+                                    batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict,
+                                    progress=progress, names=names)
+
+  decode_params = functools.cache(lambda: decode.decode_layout(params))  # one copy for every generate call
+
+  def generate(prompts):
+    return decode.generate(decode_params(), prompts, config, decoding_config, eod_id=tokenizer.eod_id,
+                           pad_id=tokenizer.pad_id, batch_size=batch_size, strict=strict, mesh=mesh,
+                           progress=progress)
+
+  return LanguageModel(tokenizer, score_requests, generate)

@@ -1,0 +1,173 @@
+"""CPM-LM: the GPT-2-style Chinese decoder of CPM-1, as a pure function of a params pytree.
+
+Pre-LN blocks (ln_1 -> attention -> residual; ln_2 -> MLP -> residual), learned positions, tanh-GELU,
+LayerNorm eps 1e-5, final LayerNorm, output head tied to the word embedding (no bias).
+
+Params layout (every block param is stacked over layers on a leading `layers` axis):
+  embed/wte [vocab, embed], embed/wpe [positions, embed]
+  blocks/ln_1/{scale,bias} [L, embed]
+  blocks/attn/qkv_kernel [L, embed, 3, heads, head_dim], qkv_bias [L, 3, heads, head_dim]
+  blocks/attn/out_kernel [L, heads, head_dim, embed], out_bias [L, embed]
+  blocks/ln_2/{scale,bias} [L, embed]
+  blocks/mlp/in_kernel [L, embed, mlp], in_bias [L, mlp], out_kernel [L, mlp, embed], out_bias [L, embed]
+  ln_f/{scale,bias} [embed]
+Cached decoding (`cached_hidden_states`) takes `transformer.DecodeParams` (cpm_jax.models.cpm.decode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import gin
+import jax
+
+from cpm_jax import layers, objectives, partitioning, transformer
+from cpm_jax.layers import Layout
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CPMConfig(transformer.TransformerConfig):
+  """Sizes and options of a CPM-LM model (released sizes in gin_configs/models/)."""
+
+  vocab_size: int = 30000
+  num_layers: int = 12
+  embed_dim: int = 768
+  num_heads: int = 12
+  mlp_dim: int | None = None  # None: 4 x embed_dim
+  max_positions: int = 1024
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-5
+  init_stddev: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
+  scan_layers: bool = True
+  attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
+
+
+def param_specs(config: CPMConfig) -> dict:
+  std = config.init_stddev
+  out_std = std / math.sqrt(2 * config.num_layers)
+  block = {
+      "ln_1": layers.layer_norm_specs(config.embed_dim),
+      "attn": layers.attention_specs(config.embed_dim, config.num_heads, config.head_dim, std, out_std),
+      "ln_2": layers.layer_norm_specs(config.embed_dim),
+      "mlp": layers.mlp_specs(config.embed_dim, config.ffn_dim, std, out_std),
+  }
+  return {
+      "embed": {
+          "wte": layers.ParamSpec((config.vocab_size, config.embed_dim), ("vocab", "embed"), layers.normal(std)),
+          "wpe": layers.ParamSpec((config.max_positions, config.embed_dim), ("positions", "embed"),
+                                  layers.normal(std)),
+      },
+      "blocks": layers.stacked(block, config.num_layers),
+      "ln_f": layers.layer_norm_specs(config.embed_dim),
+  }
+
+
+# ---- forward -----------------------------------------------------------------------------------
+
+def _block(x, params, config: CPMConfig, mask, rng, layout: Layout = Layout.TRAINING, kv=None, cache_index=None):
+  """One pre-LN block; with `kv` (this layer's decode cache) the new keys and values are written at cache_index."""
+  dtype = config.compute_dtype
+  rate = config.dropout_rate if rng is not None else 0.0
+  rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+  h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
+  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index)
+  x = x + layers.dropout(attn, rate, rngs[0])
+  h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
+  h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1], layout=layout)
+  x = x + layers.dropout(h, rate, rngs[2])
+  return partitioning.constrain(x, ("batch", "length", "act_embed")), kv
+
+
+def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: CPMConfig) -> jax.Array:
+  x = params["embed"]["wte"][tokens] + params["embed"]["wpe"][positions]
+  return partitioning.constrain(x.astype(config.compute_dtype), ("batch", "length", "act_embed"))
+
+
+def logits_from_hidden(params: dict, hidden: jax.Array, config: CPMConfig) -> jax.Array:
+  """Tied output head: hidden @ wte^T, float32 logits [batch, length, vocab]."""
+  return transformer.tied_logits(params["embed"]["wte"], hidden, config.compute_dtype)
+
+
+def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positions=None, segment_ids=None,
+                  dropout_rng=None) -> jax.Array:
+  """Final-LayerNorm hidden states [batch, length, embed] of params in the training layout.
+
+  tokens: int [batch, length]. positions: per-token positions (default 0..); they restart per document in packed
+  rows. segment_ids: document id per token, 0 = padding (default all 1). dropout_rng: enables dropout.
+  """
+  positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids)
+  x = embed(params, tokens, positions, config)
+  if dropout_rng is not None:
+    dropout_rng, embed_rng = jax.random.split(dropout_rng)
+    x = layers.dropout(x, config.dropout_rate, embed_rng)
+  mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
+
+  def body(x, layer_inputs):
+    layer_params, index = layer_inputs
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+    return _block(x, layer_params, config, mask, rng)[0], None
+
+  x, _ = transformer.run_layers(body, x, (params["blocks"], jax.numpy.arange(config.num_layers)), config.num_layers,
+                                remat_policy=config.remat_policy, scan=config.scan_layers)
+  return layers.layer_norm(x, params["ln_f"], config.layer_norm_eps)
+
+
+def cached_hidden_states(params: transformer.DecodeParams, tokens: jax.Array, config: CPMConfig, cache: dict, *,
+                         positions=None, segment_ids=None) -> tuple[jax.Array, dict]:
+  """`hidden_states` of tokens appended at cache["index"] (a `transformer.empty_cache`), attending to everything
+  cached before them; params in the decode layout. Returns (hidden states, updated cache)."""
+  positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids, cache["index"])
+  tree = params.tree
+  x = embed(tree, tokens, positions, config)
+  mask, kv_segments, kv_positions = transformer.cached_self_mask(cache, segment_ids, positions)
+
+  def body(x, layer_inputs):
+    layer_params, kv = layer_inputs
+    return _block(x, layer_params, config, mask, None, Layout.DECODE, kv, cache["index"])
+
+  x, new_kv = transformer.run_layers(body, x, tuple(zip(tree["blocks"], zip(cache["k"], cache["v"]))),
+                                     config.num_layers, per_layer=True)
+  x = layers.layer_norm(x, tree["ln_f"], config.layer_norm_eps)
+  return x, transformer.updated_cache(cache, new_kv, kv_segments, kv_positions, tokens.shape[1])
+
+
+def forward(params: dict, tokens: jax.Array, config: CPMConfig, **kwargs) -> jax.Array:
+  """Logits [batch, length, vocab] (float32) of params in the training layout; kwargs as `hidden_states`."""
+  return logits_from_hidden(params, hidden_states(params, tokens, config, **kwargs), config)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class CPMLanguageModel:
+  """CPM-LM as the training loop sees a model: param specs, a loss over batches, FLOPs per token.
+
+  Batches are dicts of [batch, length] arrays: inputs, targets, weights, segment_ids, positions
+  (the Grain LM pipeline's format).
+  """
+
+  config: CPMConfig = dataclasses.field(default_factory=CPMConfig)
+  z_loss: float = 0.0
+
+  def param_specs(self) -> dict:
+    return param_specs(self.config)
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    logits = forward(params, batch["inputs"], self.config, positions=batch.get("positions"),
+                     segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+    return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul params (blocks + tied logits head) + attention scores.
+
+    Attention: QK^T and AV are 2 x 2 x seq_len x embed FLOPs per token per layer forward, x3 with
+    the backward pass (PaLM's accounting: 12 x layers x embed x seq_len).
+    """
+    c = self.config
+    per_layer = 4 * c.embed_dim * c.embed_dim + 2 * c.embed_dim * c.ffn_dim
+    matmul_params = c.num_layers * per_layer + c.vocab_size * c.embed_dim
+    return 6.0 * matmul_params + 12.0 * c.num_layers * c.embed_dim * seq_len

@@ -1,0 +1,174 @@
+"""Transformer stacks shared by every family: remat policies, the loop over layers, the decode cache and its
+params layout, the tied output head.
+
+Params are created, trained and checkpointed with every block stacked on a leading `layers` axis
+(`layers.Layout.TRAINING`). Cached decoding runs on `DecodeParams`: the same tree with the named blocks as a tuple
+of per-layer trees whose dense weights are [out, in] matrices (`layers.Layout.DECODE`), made once by
+`to_decode_params`. The type says which layout a function holds; nothing inspects a tree to find out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, ClassVar, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from cpm_jax import layers, partitioning
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "cudnn")
+# Config fields that say how a model runs, not what it computes: a checkpoint may be used with other values.
+EXECUTION_FIELDS = ("dropout_rate", "init_stddev", "dtype", "param_dtype", "remat_policy", "scan_layers",
+                    "attention_impl")
+
+
+def check_options(config: Any) -> None:
+  """The checks every transformer config makes of its shared fields (ValueError naming the field), and mlp_dim
+  stored as None when it is the default 4 x embed_dim (so that configs compare equal however it was given)."""
+  config_name, embed_dim, num_heads, mlp_dim = (type(config).__name__, config.embed_dim, config.num_heads,
+                                                config.mlp_dim)
+  remat_policy, attention_impl = config.remat_policy, config.attention_impl
+  if num_heads < 1 or embed_dim % num_heads:
+    raise ValueError(f"{config_name}: embed_dim {embed_dim} is not divisible by num_heads {num_heads}.")
+  if mlp_dim is not None and mlp_dim < 1:
+    raise ValueError(f"{config_name}.mlp_dim={mlp_dim}; expected a positive size, or None for 4 x embed_dim.")
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"{config_name}.remat_policy={remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}.")
+  if attention_impl not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"{config_name}.attention_impl={attention_impl!r}; expected one of "
+                     f"{list(ATTENTION_IMPLEMENTATIONS)}.")
+  if mlp_dim == 4 * embed_dim:
+    object.__setattr__(config, "mlp_dim", None)
+
+
+class TransformerConfig:
+  """What every transformer family's config derives from its shared fields (embed_dim, num_heads, mlp_dim, dtype,
+  remat_policy, attention_impl): checks at construction, head_dim, ffn_dim, compute_dtype."""
+
+  execution_fields: ClassVar[tuple[str, ...]] = EXECUTION_FIELDS
+
+  def __post_init__(self):
+    check_options(self)
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def ffn_dim(self) -> int:
+    return self.mlp_dim or 4 * self.embed_dim
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+
+def run_layers(body: Callable, x: jax.Array, xs: Any, num_layers: int, *, remat_policy: str = "none",
+               scan: bool = True, per_layer: bool = False) -> tuple[jax.Array, Any]:
+  """Applies `body(x, layer_xs) -> (x, y)` over the layers, rematerialised by `remat_policy`.
+
+  xs stacked on a leading axis: a scan (scan=True) or an unrolled loop, ys stacked likewise. per_layer: xs is a
+  sequence of each layer's xs (decode-layout blocks), an unrolled loop, ys a tuple.
+  """
+  if remat_policy != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=per_layer or not scan)
+  if scan and not per_layer:
+    return jax.lax.scan(body, x, xs)
+  ys = []
+  for i in range(num_layers):
+    x, y = body(x, xs[i] if per_layer else jax.tree.map(lambda a, i=i: a[i], xs))
+    ys.append(y)
+  return x, tuple(ys) if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def tied_logits(wte: jax.Array, hidden: jax.Array, dtype) -> jax.Array:
+  """Output head tied to the word embedding: hidden @ wte^T, float32 logits [batch, length, vocab]."""
+  logits = jnp.einsum("bte,ve->btv", hidden, wte.astype(dtype), preferred_element_type=jnp.float32)
+  return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
+
+
+def default_positions(tokens: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None,
+                      offset: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
+  """(positions, segment_ids) of tokens [batch, length]: by default offset.. and all 1 (one document)."""
+  batch, length = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
+  if segment_ids is None:
+    segment_ids = jnp.ones((batch, length), jnp.int32)
+  return positions, segment_ids
+
+
+# ---- the decode layout -------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeParams:
+  """A family's params in the decode layout: `tree` is the params tree with the blocks named at conversion as
+  a tuple of per-layer Layout.DECODE trees. Made only by `to_decode_params` (each family's `decode_layout`)."""
+
+  tree: dict
+
+
+def to_decode_params(params: dict, block_paths: Sequence[tuple[str, ...]]) -> DecodeParams:
+  """`params` (Layout.TRAINING) with the stacked blocks at each of `block_paths` (e.g. ("blocks",) or
+  ("decoder", "blocks")) converted by `layers.decode_blocks`; compiled as a program of its own, costing one copy of
+  those blocks."""
+  return _convert(params, tuple(block_paths))
+
+
+@jax.jit(static_argnums=1)
+def _convert(params: dict, block_paths: tuple[tuple[str, ...], ...]) -> DecodeParams:
+  def replace(tree: dict, path: tuple[str, ...]) -> dict:
+    head, *rest = path
+    return {**tree, head: layers.decode_blocks(tree[head]) if not rest else replace(tree[head], tuple(rest))}
+
+  for path in block_paths:
+    params = replace(params, path)
+  return DecodeParams(params)
+
+
+# ---- the self-attention decode cache -----------------------------------------------------------
+
+def empty_cache(batch: int, length: int, num_layers: int, num_heads: int, head_dim: int, dtype) -> dict:
+  """An empty self-attention decode cache for `length` slots: per layer keys and values in `layers.cache_layout`
+  ([batch * heads, length, head_dim]); slots with segment id 0 are never attended."""
+  k, v = zip(*(layers.empty_cache(batch, num_heads, length, head_dim, dtype) for _ in range(num_layers)))
+  return {"k": k, "v": v, "segment_ids": jnp.zeros((batch, length), jnp.int32),
+          "positions": jnp.zeros((batch, length), jnp.int32), "index": jnp.zeros((), jnp.int32)}
+
+
+def cache_logical_axes(num_layers: int) -> dict:
+  """Logical axes of `empty_cache`'s tree."""
+  k = v = (layers.CACHE_AXES,) * num_layers
+  return {"k": k, "v": v, "segment_ids": ("batch", "cache_length"), "positions": ("batch", "cache_length"),
+          "index": ()}
+
+
+def constrain_cache(cache: dict, axes: dict) -> dict:
+  """Pins every cache leaf to the mesh by its logical axes (a no-op outside partitioning.activate)."""
+  return jax.tree.map(partitioning.constrain, cache, axes, is_leaf=partitioning.is_logical_axes)
+
+
+def cached_self_mask(cache: dict, segment_ids: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array,
+                                                                                         jax.Array]:
+  """(causal mask of the new tokens over the cache with them written in, the cache's new segment ids and
+  positions) for tokens appended at cache["index"]."""
+  offset = cache["index"]
+  kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, offset, axis=1)
+  kv_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, offset, axis=1)
+  return layers.attention_mask(segment_ids, kv_segments, positions, kv_positions), kv_segments, kv_positions
+
+
+def updated_cache(cache: dict, new_kv: Sequence[tuple[jax.Array, jax.Array]], kv_segments: jax.Array,
+                  kv_positions: jax.Array, length: int) -> dict:
+  """The cache after `length` tokens were appended: each layer's (k, v), the segment ids and positions."""
+  k, v = zip(*new_kv)
+  return {**cache, "k": k, "v": v, "segment_ids": kv_segments, "positions": kv_positions,
+          "index": cache["index"] + length}
