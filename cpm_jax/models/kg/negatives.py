@@ -30,6 +30,11 @@ def _side_losses(positive: jax.Array, negative: jax.Array, valid: jax.Array,
   return loss, (positive > masked.max(-1)).astype(jnp.float32)
 
 
+def uniform_negatives(rng: jax.Array, num_chunks: int, config: KGConfig) -> jax.Array:
+  """[2, chunks, uniform_negatives] entity ids: each chunk's corrupted tails ([0]) and heads ([1])."""
+  return jax.random.randint(rng, (2, num_chunks, config.uniform_negatives), 0, config.num_entities)
+
+
 def chunk_losses(scorer, config: KGConfig, entities: jax.Array, h: jax.Array, r: jax.Array, t: jax.Array,
                  weights: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per positive [B]: the loss summed over both corrupted sides, and the fraction of sides (0, 0.5, 1) on which
@@ -47,7 +52,7 @@ def chunk_losses(scorer, config: KGConfig, entities: jax.Array, h: jax.Array, r:
     return x.reshape(chunks, size, *x.shape[1:])
 
   positive = chunked(scorer.score(h, r, t).astype(jnp.float32))
-  uniform = jax.random.randint(rng, (2, chunks, config.uniform_negatives), 0, config.num_entities)
+  uniform = uniform_negatives(rng, chunks, config)
   in_batch_valid = ~jnp.eye(size, dtype=bool)[None] & chunked(weights > 0)[:, None, :]
   losses, correct = [], []
   for queries, own, uniform_ids in ((scorer.tail_queries(h, r), t, uniform[0]),

@@ -44,10 +44,12 @@ def count_names(path: pathlib.Path) -> int:
   if not path.is_file():
     raise FileNotFoundError(f"{path} is missing: a CPM-KG release names its entities and relations in "
                             f"{ENTITY_IDS} and {RELATION_IDS}.")
+  buffer, lines = bytearray(1 << 18), 0
   with open(path, "rb") as f:
     first = f.readline()
     f.seek(0)
-    lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 24), b""))
+    while size := f.readinto(buffer):
+      lines += buffer.count(b"\n", 0, size)
     if f.tell():
       f.seek(-1, os.SEEK_END)
       lines += f.read(1) != b"\n"  # a last line without its newline
@@ -117,6 +119,11 @@ class ReleaseLayout:
       yield lo - start, np.load(self.pages[index], mmap_mode="r")[lo - page_start:hi - page_start]
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _zeros(shape: tuple[int, int], dtype) -> jax.Array:
+  return jnp.zeros(shape, dtype)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_rows(buffer: jax.Array, rows: jax.Array, offset: jax.Array) -> jax.Array:
   return jax.lax.dynamic_update_slice_in_dim(buffer, rows, offset, axis=0)
@@ -131,8 +138,8 @@ def _filled_array(shape: tuple[int, int], dtype, sharding: jax.sharding.Sharding
     start, stop, _ = index[0].indices(shape[0])
     columns = index[1] if len(index) > 1 else slice(None)
     width = len(range(*columns.indices(shape[1])))
-    buffer = jax.jit(functools.partial(jnp.zeros, (stop - start, width), dtype),
-                     out_shardings=jax.sharding.SingleDeviceSharding(device))()
+    with jax.default_device(device):  # allocated on the device, never as a host array
+      buffer = _zeros((stop - start, width), np.dtype(dtype))
     for offset, rows in parts(start, stop):
       piece = jax.device_put(np.asarray(rows[:, columns], dtype), device)
       buffer = _write_rows(buffer, piece, np.int32(offset))
