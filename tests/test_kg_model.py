@@ -107,8 +107,8 @@ def test_chunked_negatives_loss_equals_a_direct_computation(scoring, loss, regul
   batch = _batch(_triples(12, config, seed=2), weights)
   rng = jax.random.key(5)
   _, sums = kg_model.KGEmbeddingModel(config).loss(params, batch, rng)
-  expected_loss, expected_regularization = _direct_loss(config, params, batch,
-                                                        np.asarray(negatives.uniform_negatives(rng, 3, config)))
+  uniform = np.asarray(negatives.uniform_negatives(rng, negatives.num_chunks(12, config), config))
+  expected_loss, expected_regularization = _direct_loss(config, params, batch, uniform)
   assert float(sums["weight_sum"]) == 10
   np.testing.assert_allclose(float(sums["loss_sum"]), expected_loss, rtol=2e-5)
   np.testing.assert_allclose(float(sums["z_loss_sum"]), expected_regularization, rtol=2e-5, atol=1e-9)
@@ -195,3 +195,21 @@ def test_sharded_training_on_4_and_8_devices_equals_1_device():
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
     for name in params:
       np.testing.assert_allclose(params[name], reference_params[name], atol=2e-6, err_msg=f"{devices} devices: {name}")
+
+
+def test_a_step_never_holds_the_whole_entity_table_on_one_device():
+  """The step reads the rows it needs from each device's shard: neither arguments nor temporaries hold the table."""
+  config = KGConfig(num_entities=65536, num_relations=2, dim=64, chunk_size=4, uniform_negatives=4)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
+  model = kg_model.KGEmbeddingModel(config)
+  optimizer = training.make_optimizer(optax.constant_schedule(0.1), optimizer="row_adagrad")
+  steps = training.make_sharded_steps(model, optimizer, mesh)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), steps.abstract_state,
+                       steps.state_shardings)
+  batch = {name: jax.ShapeDtypeStruct((64,), np.float32 if name == "weights" else np.int32,
+                                      sharding=training.batch_sharding(mesh))
+           for name in ("heads", "relations", "tails", "weights")}
+  memory = steps.train.lower(state, batch).compile().memory_analysis()
+  table = config.entity_rows * config.dim * 4
+  assert memory.argument_size_in_bytes < table / 4  # the shard, its accumulators, the batch
+  assert memory.temp_size_in_bytes < table / 2  # the gradient's shard and its scaled copy, not the table

@@ -15,7 +15,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers
+from cpm_jax import layers, partitioning
 from cpm_jax.models.kg import negatives
 from cpm_jax.models.kg.config import KGConfig
 from cpm_jax.models.kg.scoring import SCORERS
@@ -67,9 +67,18 @@ class KGEmbeddingModel:
     config = self.config
     rng = jax.random.PRNGKey(EVAL_NEGATIVES_SEED) if dropout_rng is None else dropout_rng
     entities, relations = params["entities"], params["relations"]
-    h, r, t = entities[batch["heads"]], relations[batch["relations"]], entities[batch["tails"]]
+    batch_size = batch["heads"].shape[0]
+    uniform_ids = negatives.uniform_negatives(rng, negatives.num_chunks(batch_size, config), config)
+    # One gather of every entity row the batch reads (XLA's partitioner gathers from each device's own rows and
+    # sums, never all-gathering the table); its gradient is one scatter into the table's shards.
+    vectors = entities[jnp.concatenate([batch["heads"], batch["tails"], uniform_ids.reshape(-1)])]
+    h = partitioning.constrain(vectors[:batch_size], ("batch", "kg_embed"))
+    t = partitioning.constrain(vectors[batch_size:2 * batch_size], ("batch", "kg_embed"))
+    uniform = partitioning.constrain(vectors[2 * batch_size:].reshape(*uniform_ids.shape, config.dim),
+                                     (None, "batch", None, "kg_embed"))
+    r = relations[batch["relations"]]
     weights = batch["weights"].astype(jnp.float32)
-    losses, correct = negatives.chunk_losses(SCORERS[config.scoring], config, entities, h, r, t, weights, rng)
+    losses, correct = negatives.chunk_losses(SCORERS[config.scoring], config, h, r, t, uniform, weights)
     weight_sum = weights.sum()
     sums = {"loss_sum": (losses * weights).sum(),
             "z_loss_sum": (regularization(config, h, r, t) * weights).sum(),

@@ -30,34 +30,37 @@ def _side_losses(positive: jax.Array, negative: jax.Array, valid: jax.Array,
   return loss, (positive > masked.max(-1)).astype(jnp.float32)
 
 
-def uniform_negatives(rng: jax.Array, num_chunks: int, config: KGConfig) -> jax.Array:
+def num_chunks(batch: int, config: KGConfig) -> int:
+  if batch % config.chunk_size:
+    raise ValueError(f"KG batch of {batch} triples is not divisible by KGConfig.chunk_size={config.chunk_size}.")
+  return batch // config.chunk_size
+
+
+def uniform_negatives(rng: jax.Array, chunks: int, config: KGConfig) -> jax.Array:
   """[2, chunks, uniform_negatives] entity ids: each chunk's corrupted tails ([0]) and heads ([1])."""
-  return jax.random.randint(rng, (2, num_chunks, config.uniform_negatives), 0, config.num_entities)
+  return jax.random.randint(rng, (2, chunks, config.uniform_negatives), 0, config.num_entities)
 
 
-def chunk_losses(scorer, config: KGConfig, entities: jax.Array, h: jax.Array, r: jax.Array, t: jax.Array,
-                 weights: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+def chunk_losses(scorer, config: KGConfig, h: jax.Array, r: jax.Array, t: jax.Array, uniform: jax.Array,
+                 weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per positive [B]: the loss summed over both corrupted sides, and the fraction of sides (0, 0.5, 1) on which
   the positive scores above every negative.
 
-  entities: the entity table; h, r, t: the positives' vectors [B, dim]; weights [B] (0 marks padding, whose
-  entities are not used as in-batch negatives); rng draws the uniform negatives.
+  h, r, t: the positives' vectors [B, dim]; uniform: the vectors of `uniform_negatives` [2, chunks, uniform, dim];
+  weights [B] (0 marks padding, whose entities are not used as in-batch negatives).
   """
   batch, size = h.shape[0], config.chunk_size
-  if batch % size:
-    raise ValueError(f"KG batch of {batch} triples is not divisible by KGConfig.chunk_size={size}.")
-  chunks = batch // size
+  chunks = num_chunks(batch, config)
 
   def chunked(x):
     return x.reshape(chunks, size, *x.shape[1:])
 
   positive = chunked(scorer.score(h, r, t).astype(jnp.float32))
-  uniform = uniform_negatives(rng, chunks, config)
   in_batch_valid = ~jnp.eye(size, dtype=bool)[None] & chunked(weights > 0)[:, None, :]
   losses, correct = [], []
-  for queries, own, uniform_ids in ((scorer.tail_queries(h, r), t, uniform[0]),
-                                    (scorer.head_queries(r, t), h, uniform[1])):
-    candidates = [entities[uniform_ids]]
+  for queries, own, uniform_vectors in ((scorer.tail_queries(h, r), t, uniform[0]),
+                                        (scorer.head_queries(r, t), h, uniform[1])):
+    candidates = [uniform_vectors]
     valid = [jnp.ones((chunks, size, config.uniform_negatives), bool)]
     if config.in_batch_negatives:
       candidates.append(chunked(own))

@@ -65,11 +65,11 @@ class KnownTriples:
 
 
 def _entity_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the rules split the entity table's rows over (its vectors must stay whole)."""
   spec = partitioning.logical_to_spec(("entities", "kg_embed"), rules)
   if spec[1] is not None:
     raise ValueError(f"Ranking needs whole entity rows on each device, but the rules split 'kg_embed' over {spec[1]}.")
-  axes = spec[0]
-  return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+  return () if spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
 
 
 @functools.lru_cache(maxsize=None)
