@@ -22,21 +22,16 @@ from typing import Iterable, Iterator
 
 import gin
 import grain
-import jax
 import numpy as np
 
 from cpm_jax.data import triples as triple_files
+from cpm_jax.data.processes import process_share
 
 
-def _process_share(global_batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if not 0 <= index < count:
-    raise ValueError(f"process_index {index} is not in [0, process_count={count}).")
-  if global_batch_size < 1 or global_batch_size % count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of the {count} processes.")
-  share = global_batch_size // count
-  return index * share, share
+def _first_row_and_rows(global_batch_size: int, process_index: int | None,
+                        process_count: int | None) -> tuple[int, int]:
+  index, _, rows = process_share(process_index, process_count, global_batch_size)
+  return index * rows, rows
 
 
 def _batch(triples: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,7 +46,7 @@ class ShuffledTripleBatches:
                num_epochs: int | None = None, process_index: int | None = None, process_count: int | None = None):
     self._triples = np.ascontiguousarray(triples, np.int32).reshape(-1, 3)
     self._global = global_batch_size
-    self._first_row, self._rows = _process_share(global_batch_size, process_index, process_count)
+    self._first_row, self._rows = _first_row_and_rows(global_batch_size, process_index, process_count)
     self._batches_per_epoch = len(self._triples) // global_batch_size
     if not self._batches_per_epoch:
       raise ValueError(f"{len(self._triples)} training triples fill no batch of global_batch_size={global_batch_size}.")
@@ -94,7 +89,7 @@ def make_triple_iterator(triples: np.ndarray, global_batch_size: int, *, seed: i
 def eval_triple_batches(triples: np.ndarray, global_batch_size: int, *, process_index: int | None = None,
                         process_count: int | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Every triple once, in order, as this process's rows of each global batch; the last one padded (weight 0)."""
-  first_row, rows = _process_share(global_batch_size, process_index, process_count)
+  first_row, rows = _first_row_and_rows(global_batch_size, process_index, process_count)
   triples = np.asarray(triples, np.int32).reshape(-1, 3)
   for start in range(0, len(triples), global_batch_size):
     chunk = triples[start:start + global_batch_size]

@@ -26,7 +26,17 @@ def _halves(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x[..., :half], x[..., half:]
 
 
-class DistMult:
+class _Bilinear:
+  """Scores that are a dot product of a query with the candidate: one matrix product for many candidates."""
+
+  @staticmethod
+  def compare_pairs(queries, candidates):
+    return jnp.sum(queries * candidates, axis=-1)
+
+  compare = staticmethod(_dot_all)
+
+
+class DistMult(_Bilinear):
   """Trilinear product with a diagonal relation."""
 
   @staticmethod
@@ -42,17 +52,11 @@ class DistMult:
     return r * t
 
   @staticmethod
-  def compare_pairs(queries, candidates):
-    return jnp.sum(queries * candidates, axis=-1)
-
-  compare = staticmethod(_dot_all)
-
-  @staticmethod
   def moduli(x):
     return jnp.abs(x)
 
 
-class ComplEx:
+class ComplEx(_Bilinear):
   """DistMult over complex vectors with the tail conjugated (Trouillon et al., 2016)."""
 
   @staticmethod
@@ -71,12 +75,6 @@ class ComplEx:
     """p = r conj(t) as [Re p, -Im p]: the score Re(h p) is then q . h."""
     (rr, ri), (tr, ti) = _halves(r), _halves(t)
     return jnp.concatenate([rr * tr + ri * ti, rr * ti - ri * tr], axis=-1)
-
-  @staticmethod
-  def compare_pairs(queries, candidates):
-    return jnp.sum(queries * candidates, axis=-1)
-
-  compare = staticmethod(_dot_all)
 
   @staticmethod
   def moduli(x):
