@@ -102,3 +102,19 @@ def test_mrr_and_hits_equal_pykeens_evaluator_on_the_same_model(mesh):
     for side, prefix in (("both", ""), ("head", "head_"), ("tail", "tail_")):
       assert ours[prefix + ours_name] == pytest.approx(results.get_metric(f"{side}.realistic.{pykeen_name}"),
                                                        abs=1e-6), (side, ours_name)
+
+
+def test_top_k_tails_and_heads_equal_a_full_sort(mesh):
+  from cpm_jax.models.kg import query
+  config = KGConfig(num_entities=50, num_relations=3, dim=8, scoring="complex", entity_row_multiple=16)
+  host_params = jax.tree.map(np.asarray, kg_model.init(config, jax.random.key(7)))
+  params = jax.device_put(host_params, partitioning.tree_shardings(kg_model.logical_axes(config), mesh))
+  scorer = SCORERS["complex"]
+  E, Rel = host_params["entities"][:50], host_params["relations"]
+  for side in ranking.SIDES:
+    scores, ids = query.top_k(params, config, [3, 17], [0, 2], 5, mesh, side=side, block_size=3)
+    for row, (entity, relation) in enumerate(((3, 0), (17, 2))):
+      full = (scorer.score(E[entity], Rel[relation], E) if side == "tail" else
+              scorer.score(E, Rel[relation], E[entity]))
+      np.testing.assert_array_equal(ids[row], np.argsort(-np.asarray(full))[:5])
+      np.testing.assert_allclose(scores[row], np.sort(np.asarray(full))[::-1][:5], rtol=1e-5)

@@ -5,6 +5,7 @@
   negatives                  PyTorch-BigGraph's chunked negatives and the softmax / margin losses
   model                      param specs (logical axes), KGEmbeddingModel for the train loop
   ranking                    filtered MRR / Hits@k over all entities, computed in sharded entity blocks
+  query                      the top-k tails / heads of queries, also in sharded blocks
   data                       the Grain pipeline over triples and KGData for the train loop
   release                    the CPM-KG release's .npy pages <-> a sharded params checkpoint
 """

@@ -42,6 +42,16 @@ def abstract_params(config: KGConfig) -> dict:
   return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
 
 
+def entity_row_axes(rules=None) -> tuple[str, ...]:
+  """The mesh axes the rules (default: those in force) split the entity table's rows over; the blockwise ranking and
+  top-k scans need whole rows, so its vector axis must not be split."""
+  spec = partitioning.logical_to_spec(("entities", "kg_embed"), rules)
+  if spec[1] is not None:
+    raise ValueError(f"The KG family needs whole entity rows on each device, but the rules split 'kg_embed' over "
+                     f"{spec[1]}.")
+  return () if spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
+
+
 def regularization(config: KGConfig, *vectors: jax.Array) -> jax.Array:
   """Per positive [B]: regularization_weight x sum over its vectors of |x|^2 (l2) or |x|^3 (n3), |x| the modulus of
   each (complex, for ComplEx) component."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from cpm_jax import partitioning
+from cpm_jax.models.kg import model as kg_model
 from cpm_jax.models.kg.config import KGConfig
 from cpm_jax.models.kg.scoring import SCORERS
 
@@ -64,22 +64,14 @@ class KnownTriples:
     return np.where(offsets < counts[:, None], self.answers[side][index], -1).astype(np.int32)
 
 
-def _entity_axes(rules) -> tuple[str, ...]:
-  """The mesh axes the rules split the entity table's rows over (its vectors must stay whole)."""
-  spec = partitioning.logical_to_spec(("entities", "kg_embed"), rules)
-  if spec[1] is not None:
-    raise ValueError(f"Ranking needs whole entity rows on each device, but the rules split 'kg_embed' over {spec[1]}.")
-  return () if spec[0] is None else ((spec[0],) if isinstance(spec[0], str) else tuple(spec[0]))
-
-
 @functools.lru_cache(maxsize=None)
-def _count_function(config: KGConfig, mesh: Mesh, entity_axes: tuple[str, ...], side: str, block_size: int):
+def _count_function(config: KGConfig, mesh: Mesh, axes: tuple[str, ...], side: str, block_size: int):
   scorer = SCORERS[config.scoring]
 
   def counts_on_device(table, queries, true_scores, excluded):
     """This device's rows: how many candidates score above / equal to the true score, per query."""
     rows = table.shape[0]
-    start = (jax.lax.axis_index(entity_axes) if entity_axes else 0) * rows
+    start = (jax.lax.axis_index(axes) if axes else 0) * rows
     size = min(block_size, rows)
     positions = jnp.arange(size)
 
@@ -98,12 +90,12 @@ def _count_function(config: KGConfig, mesh: Mesh, entity_axes: tuple[str, ...], 
 
     zeros = jnp.zeros(queries.shape[0], jnp.int32)
     greater, equal = jax.lax.fori_loop(0, math.ceil(rows / size), block, (zeros, zeros))
-    if entity_axes:
-      greater, equal = jax.lax.psum(greater, entity_axes), jax.lax.psum(equal, entity_axes)
+    if axes:
+      greater, equal = jax.lax.psum(greater, axes), jax.lax.psum(equal, axes)
     return greater, equal
 
   sharded_counts = jax.shard_map(
-      counts_on_device, mesh=mesh, in_specs=(PartitionSpec(entity_axes or None, None), PartitionSpec(),
+      counts_on_device, mesh=mesh, in_specs=(PartitionSpec(axes or None, None), PartitionSpec(),
                                              PartitionSpec(), PartitionSpec()),
       out_specs=(PartitionSpec(), PartitionSpec()), check_vma=False)
 
@@ -128,8 +120,7 @@ def filtered_ranks(params: dict, config: KGConfig, triples: np.ndarray, known: K
   if side not in SIDES:
     raise ValueError(f"side={side!r}; expected one of {list(SIDES)}.")
   triples = np.asarray(triples, np.int32).reshape(-1, 3)
-  counts = _count_function(config, mesh, _entity_axes(partitioning.logical_axis_rules() if rules is None else rules),
-                           side, block_size)
+  counts = _count_function(config, mesh, kg_model.entity_row_axes(rules), side, block_size)
   greater, equal = [], []
   for begin in range(0, len(triples), query_batch):
     batch = triples[begin:begin + query_batch]
