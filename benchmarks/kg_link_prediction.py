@@ -52,11 +52,12 @@ FLAGS = flags.FLAGS
 
 
 def _load(dataset: str):
-  from cpm_jax.data import triples
-  splits = {split: triples.load_triples(f"kg_triples/{dataset}", split, FLAGS.data_dir)
-            for split in ("train", "validation", "test")}
-  entities, relations = triples.load_names(f"kg_triples/{dataset}", FLAGS.data_dir)
-  return splits, len(entities), len(relations)
+  from cpm_jax.models.kg import data
+  from cpm_jax.models.kg.vocabulary import KGVocabulary
+  name = f"kg_triples/{dataset}"
+  splits = {split: data.load_triples(name, split, FLAGS.data_dir) for split in ("train", "validation", "test")}
+  vocabulary = KGVocabulary(data.dataset_directory(name, FLAGS.data_dir))
+  return splits, len(vocabulary.entities), len(vocabulary.relations)
 
 
 def train_ours(splits, num_entities, num_relations, scoring, seed, epochs):

@@ -6,6 +6,7 @@ import pytest
 
 from cpm_jax.data import triples as triple_files
 from cpm_jax.models.kg import data as kg_data
+from cpm_jax.models.kg.vocabulary import KGVocabulary
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +20,15 @@ def test_builder_reads_triple_files_into_ids_and_names(tmp_path, data_dir):
   (folder / "train.txt").write_text("paris\tcapital_of\tfrance\nberlin\tcapital_of\tgermany\n\nparis\tnear\tberlin\n")
   (folder / "test.txt").write_text("bonn\tin\tgermany\n")
   triple_files.build_triples_dataset(folder, data_dir, name="capitals")
-  entities, relations = triple_files.load_names("kg_triples/capitals", data_dir)
+  vocabulary = KGVocabulary(kg_data.dataset_directory("kg_triples/capitals", data_dir))
+  entities, relations = vocabulary.entities, vocabulary.relations
   assert entities == ["berlin", "bonn", "france", "germany", "paris"] and relations == ["capital_of", "in", "near"]
-  train = triple_files.load_triples("kg_triples/capitals", "train", data_dir)
+  train = kg_data.load_triples("kg_triples/capitals", "train", data_dir)
   assert [(entities[h], relations[r], entities[t]) for h, r, t in train] == [
       ("paris", "capital_of", "france"), ("berlin", "capital_of", "germany"), ("paris", "near", "berlin")]
-  assert triple_files.load_triples("kg_triples/capitals", "test", data_dir).tolist() == [[1, 1, 3]]
+  assert kg_data.load_triples("kg_triples/capitals", "test", data_dir).tolist() == [[1, 1, 3]]
   with pytest.raises(ValueError, match="has no split 'validation'"):
-    triple_files.load_triples("kg_triples/capitals", "validation", data_dir)
+    kg_data.load_triples("kg_triples/capitals", "validation", data_dir)
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
@@ -39,9 +41,10 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_pykeens_umls_is_read_from_the_installed_wheel_with_pykeens_ids(data_dir):
   from pykeen.datasets import UMLS
   reference = UMLS()
-  entities, relations = triple_files.load_names("kg_triples/umls", data_dir)
+  vocabulary = KGVocabulary(kg_data.dataset_directory("kg_triples/umls", data_dir))
+  entities, relations = vocabulary.entities, vocabulary.relations
   assert (len(entities), len(relations)) == (135, 46)  # FORMATS.md
-  splits = {s: triple_files.load_triples("kg_triples/umls", s, data_dir) for s in ("train", "validation", "test")}
+  splits = {s: kg_data.load_triples("kg_triples/umls", s, data_dir) for s in ("train", "validation", "test")}
   assert sum(len(t) for t in splits.values()) == 6529
   assert entities == sorted(reference.training.entity_to_id, key=reference.training.entity_to_id.get)
   for ours, theirs in ((splits["train"], reference.training), (splits["test"], reference.testing)):

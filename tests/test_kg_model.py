@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from cpm_jax import partitioning, training
+from cpm_jax.models import kg
 from cpm_jax.models.kg import model as kg_model
 from cpm_jax.models.kg import negatives
 from cpm_jax.models.kg.config import KGConfig
@@ -101,7 +102,7 @@ def test_chunked_negatives_loss_equals_a_direct_computation(scoring, loss, regul
   config = KGConfig(num_entities=20, num_relations=3, dim=6, scoring=scoring, loss=loss, margin=0.5,
                     regularization=regularization, regularization_weight=0.01, chunk_size=4, uniform_negatives=3,
                     entity_row_multiple=8, init_stddev=0.5)
-  params = kg_model.init(config, jax.random.key(1))
+  params = kg.init(config, jax.random.key(1))
   weights = np.ones(12, np.float32)
   weights[-2:] = 0.0  # padding: neither counted nor used as an in-batch negative
   batch = _batch(_triples(12, config, seed=2), weights)
@@ -126,7 +127,7 @@ BATCH_B = np.array([[8, 2, 9], [10, 2, 11], [12, 3, 13], [14, 3, 8]], np.int32) 
 def _changed_rows_in_second_step(optimizer_name):
   model = kg_model.KGEmbeddingModel(ROWS_CONFIG)
   optimizer = training.make_optimizer(optax.constant_schedule(0.1), optimizer=optimizer_name, weight_decay=0.0)
-  params = kg_model.init(ROWS_CONFIG, jax.random.key(0))
+  params = kg.init(ROWS_CONFIG, jax.random.key(0))
   opt_state = optimizer.init(params)
 
   @jax.jit

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cpm_jax import partitioning
+from cpm_jax.models import kg
 from cpm_jax.models.kg import model as kg_model
 from cpm_jax.models.kg import ranking
 from cpm_jax.models.kg.config import KGConfig
@@ -57,7 +58,7 @@ def _brute_force_ranks(config, params, test, known, side, filtered=True):
 def test_filtered_ranks_equal_brute_force_and_exclude_exactly_the_known_triples(mesh, scoring):
   config = KGConfig(**{**CONFIG.__dict__, "scoring": scoring})
   host_params = _small_integer_params(config, seed=1)
-  shardings = partitioning.tree_shardings(kg_model.logical_axes(config), mesh)
+  shardings = partitioning.tree_shardings(kg.logical_axes(config), mesh)
   params = jax.device_put(host_params, shardings)
   train, test = _graph(seed=2)
   known = ranking.KnownTriples.from_triples([train, test], config.num_relations)
@@ -84,8 +85,8 @@ def test_mrr_and_hits_equal_pykeens_evaluator_on_the_same_model(mesh):
   from pykeen.triples import CoreTriplesFactory
 
   config = KGConfig(num_entities=50, num_relations=3, dim=8, entity_row_multiple=16)
-  host_params = jax.tree.map(np.asarray, kg_model.init(config, jax.random.key(4)))
-  params = jax.device_put(host_params, partitioning.tree_shardings(kg_model.logical_axes(config), mesh))
+  host_params = jax.tree.map(np.asarray, kg.init(config, jax.random.key(4)))
+  params = jax.device_put(host_params, partitioning.tree_shardings(kg.logical_axes(config), mesh))
   train, test = _graph(seed=5)
   ours = ranking.link_prediction(params, config, test, ranking.KnownTriples.from_triples([train, test], 3), mesh,
                                  query_batch=16, block_size=5)
@@ -107,8 +108,8 @@ def test_mrr_and_hits_equal_pykeens_evaluator_on_the_same_model(mesh):
 def test_top_k_tails_and_heads_equal_a_full_sort(mesh):
   from cpm_jax.models.kg import query
   config = KGConfig(num_entities=50, num_relations=3, dim=8, scoring="complex", entity_row_multiple=16)
-  host_params = jax.tree.map(np.asarray, kg_model.init(config, jax.random.key(7)))
-  params = jax.device_put(host_params, partitioning.tree_shardings(kg_model.logical_axes(config), mesh))
+  host_params = jax.tree.map(np.asarray, kg.init(config, jax.random.key(7)))
+  params = jax.device_put(host_params, partitioning.tree_shardings(kg.logical_axes(config), mesh))
   scorer = SCORERS["complex"]
   E, Rel = host_params["entities"][:50], host_params["relations"]
   for side in ranking.SIDES:

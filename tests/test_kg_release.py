@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from cpm_jax import checkpointing, partitioning
-from cpm_jax.models.kg import model as kg_model
+from cpm_jax.models import kg, registry
 from cpm_jax.models.kg import release
+from cpm_jax.models.kg.vocabulary import KGVocabulary
 from cpm_jax.models.kg.config import KGConfig
 
 
@@ -46,19 +47,23 @@ def test_release_reads_into_sharded_params_with_its_own_counts(tmp_path, mesh, c
   assert release.read_names(tmp_path / "release" / release.ENTITY_IDS)[:2] == ["Q0", "Q1"]
 
 
-def test_release_round_trips_through_the_writer_and_a_params_checkpoint(tmp_path, mesh):
+def test_release_round_trips_through_the_registry_formats_and_the_writer(tmp_path, mesh):
   entities, relations = _fake_release(tmp_path / "release", 45, 5, 4, page_rows=8)
-  config = release.convert_release(tmp_path / "release", tmp_path / "ckpt", mesh)
-  abstract = kg_model.abstract_params(config)
-  shardings = partitioning.tree_shardings(kg_model.logical_axes(config), mesh, abstract)
+  formats = registry.formats("kg")
+  loaded = formats["cpm_kg"].load(tmp_path / "release", mesh=mesh)  # what convert_checkpoint.py --from=cpm_kg does
+  formats["orbax"].save(loaded.params, loaded.config, tmp_path / "ckpt", **loaded.metadata)
+  config = loaded.config
+  abstract = kg.abstract_params(config)
+  shardings = partitioning.tree_shardings(kg.logical_axes(config), mesh, abstract)
   params, metadata = checkpointing.restore_params(tmp_path / "ckpt", abstract, shardings)
-  assert metadata["model_config"] == dataclasses.asdict(config)
-  assert metadata["entity_names"].endswith(release.ENTITY_IDS)
+  assert metadata["model"] == "kg" and metadata["model_config"] == dataclasses.asdict(config)
+  vocabulary = KGVocabulary(metadata["tokenizer"])
+  assert vocabulary.entities[:2] == ["Q0", "Q1"] and len(vocabulary.relations) == 5
   np.testing.assert_array_equal(np.asarray(params["entities"])[:45], entities)
+  np.testing.assert_array_equal(np.asarray(params["relations"]), relations)
 
-  release.write_release(params, config, tmp_path / "written", page_rows=8,
-                        entity_names=release.read_names(metadata["entity_names"]),
-                        relation_names=release.read_names(metadata["relation_names"]))
+  release.write_release(params, config, tmp_path / "written", page_rows=8, entity_names=vocabulary.entities,
+                        relation_names=vocabulary.relations)
   for page in sorted((tmp_path / "release").glob("*.npy")):
     np.testing.assert_array_equal(np.load(tmp_path / "written" / page.name), np.load(page))
   assert release.read_names(tmp_path / "written" / release.RELATION_IDS) == [f"P{i}" for i in range(5)]

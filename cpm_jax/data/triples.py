@@ -5,8 +5,8 @@ relation names in id order (sorted names over all splits, the ids PyKEEN's Tripl
 occurs in training). Splits: train.txt -> train, valid.txt -> validation, test.txt -> test (the last two when present).
 
 Configs `nations`, `kinships` and `umls` read the three real KGs shipped inside the installed `pykeen` package
-(pykeen/datasets/<name>/{train,valid,test}.txt; nothing is downloaded); `build_triples_dataset(path, data_dir,
-name=...)` builds a user's folder of triple files.
+(pykeen/datasets/<name>/{train,valid,test}.txt; nothing is downloaded; sources.load_split builds them on first use);
+`build_triples_dataset(path, data_dir, name=...)` builds a user's folder of triple files.
 """
 
 from __future__ import annotations
@@ -92,20 +92,16 @@ class KGTriples(tfds.core.GeneratorBasedBuilder):
       yield i, {"head": entity_ids[h], "relation": relation_ids[r], "tail": entity_ids[t]}
 
 
-def _builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
-  """kg_triples/<config>, built on first use for the pykeen KGs."""
-  data_dir = os.fspath(data_dir)
-  config = name.split("/", 1)[1] if name.startswith(f"{KGTriples.name}/") else None
-  if config in PYKEEN_DATASETS:
-    builder = KGTriples(config=config, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(file_format="array_record")  # no-op when already prepared
-    return builder
-  try:
-    return tfds.builder(name, data_dir=data_dir)
-  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
-    raise FileNotFoundError(f"KG dataset {name!r} is not built in data_dir {data_dir!r}: names are "
-                            f"kg_triples/<{'|'.join(PYKEEN_DATASETS)}> or a kg_triples/<name> built with "
-                            "build_triples_dataset.") from e
+SHIPPED_DATASETS = tuple(f"{KGTriples.name}/{name}" for name in PYKEEN_DATASETS)
+
+
+def build_shipped_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
+  """Builds kg_triples/<nations|kinships|umls> from the installed pykeen wheel (once)."""
+  if name not in SHIPPED_DATASETS:
+    raise ValueError(f"{name!r} is none of the KGs shipped in the pykeen wheel ({list(SHIPPED_DATASETS)}).")
+  builder = KGTriples(config=name.split("/", 1)[1], data_dir=os.fspath(data_dir), file_format="array_record")
+  builder.download_and_prepare(file_format="array_record")  # no-op when already prepared
+  return builder
 
 
 def build_triples_dataset(path: str | os.PathLike, data_dir: str | os.PathLike, *,
@@ -117,17 +113,6 @@ def build_triples_dataset(path: str | os.PathLike, data_dir: str | os.PathLike, 
   return builder
 
 
-def load_triples(name: str, split: str, data_dir: str | os.PathLike) -> np.ndarray:
-  """A split as an int32 [n, 3] array of (head, relation, tail) ids, in file order."""
-  builder = _builder(name, data_dir)
-  if split not in builder.info.splits:
-    raise ValueError(f"KG dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}.")
-  source = builder.as_data_source(split=split)
-  examples = source.__getitems__(range(len(source)))
+def as_array(examples) -> np.ndarray:
+  """Examples with head / relation / tail ids (a split's records) as an int32 [n, 3] array."""
   return np.asarray([(e["head"], e["relation"], e["tail"]) for e in examples], np.int32).reshape(-1, 3)
-
-
-def load_names(name: str, data_dir: str | os.PathLike) -> tuple[list[str], list[str]]:
-  """(entity names, relation names) in id order."""
-  metadata = _builder(name, data_dir).info.metadata
-  return list(metadata["entities"]), list(metadata["relations"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import gin
 
@@ -44,6 +45,11 @@ class KGConfig:
   init_stddev: float = 0.1
   entity_row_multiple: int = 128
   param_dtype: str = "float32"
+
+  # Training options: a checkpoint's params mean the same whatever they are (convert.orbax.check_config skips them).
+  execution_fields: ClassVar[tuple[str, ...]] = (
+      "regularization", "regularization_weight", "loss", "margin", "chunk_size", "uniform_negatives",
+      "in_batch_negatives", "init_stddev", "param_dtype")
 
   def __post_init__(self):
     for field, value, allowed in (("scoring", self.scoring, SCORING_FUNCTIONS),

@@ -24,7 +24,7 @@ import gin
 import grain
 import numpy as np
 
-from cpm_jax.data import triples as triple_files
+from cpm_jax.data import sources, triples as triple_files
 from cpm_jax.data.processes import process_share
 
 
@@ -99,6 +99,17 @@ def eval_triple_batches(triples: np.ndarray, global_batch_size: int, *, process_
     yield _batch(chunk[first_row:first_row + rows], weights[first_row:first_row + rows])
 
 
+def load_triples(name: str, split: str, data_dir: str | os.PathLike) -> np.ndarray:
+  """A split of a kg_triples dataset as an int32 [n, 3] array of (head, relation, tail) ids, in file order."""
+  source = sources.load_split(name, split, data_dir)
+  return triple_files.as_array(source.__getitems__(range(len(source))))
+
+
+def dataset_directory(name: str, data_dir: str | os.PathLike) -> str:
+  """The built dataset's folder: its metadata.json holds the entity and relation names (a KG vocabulary)."""
+  return os.fspath(sources.dataset_builder(name, data_dir).data_dir)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class KGData:
@@ -117,15 +128,13 @@ class KGData:
     return 1
 
   def split(self, name: str) -> np.ndarray:
-    return triple_files.load_triples(self.dataset, name, os.path.expanduser(self.data_dir))
-
-  def names(self) -> tuple[list[str], list[str]]:
-    """(entity names, relation names) in id order."""
-    return triple_files.load_names(self.dataset, os.path.expanduser(self.data_dir))
+    return load_triples(self.dataset, name, os.path.expanduser(self.data_dir))
 
   def checkpoint_metadata(self) -> dict:
-    """Recorded with the model in the workdir: where the triples and their names are."""
-    return {"dataset": self.dataset, "data_dir": self.data_dir}
+    """Recorded with the model in the workdir: the dataset (its splits filter evaluation's ranks) and, as the
+    "tokenizer", the folder holding its entity and relation names."""
+    return {"dataset": self.dataset, "data_dir": self.data_dir,
+            "tokenizer": dataset_directory(self.dataset, os.path.expanduser(self.data_dir))}
 
   def train_iterator(self, seed: int) -> grain.DatasetIterator:
     return make_triple_iterator(self.split(self.train_split), self.global_batch_size, seed=seed,

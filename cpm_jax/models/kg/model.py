@@ -9,7 +9,6 @@ padding), as the KG Grain pipeline (cpm_jax.models.kg.data) gives them.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import gin
 import jax
@@ -28,18 +27,6 @@ def param_specs(config: KGConfig) -> dict:
   init = layers.normal(config.init_stddev)
   return {"entities": layers.ParamSpec((config.entity_rows, config.dim), ("entities", "kg_embed"), init),
           "relations": layers.ParamSpec((config.num_relations, config.dim), ("relations", "kg_embed"), init)}
-
-
-def init(config: KGConfig, key: jax.Array) -> dict:
-  return layers.init_from_specs(param_specs(config), key, jnp.dtype(config.param_dtype))
-
-
-def logical_axes(config: KGConfig) -> dict:
-  return layers.logical_axes(param_specs(config))
-
-
-def abstract_params(config: KGConfig) -> dict:
-  return jax.eval_shape(functools.partial(init, config), jax.random.key(0))
 
 
 def entity_row_axes(rules=None) -> tuple[str, ...]:

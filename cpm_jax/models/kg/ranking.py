@@ -138,12 +138,21 @@ def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
   return {"mrr": float(np.mean(1.0 / ranks)), **{f"hits_at_{k}": float(np.mean(ranks <= k)) for k in HITS_AT}}
 
 
-def link_prediction(params: dict, config: KGConfig, triples: np.ndarray, known: KnownTriples, mesh: Mesh,
-                    **kwargs) -> dict[str, float]:
-  """Filtered realistic MRR and Hits@k over both sides (head and tail prediction of every triple), plus each
-  side's as head_mrr, tail_hits_at_10, ..."""
-  ranks = {side: filtered_ranks(params, config, triples, known, side, mesh, **kwargs)["realistic"] for side in SIDES}
+def ranks_of_both_sides(params: dict, config: KGConfig, triples: np.ndarray, known: KnownTriples, mesh: Mesh,
+                        **kwargs) -> dict[str, np.ndarray]:
+  """{"head", "tail"}: the realistic filtered rank of each triple's head and tail (`filtered_ranks`)."""
+  return {side: filtered_ranks(params, config, triples, known, side, mesh, **kwargs)["realistic"] for side in SIDES}
+
+
+def both_sides_metrics(ranks: dict[str, np.ndarray]) -> dict[str, float]:
+  """MRR and Hits@k over both sides (PyKEEN's "both"), plus each side's as head_mrr, tail_hits_at_10, ..."""
   metrics = rank_metrics(np.concatenate([ranks["head"], ranks["tail"]]))
   for side in SIDES:
     metrics.update({f"{side}_{name}": value for name, value in rank_metrics(ranks[side]).items()})
   return metrics
+
+
+def link_prediction(params: dict, config: KGConfig, triples: np.ndarray, known: KnownTriples, mesh: Mesh,
+                    **kwargs) -> dict[str, float]:
+  """Filtered realistic MRR and Hits@k of head and tail prediction of every triple (`both_sides_metrics`)."""
+  return both_sides_metrics(ranks_of_both_sides(params, config, triples, known, mesh, **kwargs))

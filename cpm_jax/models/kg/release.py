@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from cpm_jax import checkpointing, partitioning
+from cpm_jax import layers, partitioning
+from cpm_jax.convert.common import ConversionError, Loaded
 from cpm_jax.models.kg import model as kg_model
 from cpm_jax.models.kg.config import KGConfig
 
@@ -165,8 +166,9 @@ def read_release(directory: str | os.PathLike, mesh: Mesh, *, config: KGConfig |
   """(params sharded on `mesh` by the rules, their config) from a release folder, streamed page by page."""
   layout = ReleaseLayout.read(directory)
   config = _release_config(layout, config)
-  abstract = kg_model.abstract_params(config)
-  shardings = partitioning.tree_shardings(kg_model.logical_axes(config), mesh, abstract, rules)
+  specs = kg_model.param_specs(config)
+  abstract = layers.abstract_params(specs, config.param_dtype)
+  shardings = partitioning.tree_shardings(layers.logical_axes(specs), mesh, abstract, rules)
 
   def entity_rows(start, stop):  # rows past num_entities (padding) stay zero
     return layout.page_parts(start, min(stop, layout.num_entities))
@@ -179,16 +181,22 @@ def read_release(directory: str | os.PathLike, mesh: Mesh, *, config: KGConfig |
   return params, config
 
 
-def convert_release(directory: str | os.PathLike, output: str | os.PathLike, mesh: Mesh, *,
-                    config: KGConfig | None = None, rules=None, metadata: dict | None = None) -> KGConfig:
-  """Writes the release at `directory` as a params checkpoint (checkpointing.save_params) at `output`."""
-  params, config = read_release(directory, mesh, config=config, rules=rules)
-  directory = pathlib.Path(directory).resolve()
-  record = {"model": "kg", "model_config": dataclasses.asdict(config),
-            "entity_names": os.fspath(directory / ENTITY_IDS), "relation_names": os.fspath(directory / RELATION_IDS),
-            **(metadata or {})}
-  checkpointing.save_params(output, params, record)
-  return config
+def load_release(path: str | os.PathLike, *, config: KGConfig | None = None, dtype: str | None = None,
+                 mesh: Mesh | None = None) -> Loaded:
+  """The registry's "cpm_kg" format: a release folder read into params on `mesh` (default: the first device); its
+  vocabulary (the id files) is recorded as the checkpoint's "tokenizer"."""
+  try:
+    layout = ReleaseLayout.read(path)
+    config = _release_config(layout, config)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConversionError(str(e)) from e
+  if dtype:
+    config = dataclasses.replace(config, param_dtype=dtype)
+  mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig(data=1), devices=jax.local_devices()[:1])
+  params, config = read_release(path, mesh, config=config)
+  note = (f"{path}: {layout.num_entities} entities ({ENTITY_IDS}), {layout.num_relations} relations "
+          f"({RELATION_IDS}), dim {layout.dim}, {len(layout.pages)} pages of {layout.page_rows} vectors.")
+  return Loaded(params, config, [note], {"tokenizer": os.fspath(pathlib.Path(path).resolve())})
 
 
 def _rows_from_shards(array: jax.Array, start: int, stop: int) -> np.ndarray:
