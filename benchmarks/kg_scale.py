@@ -1,6 +1,6 @@
 """A 10M-entity KG table trained sharded 8 ways on CPU: per-device memory against XLA's, throughput.
 
-A synthetic graph (numpy Generator(seed): heads and tails Zipf-skewed over num_entities, relations uniform) trains
+A synthetic graph (numpy Generator(seed): heads and tails skewed, P(popularity rank k) ~ 1/k, relations uniform) trains
 KGEmbeddingModel (DistMult, PyTorch-BigGraph negatives: chunks of 100 positives share 100 uniform entities plus
 the chunk's own, per side) with row-wise Adagrad through `training.make_sharded_steps` on a data=8 mesh: the
 entity table's rows, its Adagrad accumulators and the batch are split over the 8 devices. dim 64 by default: the
@@ -25,6 +25,8 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 flags.DEFINE_integer("num_entities", 10_000_000, "Entities of the synthetic graph.")
@@ -46,15 +48,16 @@ GiB = 1 << 30
 
 
 def synthetic_graph(num_triples: int, num_entities: int, num_relations: int, seed: int):
-  """[n, 3] int32 (head, relation, tail): heads and tails Zipf(1.1)-skewed over a fixed random relabelling of the
-  entities (a few hubs, a long tail, every entity reachable), relations uniform."""
+  """[n, 3] int32 (head, relation, tail): heads and tails of popularity rank k with probability ~ 1/k (rank
+  exp(u ln N) for uniform u, over a fixed random relabelling of the entities: a few hubs, a long tail), relations
+  uniform; deterministic in `seed`."""
   rng = np.random.default_rng(seed)
   relabel = rng.permutation(num_entities).astype(np.int32)
   triples = np.empty((num_triples, 3), np.int32)
   for column in (0, 2):
-    ranks = rng.zipf(1.1, num_triples) - 1
-    triples[:, column] = relabel[np.where(ranks < num_entities, ranks, rng.integers(0, num_entities, num_triples))]
-  triples[:, 1] = rng.integers(0, num_relations, num_triples)
+    ranks = np.exp(rng.random(num_triples, np.float32) * np.float32(np.log(num_entities))).astype(np.int64) - 1
+    triples[:, column] = relabel[np.minimum(ranks, num_entities - 1)]
+  triples[:, 1] = rng.integers(0, num_relations, num_triples, dtype=np.int32)
   return triples
 
 
@@ -144,6 +147,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  import jax
-  import numpy as np
   app.run(main)

@@ -72,9 +72,9 @@ def test_filtered_ranks_equal_brute_force_and_exclude_exactly_the_known_triples(
 
 
 def test_known_answers_are_every_true_entity_of_the_query():
-  known = ranking.KnownTriples.from_triples([np.array([[0, 1, 2], [0, 1, 5], [3, 1, 5], [0, 0, 7]])], 2)
+  known = ranking.KnownTriples.from_triples([np.array([[0, 1, 5], [0, 1, 2], [3, 1, 5], [0, 0, 7]])], 2)
   answers = known.padded_answers(np.array([[0, 1, 9], [4, 1, 5]]), "tail")
-  assert answers.tolist() == [[2, 5], [-1, -1]]
+  assert answers.tolist() == [[5, 2], [-1, -1]]
   assert known.padded_answers(np.array([[9, 1, 5]]), "head").tolist() == [[0, 3]]
 
 

@@ -44,11 +44,11 @@ class KnownTriples:
   @classmethod
   def from_triples(cls, triples: Sequence[np.ndarray], num_relations: int) -> "KnownTriples":
     """triples: [n, 3] (head, relation, tail) id arrays, e.g. the train, valid and test splits."""
-    known = np.unique(np.concatenate([np.asarray(t, np.int64).reshape(-1, 3) for t in triples]), axis=0)
+    known = np.concatenate([np.asarray(t, np.int64).reshape(-1, 3) for t in triples])  # repeats are harmless
     keys, answers = {}, {}
     for side, (query_entity, answer) in {"tail": (0, 2), "head": (2, 0)}.items():
       key = known[:, query_entity] * num_relations + known[:, 1]
-      order = np.lexsort((known[:, answer], key))
+      order = np.argsort(key, kind="stable")
       keys[side], answers[side] = key[order], known[order, answer]
     return cls(num_relations, keys, answers)
 
