@@ -65,6 +65,10 @@ class KGModel:
                                         query_batch=self.batch_size)
     return ranking.both_sides_metrics(ranks), ranks
 
+  def generate_text(self, prompts: Sequence[str]) -> list[str]:
+    raise ValueError("A KG embedding model does not generate text; its answers to (head, relation) queries come "
+                     "from experiments/evaluate.py --task=kg_query.")
+
   def top_k(self, entity_ids: Sequence[int], relation_ids: Sequence[int], k: int,
             side: str) -> tuple[np.ndarray, np.ndarray]:
     return query.top_k(self.params, self.config, entity_ids, relation_ids, k, self.mesh, side=side)
