@@ -46,6 +46,10 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("cache_length", None),
+    # KG embeddings: the entity table's rows over every mesh axis (no device holds it whole), relations replicated.
+    ("entities", ("data", "fsdp", "tensor")),
+    ("relations", None),
+    ("kg_embed", None),
 )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import flax.struct
 import gin
@@ -68,13 +68,56 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+class RowAdagradState(NamedTuple):
+  sum_of_squares: Any  # per param, [rows, 1, ...]: one accumulator per leading-axis row
+
+
+def scale_by_row_rss(eps: float = 1e-10) -> optax.GradientTransformation:
+  """Row-wise Adagrad (PyTorch-BigGraph's optimizer for embedding tables): each leading-axis row keeps one
+  accumulator, the running sum of its gradients' mean square, and its gradient is divided by the root of it.
+
+  The state is 1/dim of full Adagrad's. A row whose gradient is zero (not in the batch) keeps its value and its
+  accumulator. Accumulators have the params' rank ([rows, 1, ...]), so they shard like the params by rows.
+  """
+  def row_mean_square(g):
+    return jnp.mean(jnp.square(g), axis=tuple(range(1, g.ndim)), keepdims=True)
+
+  def init(params):
+    return RowAdagradState(jax.tree.map(lambda p: jnp.zeros((p.shape[0],) + (1,) * (p.ndim - 1), p.dtype), params))
+
+  def update(updates, state, params=None):
+    del params
+    sums = jax.tree.map(lambda s, g: s + row_mean_square(g), state.sum_of_squares, updates)
+    updates = jax.tree.map(lambda g, s: jnp.where(s > 0, g * jax.lax.rsqrt(s + eps), 0.0), updates, sums)
+    return updates, RowAdagradState(sums)
+
+  return optax.GradientTransformation(init, update)
+
+
+OPTIMIZERS = ("adamw", "adagrad", "row_adagrad")
+
+
 @gin.configurable
 def make_optimizer(schedule: optax.Schedule | None = None, weight_decay: float = 0.01, b1: float = 0.9,
-                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping (CPM's release used Adam, lr 1.5e-4, 5k warm-up of 20k)."""
+                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0,
+                   optimizer: str = "adamw") -> optax.GradientTransformation:
+  """AdamW with global-norm clipping (CPM's release used Adam, lr 1.5e-4, 5k warm-up of 20k).
+
+  optimizer "adagrad" (per-element) or "row_adagrad" (`scale_by_row_rss`) change only the rows a batch touches,
+  as embedding tables need (Adam's moments move every row they ever touched on every later step); b1 and b2 are
+  Adam's only. Weight decay, decoupled as in AdamW, applies to the same parameters in all three (`_decay_mask`).
+  """
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"make_optimizer.optimizer={optimizer!r}; expected one of {list(OPTIMIZERS)}.")
   schedule = schedule or learning_rate_schedule()
   chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+  if optimizer == "adamw":
+    chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+  else:
+    scaling = {"adagrad": lambda: optax.scale_by_rss(initial_accumulator_value=0.0, eps=eps),
+               "row_adagrad": lambda: scale_by_row_rss(eps)}[optimizer]
+    chain += [scaling(), optax.add_decayed_weights(weight_decay, mask=_decay_mask),
+              optax.scale_by_learning_rate(schedule)]
   return optax.chain(*chain)
 
 

@@ -1,4 +1,4 @@
-r"""Evaluates a CPM or PLUG checkpoint on a task configured in gin_configs/tasks/<task>.gin.
+r"""Evaluates a CPM, PLUG or KG (CPM-KM) checkpoint on a task configured in gin_configs/tasks/<task>.gin.
 
   python experiments/evaluate.py --checkpoint=/tmp/cpm_params --task=review_sentiment_zero_shot \
       --data_dir=/tmp/tfds --output=/tmp/eval/review_sentiment.json
@@ -7,12 +7,16 @@ r"""Evaluates a CPM or PLUG checkpoint on a task configured in gin_configs/tasks
   python experiments/evaluate.py --checkpoint=/tmp/plug_nlu --task=review_sentiment_classifier --data_dir=/tmp/tfds
   python experiments/evaluate.py --checkpoint=/tmp/plug_qg --task=plug_question_generation --input_file=dev.jsonl \
       --decoding=beam
+  python experiments/evaluate.py --checkpoint=/tmp/kg_umls --task=link_prediction --data_dir=/tmp/tfds
+  python experiments/evaluate.py --checkpoint=/tmp/kg_umls --task=kg_query --input_file=queries.jsonl \
+      --print_predictions
 
 --checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
 workdir (its latest checkpoint); either records the model family, config and tokenizer. CPM-LM runs every
 task; PLUG runs generation tasks (prompts '{source}[SEP]{second source}') and, fine-tuned with a classification
-head, ClassificationTask. Prints a table of the metrics; --output gets metrics + per-example predictions
-as JSON, --predictions one JSON line per example.
+head, ClassificationTask; KG models run LinkPredictionTask (filtered MRR / Hits@k) and KGQueryTask (top-k tails of
+a head and relation, with scores and entity names). Prints a table of the metrics; --output gets metrics +
+per-example predictions as JSON, --predictions one JSON line per example.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate N examples drawn with the
                               "splits are often sorted by label).")
 _OUTPUT = flags.DEFINE_string("output", None, "JSON file for metrics and per-example predictions.")
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "jsonl file with one prediction record per example.")
+_PRINT_PREDICTIONS = flags.DEFINE_bool("print_predictions", False, "Also print each prediction record (one JSON line "
+                                       "per example), e.g. the answers of a kg_query task.")
 _UNTRAINED = flags.DEFINE_bool("untrained", False, "Evaluate freshly initialised params of the checkpoint's shape "
                                 "instead of its weights: the chance baseline of a task.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Sequences per scoring / generation batch.")
@@ -74,6 +80,8 @@ def main(argv):
                                          None if _TRAIN_FILE.value else "train")
   logging.info("Task %s: %d examples, %d-shot.", task.name, len(examples), task.shots)
   result = task.evaluate(model, examples, demonstrations)
+  if _PRINT_PREDICTIONS.value:
+    print(report.jsonl_text(result.predictions), end="")
   print(report.table(task.name, result.metrics))
   source = _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}"
   settings = {"checkpoint": _CHECKPOINT.value, "input": source, "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value, "untrained": _UNTRAINED.value}

@@ -36,9 +36,10 @@ from typing import Any, Protocol
 
 import gin
 import grain
-import jax
 import numpy as np
 from absl import flags
+
+from cpm_jax.data.processes import process_share
 
 
 class Tokenizer(Protocol):
@@ -104,16 +105,6 @@ def _packed_batches(documents: grain.MapDataset, tokenizer: Tokenizer, *, seq_le
   return batches
 
 
-def _process(process_index: int | None, process_count: int | None, global_batch_size: int) -> tuple[int, int, int]:
-  index = jax.process_index() if process_index is None else process_index
-  count = jax.process_count() if process_count is None else process_count
-  if not 0 <= index < count:
-    raise ValueError(f"process_index {index} is not in [0, process_count={count}).")
-  if global_batch_size < 1 or global_batch_size % count:
-    raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of the {count} processes.")
-  return index, count, global_batch_size // count
-
-
 def _documents(data_source: Sequence[Any], max_documents: int | None) -> grain.MapDataset:
   documents = grain.MapDataset.source(data_source)
   if not len(documents):
@@ -135,7 +126,7 @@ def make_lm_iterator(data_source: Sequence[Any], tokenizer: Tokenizer, *, seq_le
   worker_count > 0 tokenizes and packs in that many processes (their output differs from worker_count=0 but is
   deterministic for a given count).
   """
-  index, count, batch_size = _process(process_index, process_count, global_batch_size)
+  index, count, batch_size = process_share(process_index, process_count, global_batch_size)
   documents = _documents(data_source, max_documents)[index::count]
   if not len(documents):
     raise ValueError(f"Process {index} of {count} gets no documents: the source holds fewer than {count}.")
@@ -150,7 +141,7 @@ def make_eval_iterator(data_source: Sequence[Any], tokenizer: Tokenizer, *, seq_
                        max_documents: int | None = None, num_packing_bins: int | None = None,
                        read_threads: int = 2) -> grain.DatasetIterator:
   """One pass over all documents in order, as this process's rows of each global batch (module docstring)."""
-  index, _, batch_size = _process(process_index, process_count, global_batch_size)
+  index, _, batch_size = process_share(process_index, process_count, global_batch_size)
   batches = _packed_batches(_documents(data_source, max_documents), tokenizer, seq_len=seq_len,
                             batch_size=global_batch_size, seed=0, shuffle=False, num_epochs=1,
                             num_packing_bins=num_packing_bins, read_threads=read_threads, worker_count=0)

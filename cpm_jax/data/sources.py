@@ -1,7 +1,9 @@
 """Building the TFDS datasets into a data_dir and reading their splits as random-access sources.
 
-Dataset names: `peoples_daily_1998`, `review_sentiment` (the embedded demo corpora) and `text_corpus/<config name>`
-(a user corpus, built with build_text_corpus). Everything is array_record; no TensorFlow is needed.
+Dataset names: `peoples_daily_1998`, `review_sentiment` (the embedded demo corpora), `text_corpus/<config name>`
+(a user corpus, built with build_text_corpus) and `kg_triples/<config name>` (knowledge-graph triples: the KGs in
+the pykeen wheel, or a user's built with triples.build_triples_dataset). Everything is array_record; no TensorFlow is
+needed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import gin
 import tensorflow_datasets as tfds
 
-from cpm_jax.data import builders
+from cpm_jax.data import builders, triples
 
 DEMO_BUILDERS = {cls.name: cls for cls in (builders.PeoplesDaily1998, builders.ReviewSentiment)}
 
@@ -39,20 +41,27 @@ def build_text_corpus(path: str | os.PathLike, data_dir: str | os.PathLike, *, n
   return _prepare(builders.TextCorpus(config=config, data_dir=os.fspath(data_dir), file_format="array_record"))
 
 
-@gin.configurable
-def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
-  """A split as a random-access source (len, [i] -> dict of numpy values; text is UTF-8 bytes) for Grain.
-
-  Demo datasets are built on first use; a `text_corpus/<name>` must have been built with build_text_corpus.
-  """
+def dataset_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
+  """The prepared builder of a dataset: the demo corpora and the KGs shipped in the pykeen wheel are built on first
+  use; a `text_corpus/<name>` or `kg_triples/<name>` of your own must have been built before."""
   data_dir = os.fspath(data_dir)
   if name in DEMO_BUILDERS:
-    build_demo_dataset(name, data_dir)
+    return build_demo_dataset(name, data_dir)
+  if name in triples.SHIPPED_DATASETS:
+    return triples.build_shipped_dataset(name, data_dir)
   try:
-    builder = tfds.builder(name, data_dir=data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
     raise FileNotFoundError(f"Dataset {name!r} is not built in data_dir {data_dir!r} (build a user corpus with "
-                            "cpm_jax.data.build_text_corpus or experiments/build_datasets.py).") from e
+                            "cpm_jax.data.build_text_corpus or experiments/build_datasets.py, triple files with "
+                            "cpm_jax.data.triples.build_triples_dataset).") from e
+
+
+@gin.configurable
+def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
+  """A split as a random-access source (len, [i] -> dict of numpy values; text is UTF-8 bytes) for Grain
+  (built on demand as `dataset_builder` says)."""
+  builder = dataset_builder(name, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"Dataset {name!r} in {data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}.")
   return builder.as_data_source(split=split)

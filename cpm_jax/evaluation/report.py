@@ -17,8 +17,13 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
   os.replace(path + ".tmp", path)
 
 
+def jsonl_text(records: Iterable[dict]) -> str:
+  """One JSON line per record."""
+  return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
-  write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+  write_atomic(path, jsonl_text(records))
 
 
 def write_result(path: str | os.PathLike, task: str, result: Result, settings: dict) -> None:
