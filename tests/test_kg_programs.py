@@ -44,7 +44,7 @@ def train_in_process(workdir, data_dir, steps):
 
 
 def run_program(name, *args, check=True):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": os.fspath(ROOT)}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   result = subprocess.run([sys.executable, str(ROOT / "experiments" / name), *args], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300)
   if check:
