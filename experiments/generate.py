@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cpm_jax import decoding, gin_setup, partitioning, train_loop
+from cpm_jax import decoding, gin_setup, logging_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -71,7 +71,7 @@ def read_prompts() -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train_loop.quiet_library_logs()
+  logging_setup.quiet_library_logs()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
   prompts = read_prompts()
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
