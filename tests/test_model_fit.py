@@ -96,8 +96,8 @@ def test_training_start_fails_on_a_vocab_below_the_tokenizers(small_tokenizer, d
   assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
-def test_train_program_takes_the_vocab_from_the_tokenizer_and_logs_no_probe_noise(small_tokenizer,  # noqa: F811
-                                                                                   demo_data_dir, tmp_path):
+def test_train_program_takes_the_vocab_from_the_tokenizer_and_logs_no_probe_noise(
+    small_tokenizer, demo_data_dir, tmp_path):  # noqa: F811
   """The demo recipe without a vocab binding (CPMConfig's default is 30000), shrunk to 2 steps."""
   workdir = tmp_path / "run"
   bindings = _demo_bindings(small_tokenizer.model_path, demo_data_dir) + [
