@@ -284,7 +284,8 @@ def test_warm_start_takes_what_it_selects_and_initialises_the_rest(tmp_path, par
   _assert_bitwise_equal(start.params["blocks"], fresh["blocks"])
   assert [x.sharding for x in jax.tree.leaves(start.params)] == [x.sharding for x in jax.tree.leaves(fresh)]
   with pytest.raises(ValueError, match=r"path = .*run.*: the model's param 'blocks/attn/out_bias' \(shape \(3, 32\)\) "
-                                       r"is selected but the checkpoint holds it with shape \(2, 32\); .*fallback_to_init"):
+                                       r"is selected but the checkpoint holds it with shape \(2, 32\); "
+                                       r".*fallback_to_init"):
     checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "run")), fresh)
 
   # From a params-only checkpoint: a path prefix and a regex select, an exclusion wins, restored arrays are cast.
