@@ -28,6 +28,8 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from cpm_jax.gin_setup import ConfigError
+
 PARAMS_DIR = "params"
 METADATA_FILE = "metadata.json"
 MODEL_RECORD = "model.json"  # a training workdir's record of its model (registry.record), written by train_loop
@@ -260,7 +262,7 @@ class WarmStart:
 
 def warm_start(config: RestoreCheckpointConfig, init_params: Any) -> WarmStart:
   """`init_params` (fresh arrays, sharded as the run places them) with every param that `config` selects read
-  from its checkpoint into that param's sharding; see RestoreCheckpointConfig. Raises ValueError naming the param
+  from its checkpoint into that param's sharding; see RestoreCheckpointConfig. Raises ConfigError naming the param
   (or, if nothing matches, the checkpoint) where the checkpoint cannot supply what is asked."""
   source = stored_params(config.path)
   stored = source.shapes()
@@ -278,13 +280,13 @@ def warm_start(config: RestoreCheckpointConfig, init_params: Any) -> WarmStart:
       continue
     found = "lacks it" if name not in stored else f"holds it with shape {stored[name]}"
     if not config.fallback_to_init:
-      raise ValueError(f"{where}: the model's param {name!r} (shape {tuple(leaf.shape)}) is selected but the "
+      raise ConfigError(f"{where}: the model's param {name!r} (shape {tuple(leaf.shape)}) is selected but the "
                        f"checkpoint {found}; exclude it (RestoreCheckpointConfig.exclude) or set "
                        "RestoreCheckpointConfig.fallback_to_init = True to keep its init.")
     logging.info("Warm start: %s keeps its init (the checkpoint %s).", name, found)
     initialised.append(name)
   if not restored:
-    raise ValueError(f"{where}: no param of the model is selected and held by the checkpoint with its shape (the "
+    raise ConfigError(f"{where}: no param of the model is selected and held by the checkpoint with its shape (the "
                      f"model has e.g. {initialised[:3]}, the checkpoint {sorted(stored)[:3]}).")
   values = traverse_util.flatten_dict(source.read(traverse_util.unflatten_dict(targets)))
   params = jax.tree_util.tree_map_with_path(

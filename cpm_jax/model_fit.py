@@ -6,7 +6,7 @@ training data class declares `model_requirements() -> tuple[Requirement, ...]`, 
 `fit(model, data)` before it builds anything:
 - a size the data fixes (`adopt`, e.g. vocab_size from the tokenizer) is taken from the data when gin binds no value
   for it, so a demo config needs no vocab binding;
-- a config value below what the data needs is a one-line ValueError naming both bindings;
+- a config value below what the data needs is a one-line ConfigError naming both bindings;
 - `BatchCheck` then checks each host batch against the config's sizes (a numpy max per declared array, before the
   batch goes to the devices), which catches a data class whose declaration is wrong.
 """
@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import gin
 import numpy as np
 from absl import logging
+
+from cpm_jax.gin_setup import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,7 @@ def fit(model: Any, data: Any) -> Any:
   for requirement in data.model_requirements():
     binding = f"{name}.{requirement.field}"
     if requirement.field not in fields:
-      raise ValueError(f"{type(data).__name__} needs {binding}, which {name} lacks: the data is for another model "
+      raise ConfigError(f"{type(data).__name__} needs {binding}, which {name} lacks: the data is for another model "
                        "family.")
     value = changes.get(requirement.field, getattr(config, requirement.field))
     if requirement.adopt and not gin_binds(config, requirement.field):
@@ -65,7 +67,7 @@ def fit(model: Any, data: Any) -> Any:
       continue
     if value < requirement.needed:
       unbound = " or leave it unbound to take it from the data" if requirement.adopt else ""
-      raise ValueError(f"{binding} = {value} is too small for the data: {requirement.source} needs at least "
+      raise ConfigError(f"{binding} = {value} is too small for the data: {requirement.source} needs at least "
                        f"{requirement.needed} (larger ids would be clamped silently). Bind {binding} >= "
                        f"{requirement.needed}{unbound}.")
   if not changes:

@@ -28,6 +28,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cpm_jax.gin_setup import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")  # the axes every mesh has (MeshConfig.extra_axes adds others)
 
 LogicalAxes = tuple  # a tuple of logical axis names (str) or None, one per array dimension
@@ -110,7 +112,7 @@ class MeshConfig:
     names = ("data", *self.extra_axes, "fsdp", "tensor") if self.axis_order is None else tuple(self.axis_order)
     expected = {"data", "fsdp", "tensor", *self.extra_axes}
     if sorted(names) != sorted(expected):
-      raise ValueError(f"MeshConfig.axis_order={list(names)} must name each of {sorted(expected)} once.")
+      raise ConfigError(f"MeshConfig.axis_order={list(names)} must name each of {sorted(expected)} once.")
     return names
 
   def resolve(self, num_devices: int) -> dict[str, int]:
@@ -119,19 +121,19 @@ class MeshConfig:
     sizes = {name: given[name] for name in self.axis_names}
     unknown = [name for name, size in sizes.items() if size == -1]
     if len(unknown) > 1:
-      raise ValueError(f"MeshConfig: at most one axis may be -1, got -1 for {unknown}.")
+      raise ConfigError(f"MeshConfig: at most one axis may be -1, got -1 for {unknown}.")
     for name, size in sizes.items():
       if size == 0 or size < -1:
-        raise ValueError(f"MeshConfig.{name}={size}: sizes must be positive or -1.")
+        raise ConfigError(f"MeshConfig.{name}={size}: sizes must be positive or -1.")
     known = math.prod(size for size in sizes.values() if size != -1)
     if num_devices % known:
-      raise ValueError(
+      raise ConfigError(
           f"MeshConfig {sizes}: the product of the fixed axis sizes ({known}) does not divide the "
           f"number of devices ({num_devices}).")
     if unknown:
       sizes[unknown[0]] = num_devices // known
     elif known != num_devices:
-      raise ValueError(
+      raise ConfigError(
           f"MeshConfig {sizes}: axis sizes multiply to {known} but there are {num_devices} devices; "
           "set one axis to -1 to take the rest.")
     return sizes
@@ -141,11 +143,11 @@ class MeshConfig:
     sizes = self.resolve(num_devices)
     unknown = sorted(set(self.dcn) - set(sizes))
     if unknown:
-      raise ValueError(f"MeshConfig.dcn names {unknown}, which are not mesh axes ({list(sizes)}).")
+      raise ConfigError(f"MeshConfig.dcn names {unknown}, which are not mesh axes ({list(sizes)}).")
     dcn = {name: self.dcn.get(name, 1) for name in sizes}
     for name, count in dcn.items():
       if count < 1 or sizes[name] % count:
-        raise ValueError(f"MeshConfig.dcn[{name!r}]={count} must be positive and divide the axis size "
+        raise ConfigError(f"MeshConfig.dcn[{name!r}]={count} must be positive and divide the axis size "
                          f"{sizes[name]}.")
     return {name: sizes[name] // dcn[name] for name in sizes}, dcn
 
@@ -170,7 +172,7 @@ def _slices(devices: Sequence[jax.Device], count: int) -> list[list[jax.Device]]
     size = len(ordered) // count
     return [ordered[i * size:(i + 1) * size] for i in range(count)]
   if len(groups) != count or len({len(group) for group in groups.values()}) != 1:
-    raise ValueError(f"MeshConfig.dcn asks for {count} slices, but the devices form {len(groups)} slices or "
+    raise ConfigError(f"MeshConfig.dcn asks for {count} slices, but the devices form {len(groups)} slices or "
                      f"processes of sizes {sorted(len(g) for g in groups.values())}.")
   return [groups[key] for key in sorted(groups)]
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from cpm_jax import checkpointing, flops, layers, model_fit, partitioning, training
+from cpm_jax.gin_setup import ConfigError
 from cpm_jax.models import registry
 
 
@@ -149,7 +150,7 @@ def _warm_start(init_from: checkpointing.RestoreCheckpointConfig, model: trainin
   """Fresh params with the part `init_from` selects read from its checkpoint."""
   dtypes = {leaf.dtype for leaf in jax.tree.leaves(steps.abstract_state.params)}
   if init_from.dtype is not None and dtypes != {jnp.dtype(init_from.dtype)}:
-    raise ValueError(f"RestoreCheckpointConfig.dtype = {init_from.dtype!r}, but the model's params are "
+    raise ConfigError(f"RestoreCheckpointConfig.dtype = {init_from.dtype!r}, but the model's params are "
                      f"{sorted(map(str, dtypes))} and the train state keeps them so: set the model config's "
                      "param_dtype instead.")
   start = checkpointing.warm_start(init_from, _fresh_params(model, steps, seed))
@@ -179,7 +180,7 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   each with a fresh optimizer.
   """
   if init_params_from and init_from is not None:
-    raise ValueError("train: give init_params_from or init_from (a RestoreCheckpointConfig), not both.")
+    raise ConfigError("train: give init_params_from or init_from (a RestoreCheckpointConfig), not both.")
   model = model_fit.fit(model, data)
   check_batch = model_fit.BatchCheck(model.config, data.model_requirements())
   os.makedirs(workdir, exist_ok=True)

@@ -64,7 +64,8 @@ def main(argv):
   logging_setup.quiet_library_logs()
   gin_setup.parse([task_gin_file(_TASK.value), *_GIN_FILES.value], _GIN_BINDINGS.value)
   task = tasks.configured_task()
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  with gin_setup.exit_on_config_error("evaluate.py"):  # a MeshConfig the devices cannot form
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
   decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,

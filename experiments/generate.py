@@ -75,7 +75,8 @@ def main(argv):
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
   prompts = read_prompts()
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  with gin_setup.exit_on_config_error("generate.py"):  # a MeshConfig the devices cannot form
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,

@@ -51,7 +51,8 @@ def main(argv):
   logging_setup.quiet_library_logs()
   _initialize_distributed()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
-  train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value, init_params_from=_INIT_PARAMS_FROM.value)
+  with gin_setup.exit_on_config_error("train.py"):
+    train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value, init_params_from=_INIT_PARAMS_FROM.value)
 
 
 if __name__ == "__main__":
