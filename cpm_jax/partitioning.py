@@ -109,6 +109,9 @@ class MeshConfig:
 
   @property
   def axis_names(self) -> tuple[str, ...]:
+    reused = sorted(set(self.extra_axes) & set(MESH_AXES))
+    if reused:
+      raise ConfigError(f"MeshConfig.extra_axes names {reused}: set those with MeshConfig.{reused[0]} instead.")
     names = ("data", *self.extra_axes, "fsdp", "tensor") if self.axis_order is None else tuple(self.axis_order)
     expected = {"data", "fsdp", "tensor", *self.extra_axes}
     if sorted(names) != sorted(expected):
@@ -148,7 +151,7 @@ class MeshConfig:
     for name, count in dcn.items():
       if count < 1 or sizes[name] % count:
         raise ConfigError(f"MeshConfig.dcn[{name!r}]={count} must be positive and divide the axis size "
-                         f"{sizes[name]}.")
+                          f"{sizes[name]}.")
     return {name: sizes[name] // dcn[name] for name in sizes}, dcn
 
 
