@@ -281,13 +281,13 @@ def warm_start(config: RestoreCheckpointConfig, init_params: Any) -> WarmStart:
     found = "lacks it" if name not in stored else f"holds it with shape {stored[name]}"
     if not config.fallback_to_init:
       raise ConfigError(f"{where}: the model's param {name!r} (shape {tuple(leaf.shape)}) is selected but the "
-                       f"checkpoint {found}; exclude it (RestoreCheckpointConfig.exclude) or set "
-                       "RestoreCheckpointConfig.fallback_to_init = True to keep its init.")
+                        f"checkpoint {found}; exclude it (RestoreCheckpointConfig.exclude) or set "
+                        "RestoreCheckpointConfig.fallback_to_init = True to keep its init.")
     logging.info("Warm start: %s keeps its init (the checkpoint %s).", name, found)
     initialised.append(name)
   if not restored:
     raise ConfigError(f"{where}: no param of the model is selected and held by the checkpoint with its shape (the "
-                     f"model has e.g. {initialised[:3]}, the checkpoint {sorted(stored)[:3]}).")
+                      f"model has e.g. {initialised[:3]}, the checkpoint {sorted(stored)[:3]}).")
   values = traverse_util.flatten_dict(source.read(traverse_util.unflatten_dict(targets)))
   params = jax.tree_util.tree_map_with_path(
       lambda path, leaf: values.get(tuple(key.key for key in path), leaf), init_params)

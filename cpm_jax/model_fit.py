@@ -57,7 +57,7 @@ def fit(model: Any, data: Any) -> Any:
     binding = f"{name}.{requirement.field}"
     if requirement.field not in fields:
       raise ConfigError(f"{type(data).__name__} needs {binding}, which {name} lacks: the data is for another model "
-                       "family.")
+                        "family.")
     value = changes.get(requirement.field, getattr(config, requirement.field))
     if requirement.adopt and not gin_binds(config, requirement.field):
       if value != requirement.needed:
@@ -68,8 +68,8 @@ def fit(model: Any, data: Any) -> Any:
     if value < requirement.needed:
       unbound = " or leave it unbound to take it from the data" if requirement.adopt else ""
       raise ConfigError(f"{binding} = {value} is too small for the data: {requirement.source} needs at least "
-                       f"{requirement.needed} (larger ids would be clamped silently). Bind {binding} >= "
-                       f"{requirement.needed}{unbound}.")
+                        f"{requirement.needed} (larger ids would be clamped silently). Bind {binding} >= "
+                        f"{requirement.needed}{unbound}.")
   if not changes:
     return model
   return dataclasses.replace(model, config=dataclasses.replace(config, **changes))

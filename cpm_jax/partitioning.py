@@ -176,7 +176,7 @@ def _slices(devices: Sequence[jax.Device], count: int) -> list[list[jax.Device]]
     return [ordered[i * size:(i + 1) * size] for i in range(count)]
   if len(groups) != count or len({len(group) for group in groups.values()}) != 1:
     raise ConfigError(f"MeshConfig.dcn asks for {count} slices, but the devices form {len(groups)} slices or "
-                     f"processes of sizes {sorted(len(g) for g in groups.values())}.")
+                      f"processes of sizes {sorted(len(g) for g in groups.values())}.")
   return [groups[key] for key in sorted(groups)]
 
 

@@ -151,8 +151,8 @@ def _warm_start(init_from: checkpointing.RestoreCheckpointConfig, model: trainin
   dtypes = {leaf.dtype for leaf in jax.tree.leaves(steps.abstract_state.params)}
   if init_from.dtype is not None and dtypes != {jnp.dtype(init_from.dtype)}:
     raise ConfigError(f"RestoreCheckpointConfig.dtype = {init_from.dtype!r}, but the model's params are "
-                     f"{sorted(map(str, dtypes))} and the train state keeps them so: set the model config's "
-                     "param_dtype instead.")
+                      f"{sorted(map(str, dtypes))} and the train state keeps them so: set the model config's "
+                      "param_dtype instead.")
   start = checkpointing.warm_start(init_from, _fresh_params(model, steps, seed))
   logging.info("Warm start from %s: %d params restored, %d initialised (%s).", init_from.path, len(start.restored),
                len(start.initialised), ", ".join(start.initialised[:8]) + (" ..." if len(start.initialised) > 8
