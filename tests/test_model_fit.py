@@ -104,8 +104,9 @@ def test_train_program_takes_the_vocab_from_the_tokenizer_and_logs_no_probe_nois
       "CPMConfig.num_layers = 1", "CPMConfig.embed_dim = 32", "CPMConfig.num_heads = 2", "LMData.seq_len = 32",
       "LMData.global_batch_size = 8", "LMData.max_documents = 64", "LMData.eval_max_documents = 16",
       "train.num_steps = 2", "train.log_every = 1", "train.eval_max_batches = 0", "train.peak_flops = 1e12"]
-  result = subprocess.run([sys.executable, str(REPO / "experiments" / "train.py"), "--gin_file=experiments/cpm_demo.gin",
-                           f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in bindings)],
+  command = [sys.executable, str(REPO / "experiments" / "train.py"), "--gin_file=experiments/cpm_demo.gin",
+             f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in bindings)]
+  result = subprocess.run(command,
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
                           env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"})  # as users run it
   assert result.returncode == 0, result.stderr[-3000:]

@@ -105,7 +105,8 @@ def test_dcn_split_keeps_each_slice_together():
   assert sorted(ids[:2].ravel()) == [0, 1, 2, 3] and sorted(ids[2:].ravel()) == [4, 5, 6, 7]
   assert all(ids[i, 0] // 4 == ids[i, 1] // 4 for i in range(4))  # tensor parallelism never crosses slices
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"data": 4}))  # -1 resolved first
-  assert mesh.devices.shape == (4, 1, 2) and [sorted(row.ravel() // 2) for row in _ids(mesh)] == [[i, i] for i in range(4)]
+  assert mesh.devices.shape == (4, 1, 2)
+  assert [sorted(row.ravel() // 2) for row in _ids(mesh)] == [[i, i] for i in range(4)]
   with pytest.raises(ValueError, match=r"MeshConfig.dcn\['tensor'\]=3 must be positive and divide the axis size 2"):
     partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))
   with pytest.raises(ValueError, match=r"MeshConfig.dcn names \['stage'\], which are not mesh axes"):

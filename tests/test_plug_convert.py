@@ -246,10 +246,10 @@ def test_command_line_hugging_face_bert_to_encoder_gives_its_logits(tmp_path):
       param.normal_(1.0 if name.endswith("LayerNorm.weight") else 0.0, 0.2 if "LayerNorm" in name else 0.3)
   bert.save_pretrained(tmp_path / "bert")
   gin_file = tmp_path / "bert.gin"
-  gin_file.write_text("PlugConfig.vocab_size = 64\nPlugConfig.num_encoder_layers = 2\nPlugConfig.num_decoder_layers = 0\n"
-                      "PlugConfig.embed_dim = 16\nPlugConfig.num_heads = 2\nPlugConfig.mlp_dim = 32\n"
-                      "PlugConfig.max_positions = 32\nPlugConfig.type_vocab_size = 2\nPlugConfig.encoder_pre_ln = False\n"
-                      "PlugConfig.num_relations = 0\nPlugConfig.layer_norm_eps = 1e-12\nPlugConfig.dropout_rate = 0.0\n")
+  sizes = dict(vocab_size=64, num_encoder_layers=2, num_decoder_layers=0, embed_dim=16, num_heads=2, mlp_dim=32,
+               max_positions=32, type_vocab_size=2, encoder_pre_ln=False, num_relations=0, layer_norm_eps=1e-12,
+               dropout_rate=0.0)
+  gin_file.write_text("".join(f"PlugConfig.{name} = {value}\n" for name, value in sizes.items()))
   code, out = run_cli("--model=plug", "--from=hf", f"--input={tmp_path / 'bert'}", f"--output={tmp_path / 'orbax'}",
                       f"--gin_file={gin_file}")
   assert code == 0, out

@@ -48,7 +48,8 @@ def _transformers_ids(hf_cpm, text: str) -> list[int]:
 
 def test_cpm_encode_matches_transformers_cpm_tokenizer(cpm, hf_cpm, real_lines):
   """The released algorithm (FORMATS.md), checked against transformers' port on 2,000 real lines."""
-  texts = real_lines + ["今天 天气很好\n明天下雨。 GPT-2 有1.5B参数", "  两个空格\n\n两个换行 ", "全角空格\u3000和制表符\t消失"]
+  texts = real_lines + ["今天 天气很好\n明天下雨。 GPT-2 有1.5B参数", "  两个空格\n\n两个换行 ",
+                        "全角空格\u3000和制表符\t消失"]
   same, segmented_apart, tilde = 0, 0, 0
   for text in texts:
     if cpm.encode(text) == _transformers_ids(hf_cpm, text):
