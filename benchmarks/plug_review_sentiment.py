@@ -16,8 +16,7 @@ import gin
 import numpy as np
 from absl import app, flags
 
-from cpm_jax import gin_setup, partitioning, train_loop, training
-from cpm_jax.models.plug import convert as convert_plug
+from cpm_jax import checkpointing, gin_setup, logging_setup, partitioning, train_loop, training
 from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.models import plug
 
@@ -29,7 +28,7 @@ _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 300, "Classification fi
 _LR = flags.DEFINE_float("finetune_lr", 5e-4, "Peak fine-tuning learning rate.")
 
 
-def stage1_params(workdir: str) -> tuple[dict, plug.PlugConfig]:
+def stage1(workdir: str) -> plug.PlugConfig:
   gin.clear_config()
   gin_setup.parse(["experiments/plug_stage1_demo.gin"], [
       f'StructBertData.vocab_path = "{_VOCAB.value}"', f'StructBertData.data_dir = "{_DATA_DIR.value}"',
@@ -38,10 +37,11 @@ def stage1_params(workdir: str) -> tuple[dict, plug.PlugConfig]:
   config = plug.PlugConfig()
   gin.clear_config()
   print(f"stage 1: validation MLM+relation loss {metrics['validation_loss']:.3f} after {_STAGE1_STEPS.value} steps")
-  return convert_plug.read_params(workdir), config
+  return config
 
 
-def accuracy(config: plug.PlugConfig, data: plug_pipeline.ClassificationData, pretrained: dict | None) -> float:
+def accuracy(config: plug.PlugConfig, data: plug_pipeline.ClassificationData, pretrained: str | None) -> float:
+  """Validation accuracy after fine-tuning from scratch, or warm-started from the stage-1 workdir `pretrained`."""
   model = plug.ClassifierModel(dataclasses.replace(config, num_classes=2))
   mesh = partitioning.make_mesh()
   optimizer = training.make_optimizer(training.learning_rate_schedule(_LR.value, _FINETUNE_STEPS.value // 10,
@@ -49,7 +49,8 @@ def accuracy(config: plug.PlugConfig, data: plug_pipeline.ClassificationData, pr
   steps = training.make_sharded_steps(model, optimizer, mesh)
   state = training.create_train_state(model, optimizer, mesh, seed=0)
   if pretrained is not None:
-    state = state.replace(params=plug.warm_start(state.params, pretrained)[0])
+    warm = checkpointing.RestoreCheckpointConfig(path=pretrained, fallback_to_init=True)
+    state = state.replace(params=checkpointing.warm_start(warm, state.params).params)
   batches = data.train_iterator(seed=0)
   for _ in range(_FINETUNE_STEPS.value):
     state, _ = steps.train(state, training.global_batch(next(batches), mesh))
@@ -63,13 +64,14 @@ def accuracy(config: plug.PlugConfig, data: plug_pipeline.ClassificationData, pr
 
 def main(argv):
   del argv
-  train_loop.quiet_library_logs()
-  params, config = stage1_params(os.path.join(_WORKDIR.value, "stage1"))
+  logging_setup.quiet_library_logs()
+  pretrained = os.path.join(_WORKDIR.value, "stage1")
+  config = stage1(pretrained)
   data = plug_pipeline.ClassificationData(vocab_path=_VOCAB.value, data_dir=_DATA_DIR.value, seq_len=128,
                                           global_batch_size=32)
   labels = np.concatenate([b["labels"][b["label_weights"] > 0] for b in data.eval_batches()])
   majority = max(np.mean(labels == 0), np.mean(labels == 1))
-  from_stage1 = accuracy(config, data, params)
+  from_stage1 = accuracy(config, data, pretrained)
   from_scratch = accuracy(config, data, None)
   print(f"review_sentiment validation ({len(labels)} reviews), {_FINETUNE_STEPS.value} fine-tuning steps:")
   print(f"  majority class        {majority:.4f}")

@@ -6,6 +6,7 @@ Two layouts, both readable on any mesh (each array is read straight into its tar
 - training (`Checkpointer`): `<directory>/<step>/state` (params, optimizer, step, rng, ...) and
   `<directory>/<step>/data/process_<i>-of-<n>.json` (each process's data-iterator state).
 Every write goes to a temporary path renamed when complete, so an interrupted save is never restored.
+Warm starts (`RestoreCheckpointConfig`, `warm_start`) read a chosen part of either layout's params into a new run.
 """
 
 from __future__ import annotations
@@ -13,20 +14,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import threading
-from typing import Any
+from typing import Any, Sequence
 
 import gin
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
+
+from cpm_jax.gin_setup import ConfigError
 
 PARAMS_DIR = "params"
 METADATA_FILE = "metadata.json"
-MODEL_RECORD = "model.json"  # a training workdir's record of its model (families.record), written by train_loop
+MODEL_RECORD = "model.json"  # a training workdir's record of its model (registry.record), written by train_loop
 
 
 # ---- tree checks -------------------------------------------------------------------------------
@@ -148,18 +154,144 @@ def restore_params(directory: epath.PathLike, abstract_params: Any = None,
   return params, metadata
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredParams:
+  """A checkpoint's params on disk: the Orbax item holding them, their metadata tree (shape and dtype per leaf)
+  and their key in that item ("params" in a train state, None in a params-only checkpoint)."""
+
+  item: epath.Path
+  tree: Any
+  key: str | None
+  where: str  # for error messages
+
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """Shape of every stored param by its path ("encoder/blocks/attn/qkv_kernel")."""
+    return _shapes_by_path(self.tree)
+
+  def read(self, target: Any) -> Any:
+    """The arrays of `target` (ShapeDtypeStructs with shardings; any subtree of the stored params), each read
+    straight into its sharding and cast to its dtype."""
+    item_target = target if self.key is None else {self.key: target}
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(self.item, args=ocp.args.PyTreeRestore(
+          item_target, restore_args=ocp.checkpoint_utils.construct_restore_args(item_target), partial_restore=True))
+    return restored if self.key is None else restored[self.key]
+
+
+def stored_params(directory: epath.PathLike) -> StoredParams:
+  """The params of the `save_params` checkpoint at `directory`, or of the latest checkpoint of the training workdir
+  there (read-only: a run still writing there is not disturbed)."""
+  directory = absolute_path(directory)
+  if (directory / METADATA_FILE).exists():
+    with ocp.StandardCheckpointer() as checkpointer:
+      tree = checkpointer.metadata(directory / PARAMS_DIR).item_metadata.tree
+    return StoredParams(directory / PARAMS_DIR, tree, None, f"params checkpoint {directory}")
+  if (directory / "checkpoints").is_dir():
+    with Checkpointer(directory / "checkpoints", read_only=True) as checkpointer:
+      step = checkpointer.latest_step()
+      if step is not None:
+        return checkpointer.stored_params(step)
+  raise FileNotFoundError(f"{directory}: neither a params-only checkpoint ({METADATA_FILE}) nor a training workdir "
+                          "with a complete checkpoint in checkpoints/.")
+
+
 def restore_any_params(directory: epath.PathLike, abstract_params: Any = None, shardings: Any = None) -> Any:
   """Params of the `save_params` checkpoint at `directory`, or of the latest checkpoint of the training workdir
   there (its optimizer state is not read); checked and placed as in `restore_params`."""
-  directory = absolute_path(directory)
-  if (directory / METADATA_FILE).exists():
-    return restore_params(directory, abstract_params, shardings)[0]
-  if (directory / "checkpoints").is_dir():
-    with Checkpointer(directory / "checkpoints") as checkpointer:
-      if checkpointer.latest_step() is not None:
-        return checkpointer.restore_params(abstract_params, shardings)
-  raise FileNotFoundError(f"{directory}: neither a params-only checkpoint ({METADATA_FILE}) nor a training workdir "
-                          "with a complete checkpoint in checkpoints/.")
+  source = stored_params(directory)
+  if abstract_params is None:
+    abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), source.tree)
+  else:
+    check_tree_matches(abstract_params, source.tree, source.where)
+  return source.read(_restore_target(abstract_params, shardings))
+
+
+def read_record(path: epath.PathLike) -> tuple[dict, str]:
+  """(the model record, the file it was read from) of a params-only checkpoint (metadata.json) or a training
+  workdir (MODEL_RECORD, written by the train loop): what family, config and tokenizer its params belong to."""
+  path = epath.Path(path)
+  if (path / METADATA_FILE).exists():
+    return read_metadata(path), str(path / METADATA_FILE)
+  if (path / "checkpoints").is_dir():
+    where = path / MODEL_RECORD
+    if not where.exists():
+      raise FileNotFoundError(f"Training workdir {path} has no {MODEL_RECORD} (train.py writes it at start) to say "
+                              "which model its checkpoints hold.")
+    return json.loads(where.read_text()), str(where)
+  raise FileNotFoundError(f"{path}: neither a params-only checkpoint ({METADATA_FILE}) nor a training workdir "
+                          "(checkpoints/).")
+
+
+# ---- warm starts and partial restores ----------------------------------------------------------
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class RestoreCheckpointConfig:
+  """Which params a new run takes from an existing checkpoint; the others keep their fresh init (T5X's
+  RestoreCheckpointConfig). `train.init_from` takes one: stage 2 from stage 1, a classifier from an encoder.
+
+  path: a params-only checkpoint (convert_checkpoint.py, save_params) or a training workdir (its latest
+    checkpoint; the optimizer state is not read).
+  include: regexes matched at the start of each param path (e.g. "encoder/blocks/attn/qkv_kernel"), so a path
+    prefix such as "encoder/" selects a subtree; default every param.
+  exclude: regexes, matched the same way, of params never restored (e.g. "classifier/").
+  fallback_to_init: a selected param the checkpoint lacks or holds with another shape keeps its init (each is
+    logged); False: that is an error naming the param.
+  dtype: the dtype restored arrays are cast to (default: each param's own in the configured model).
+  """
+
+  path: str = gin.REQUIRED
+  include: Sequence[str] = (".*",)
+  exclude: Sequence[str] = ()
+  fallback_to_init: bool = False
+  dtype: str | None = None
+
+  def selects(self, name: str) -> bool:
+    return (any(re.match(pattern, name) for pattern in self.include)
+            and not any(re.match(pattern, name) for pattern in self.exclude))
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+  """What `warm_start` did: the params, and the paths taken from the checkpoint or kept at init."""
+
+  params: Any
+  restored: list[str]
+  initialised: list[str]
+
+
+def warm_start(config: RestoreCheckpointConfig, init_params: Any) -> WarmStart:
+  """`init_params` (fresh arrays, sharded as the run places them) with every param that `config` selects read
+  from its checkpoint into that param's sharding; see RestoreCheckpointConfig. Raises ConfigError naming the param
+  (or, if nothing matches, the checkpoint) where the checkpoint cannot supply what is asked."""
+  source = stored_params(config.path)
+  stored = source.shapes()
+  where = f"RestoreCheckpointConfig.path = {config.path!r} ({source.where})"
+  targets, restored, initialised = {}, [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(init_params)[0]:
+    name = _path_name(path)
+    if not config.selects(name):
+      initialised.append(name)
+      continue
+    if stored.get(name) == tuple(leaf.shape):
+      targets[tuple(key.key for key in path)] = jax.ShapeDtypeStruct(
+          leaf.shape, jnp.dtype(config.dtype or leaf.dtype), sharding=leaf.sharding)
+      restored.append(name)
+      continue
+    found = "lacks it" if name not in stored else f"holds it with shape {stored[name]}"
+    if not config.fallback_to_init:
+      raise ConfigError(f"{where}: the model's param {name!r} (shape {tuple(leaf.shape)}) is selected but the "
+                        f"checkpoint {found}; exclude it (RestoreCheckpointConfig.exclude) or set "
+                        "RestoreCheckpointConfig.fallback_to_init = True to keep its init.")
+    logging.info("Warm start: %s keeps its init (the checkpoint %s).", name, found)
+    initialised.append(name)
+  if not restored:
+    raise ConfigError(f"{where}: no param of the model is selected and held by the checkpoint with its shape (the "
+                      f"model has e.g. {initialised[:3]}, the checkpoint {sorted(stored)[:3]}).")
+  values = traverse_util.flatten_dict(source.read(traverse_util.unflatten_dict(targets)))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: values.get(tuple(key.key for key in path), leaf), init_params)
+  return WarmStart(params, restored, initialised)
 
 
 # ---- per-process data-iterator state -----------------------------------------------------------
@@ -213,12 +345,13 @@ class Checkpointer:
   """
 
   def __init__(self, directory: epath.PathLike, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
-               keep_period: int | None = None, async_save: bool = True):
+               keep_period: int | None = None, async_save: bool = True, read_only: bool = False):
     self.directory = absolute_path(directory)
     self._save_interval_steps = save_interval_steps
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, read_only=read_only,
+        create=not read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler()})
@@ -254,24 +387,13 @@ class Checkpointer:
       args[DATA_ITEM] = DataIteratorRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**args))[STATE_ITEM]
 
-  def restore_params(self, abstract_params: Any = None, shardings: Any = None, step: int | None = None) -> Any:
-    """Only the `params` of the train state saved at `step` (default: the latest), without reading the
-    optimizer state; checked against `abstract_params` and read into `shardings` as in `restore_params`."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No complete checkpoint in {self.directory} to read params from.")
+  def stored_params(self, step: int) -> StoredParams:
+    """The params of the train state saved at `step` (for reading them without the optimizer state)."""
     stored = self._manager.item_metadata(step)[STATE_ITEM].tree
     if "params" not in stored:
       raise ValueError(f"Checkpoint {self.directory}/{step} holds no params (it has {sorted(stored)}).")
-    if abstract_params is None:
-      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored["params"])
-    else:
-      check_tree_matches(abstract_params, stored["params"], f"checkpoint {self.directory}/{step}")
-    target = {"params": _restore_target(abstract_params, shardings)}
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(self.directory / str(step) / STATE_ITEM, args=ocp.args.PyTreeRestore(
-          target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
-    return restored["params"]
+    return StoredParams(self.directory / str(step) / STATE_ITEM, stored["params"], "params",
+                        f"checkpoint {self.directory}/{step}")
 
   def maybe_save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
     """Starts an asynchronous save when `step` is a multiple of the save interval (or `force`).

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
-from typing import Sequence
+import sys
+from typing import Iterator, Sequence
 
 import gin
 
 GIN_CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot work (sizes that do not fit, a mesh the devices cannot form, a restore the checkpoint
+  cannot supply); the message names the gin binding and what was expected."""
+
+
+@contextlib.contextmanager
+def exit_on_config_error(program: str) -> Iterator[None]:
+  """In a program's main: a ConfigError becomes the one line `program: message` and exit status 1."""
+  try:
+    yield
+  except ConfigError as e:
+    sys.exit(f"{program}: {e}")
 
 
 def parse(files: Sequence[str], bindings: Sequence[str]) -> None:

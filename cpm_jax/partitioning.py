@@ -4,6 +4,12 @@ Every parameter and the main activations carry *logical* axis names (``vocab``, 
 ``mlp``, ``batch``, ...). One table of rules maps each logical name to mesh axes (``data``, ``fsdp``,
 ``tensor``). Megatron's tensor parallelism (column-parallel QKV / MLP-in, row-parallel outputs,
 vocab-split embeddings) and ZeRO-3 style FSDP are both just entries of that table.
+
+The table is data: gin replaces it (`logical_axis_rules.rules`) or puts rules before it
+(`logical_axis_rules.extra_rules`); a rule's name is a regex matched against the whole logical name, the first
+match wins (big_vision's rules). The mesh has data, fsdp and tensor axes plus any others a MeshConfig names
+(e.g. `stage`, `expert`, which rules can then map to), and each axis may span slices or hosts (DCN) as well as the
+devices of one (ICI): `MeshConfig.dcn` (MaxText's create_device_mesh).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
-from typing import Any, Iterator, Sequence
+import re
+from typing import Any, Iterator, Mapping, Sequence
 
 import gin
 import jax
@@ -20,7 +28,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from cpm_jax.gin_setup import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")  # the axes every mesh has (MeshConfig.extra_axes adds others)
 
 LogicalAxes = tuple  # a tuple of logical axis names (str) or None, one per array dimension
 Rules = Sequence[tuple[str, Any]]
@@ -54,53 +64,139 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 @gin.configurable
-def logical_axis_rules(rules: Rules = DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
-  """The rules table in force; bind `logical_axis_rules.rules` in gin to change it."""
-  return tuple((name, tuple(target) if isinstance(target, list) else target) for name, target in rules)
+def logical_axis_rules(rules: Rules = DEFAULT_RULES, extra_rules: Rules = ()) -> tuple[tuple[str, Any], ...]:
+  """The rules table in force: `extra_rules`, then `rules` (first match wins). In gin, bind
+  `logical_axis_rules.extra_rules` to change some names (e.g. `[("act_.*", None)]` replicates every activation)
+  or `logical_axis_rules.rules` to replace the table. A target is a mesh axis, a list of mesh axes, or None."""
+  return tuple((name, tuple(target) if isinstance(target, list) else target)
+               for name, target in (*extra_rules, *rules))
+
+
+@functools.lru_cache(maxsize=64)
+def _rule_table(rules: tuple[tuple[str, Any], ...]) -> tuple[tuple[re.Pattern, Any], ...]:
+  return tuple((re.compile(name), target) for name, target in rules)
+
+
+def _rule_for(name: str, rules: tuple[tuple[str, Any], ...]) -> Any:
+  """The mesh axes of logical axis `name` by the first rule whose regex matches all of it."""
+  for pattern, target in _rule_table(rules):
+    if pattern.fullmatch(name):
+      return target
+  raise KeyError(f"Logical axis {name!r} has no rule; known axes: {sorted(pattern for pattern, _ in rules)}.")
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Sizes of the mesh axes; -1 on one axis means "all remaining devices"."""
+  """Sizes of the mesh axes; -1 on one axis means "all remaining devices".
+
+  extra_axes: further named axes and their sizes (e.g. {"stage": 2} for pipeline stages, {"expert": 4}), placed
+    as `axis_order` says; params and activations use them only where logical-axis rules name them.
+  axis_order: the mesh's axes, major first (default: data, the extra axes, fsdp, tensor: tensor parallelism
+    innermost, on the fastest links).
+  dcn: how many slices or hosts (DCN) each axis spans, e.g. {"data": 4} for data parallelism over 4 slices with
+    the other axes inside each; an axis's size is its DCN count times its size within a slice (ICI). The devices
+    of a slice are those with one `slice_index` (TPU multi-slice), else one process (GPU and CPU hosts); a single
+    process without slices is cut into equal runs of device ids (to test layouts on CPU).
+  """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  extra_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  axis_order: Sequence[str] | None = None
+  dcn: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def axis_names(self) -> tuple[str, ...]:
+    reused = sorted(set(self.extra_axes) & set(MESH_AXES))
+    if reused:
+      raise ConfigError(f"MeshConfig.extra_axes names {reused}: set those with MeshConfig.{reused[0]} instead.")
+    names = ("data", *self.extra_axes, "fsdp", "tensor") if self.axis_order is None else tuple(self.axis_order)
+    expected = {"data", "fsdp", "tensor", *self.extra_axes}
+    if sorted(names) != sorted(expected):
+      raise ConfigError(f"MeshConfig.axis_order={list(names)} must name each of {sorted(expected)} once.")
+    return names
 
   def resolve(self, num_devices: int) -> dict[str, int]:
-    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    """Every axis's total size, in mesh order."""
+    given = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, **self.extra_axes}
+    sizes = {name: given[name] for name in self.axis_names}
     unknown = [name for name, size in sizes.items() if size == -1]
     if len(unknown) > 1:
-      raise ValueError(f"MeshConfig: at most one axis may be -1, got -1 for {unknown}.")
+      raise ConfigError(f"MeshConfig: at most one axis may be -1, got -1 for {unknown}.")
     for name, size in sizes.items():
       if size == 0 or size < -1:
-        raise ValueError(f"MeshConfig.{name}={size}: sizes must be positive or -1.")
+        raise ConfigError(f"MeshConfig.{name}={size}: sizes must be positive or -1.")
     known = math.prod(size for size in sizes.values() if size != -1)
     if num_devices % known:
-      raise ValueError(
+      raise ConfigError(
           f"MeshConfig {sizes}: the product of the fixed axis sizes ({known}) does not divide the "
           f"number of devices ({num_devices}).")
     if unknown:
       sizes[unknown[0]] = num_devices // known
     elif known != num_devices:
-      raise ValueError(
+      raise ConfigError(
           f"MeshConfig {sizes}: axis sizes multiply to {known} but there are {num_devices} devices; "
           "set one axis to -1 to take the rest.")
     return sizes
 
+  def split(self, num_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(sizes within a slice (ICI), counts across slices (DCN)) of every axis, in mesh order."""
+    sizes = self.resolve(num_devices)
+    unknown = sorted(set(self.dcn) - set(sizes))
+    if unknown:
+      raise ConfigError(f"MeshConfig.dcn names {unknown}, which are not mesh axes ({list(sizes)}).")
+    dcn = {name: self.dcn.get(name, 1) for name in sizes}
+    for name, count in dcn.items():
+      if count < 1 or sizes[name] % count:
+        raise ConfigError(f"MeshConfig.dcn[{name!r}]={count} must be positive and divide the axis size "
+                          f"{sizes[name]}.")
+    return {name: sizes[name] // dcn[name] for name in sizes}, dcn
+
+
+def _slice_mesh(shape: Sequence[int], devices: Sequence[jax.Device]) -> np.ndarray:
+  """The devices of one slice in `shape`, by their physical topology where mesh_utils knows it (TPU)."""
+  try:
+    return mesh_utils.create_device_mesh(tuple(shape), devices=devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    return np.asarray(devices).reshape(shape)
+
+
+def _slices(devices: Sequence[jax.Device], count: int) -> list[list[jax.Device]]:
+  """`devices` grouped into `count` slices (see MeshConfig.dcn); one slice keeps the given order."""
+  if count == 1:
+    return [list(devices)]
+  groups: dict[tuple[int, int], list[jax.Device]] = {}
+  for device in sorted(devices, key=lambda d: d.id):
+    groups.setdefault((getattr(device, "slice_index", 0), device.process_index), []).append(device)
+  if len(groups) == 1 and count > 1:  # one process, no slices: equal runs of ids
+    ordered = next(iter(groups.values()))
+    size = len(ordered) // count
+    return [ordered[i * size:(i + 1) * size] for i in range(count)]
+  if len(groups) != count or len({len(group) for group in groups.values()}) != 1:
+    raise ConfigError(f"MeshConfig.dcn asks for {count} slices, but the devices form {len(groups)} slices or "
+                      f"processes of sizes {sorted(len(g) for g in groups.values())}.")
+  return [groups[key] for key in sorted(groups)]
+
+
+def device_array(config: MeshConfig, devices: Sequence[jax.Device]) -> np.ndarray:
+  """`devices` arranged as `config`'s mesh: each axis's DCN index major, its index within a slice minor."""
+  ici, dcn = config.split(len(devices))
+  ici_shape, dcn_shape = tuple(ici.values()), tuple(dcn.values())
+  blocks = np.stack([_slice_mesh(ici_shape, group) for group in _slices(devices, math.prod(dcn_shape))])
+  blocks = blocks.reshape(dcn_shape + ici_shape)  # [dcn_0, ..., dcn_n, ici_0, ..., ici_n]
+  rank = len(ici_shape)
+  interleaved = blocks.transpose([axis for pair in zip(range(rank), range(rank, 2 * rank)) for axis in pair])
+  return interleaved.reshape(tuple(d * i for d, i in zip(dcn_shape, ici_shape)))
+
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a ('data', 'fsdp', 'tensor') mesh over `devices` (default: all devices, every process)."""
+  """Builds `config`'s mesh (default axes data, fsdp, tensor) over `devices` (default: all devices, every
+  process)."""
   config = config or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
-  sizes = config.resolve(len(devices))
-  shape = tuple(sizes[name] for name in MESH_AXES)
-  try:
-    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
-  except (ValueError, NotImplementedError, AssertionError):
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+  return Mesh(device_array(config, devices), config.axis_names)
 
 
 def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionSpec:
@@ -109,8 +205,7 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionS
   A dimension that merges several logical axes, major first, is named by joining them with "*" (e.g.
   "batch*act_heads" for [batch * heads]); it is split over their mesh axes in that order.
   """
-  rules = logical_axis_rules() if rules is None else rules
-  table = dict(rules)
+  rules = logical_axis_rules() if rules is None else tuple(rules)
   used: set[str] = set()
   spec = []
   for name in axes:
@@ -119,9 +214,7 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionS
       continue
     mesh_axes = ()
     for part in name.split("*"):
-      if part not in table:
-        raise KeyError(f"Logical axis {part!r} has no rule; known axes: {sorted(table)}.")
-      target = table[part]
+      target = _rule_for(part, rules)
       mesh_axes += () if target is None else ((target,) if isinstance(target, str) else tuple(target))
     mesh_axes = tuple(axis for axis in mesh_axes if axis not in used)
     used.update(mesh_axes)

@@ -3,12 +3,15 @@
 `train(workdir)` is configured by gin (model, data, mesh, optimizer, steps); experiments/train.py is a
 thin absl wrapper around it. It resumes from the latest complete checkpoint in `workdir/checkpoints`
 and, on SIGTERM, finishes the current step, saves, and returns.
+
+The host never waits for the step it has just dispatched: each step's metrics are read once the next step is
+queued (MaxText's buffered metrics), so the devices always have work; bad-step counts and the divergence check
+come from those host copies.
 """
 
 from __future__ import annotations
 
 import json
-import logging as logging_std
 import math
 import os
 import time
@@ -16,19 +19,12 @@ from typing import Any, Iterable
 
 import gin
 import jax
+import jax.numpy as jnp
 from absl import logging
 
-from cpm_jax import checkpointing, flops, partitioning, training
+from cpm_jax import checkpointing, flops, layers, model_fit, partitioning, training
+from cpm_jax.gin_setup import ConfigError
 from cpm_jax.models import registry
-
-
-def quiet_library_logs() -> None:
-  """Keeps Orbax's per-save INFO chatter out of the training log (warnings and errors still show)."""
-  class _DropOrbaxInfo(logging_std.Filter):
-    def filter(self, record: logging_std.LogRecord) -> bool:
-      return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
-
-  logging.get_absl_handler().addFilter(_DropOrbaxInfo())
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,12 +76,16 @@ class MetricsLog:
       self._writer.close()
 
 
-def evaluate(steps: training.ShardedSteps, params: Any, batches: Iterable[dict], mesh, max_batches: int | None) -> dict:
-  """Token-weighted loss, perplexity and accuracy over (at most max_batches of) the evaluation batches."""
+def evaluate(steps: training.ShardedSteps, params: Any, batches: Iterable[dict], mesh, max_batches: int | None,
+             check: model_fit.BatchCheck | None = None) -> dict:
+  """Token-weighted loss, perplexity and accuracy over (at most max_batches of) the evaluation batches, each
+  checked on the host by `check` first."""
   totals: dict[str, float] = {}
   for i, batch in enumerate(batches):
     if max_batches is not None and i >= max_batches:
       break
+    if check is not None:
+      check(batch, f"evaluation batch {i}")
     sums = steps.evaluate(params, training.global_batch(batch, mesh))
     for name, value in sums.items():
       totals[name] = totals.get(name, 0.0) + float(value)
@@ -111,21 +111,78 @@ def _write_config(workdir: str, model: training.Model, data: Any) -> None:
                                ensure_ascii=False))
 
 
+class _LaggedMetrics:
+  """Each step's metrics read to the host one step late, once the next step is queued, so reading them never
+  leaves the devices idle; counts non-finite steps from them as train_step does on device."""
+
+  def __init__(self, consecutive_bad_steps: int, skipped_steps: int):
+    self.consecutive_bad_steps, self.skipped_steps = consecutive_bad_steps, skipped_steps
+    self._pending: tuple[int, dict] | None = None
+
+  def push(self, step: int, metrics: dict) -> tuple[int, dict[str, float]] | None:
+    """Holds step `step`'s metrics (device arrays); returns the previous step's, read."""
+    previous, self._pending = self._pending, (step, metrics)
+    return None if previous is None else self._read(*previous)
+
+  def flush(self) -> tuple[int, dict[str, float]] | None:
+    """The held step's metrics, read (None if none is held)."""
+    previous, self._pending = self._pending, None
+    return None if previous is None else self._read(*previous)
+
+  def _read(self, step: int, metrics: dict) -> tuple[int, dict[str, float]]:
+    values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+    finite = bool(values["finite"])
+    self.consecutive_bad_steps = 0 if finite else self.consecutive_bad_steps + 1
+    self.skipped_steps += not finite
+    return step, values
+
+
+def _fresh_params(model: training.Model, steps: training.ShardedSteps, seed: int) -> Any:
+  """The params a run from scratch with `seed` starts from (training.create_train_state's), placed sharded."""
+  init_key, _ = jax.random.split(jax.random.PRNGKey(seed))
+  init = jax.jit(lambda key: layers.init_from_specs(model.param_specs(), key),
+                 out_shardings=steps.state_shardings.params)
+  return init(init_key)
+
+
+def _warm_start(init_from: checkpointing.RestoreCheckpointConfig, model: training.Model,
+                steps: training.ShardedSteps, seed: int) -> Any:
+  """Fresh params with the part `init_from` selects read from its checkpoint."""
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves(steps.abstract_state.params)}
+  if init_from.dtype is not None and dtypes != {jnp.dtype(init_from.dtype)}:
+    raise ConfigError(f"RestoreCheckpointConfig.dtype = {init_from.dtype!r}, but the model's params are "
+                      f"{sorted(map(str, dtypes))} and the train state keeps them so: set the model config's "
+                      "param_dtype instead.")
+  start = checkpointing.warm_start(init_from, _fresh_params(model, steps, seed))
+  logging.info("Warm start from %s: %d params restored, %d initialised (%s).", init_from.path, len(start.restored),
+               len(start.initialised), ", ".join(start.initialised[:8]) + (" ..." if len(start.initialised) > 8
+                                                                          else ""))
+  return start.params
+
+
 @gin.configurable(denylist=["workdir"])
 def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin.REQUIRED,
           mesh_config: partitioning.MeshConfig | None = None, num_steps: int = 1000, num_microbatches: int = 1,
           seed: int = 0, log_every: int = 10, eval_every: int = 200, eval_max_batches: int | None = 20,
           max_consecutive_bad_steps: int = 10, peak_flops: float | None = None, restore_step: int | None = None,
-          init_params_from: str | None = None) -> dict:
+          init_params_from: str | None = None,
+          init_from: checkpointing.RestoreCheckpointConfig | None = None) -> dict:
   """Trains `model` on `data` for num_steps, resuming from workdir/checkpoints; returns the last metrics.
 
-  data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches) and
-  eval_batches(). peak_flops: total peak FLOP/s for MFU (default: published per-device figures, or the
-  measured matmul peak on CPU, where all fake devices share the same cores).
+  data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches),
+  eval_batches() and model_requirements() (cpm_jax.model_fit: the model is fitted to it first, e.g. vocab_size
+  from the tokenizer unless gin binds it). peak_flops: total peak FLOP/s for MFU (default: published per-device
+  figures, or the measured matmul peak on CPU, where all fake devices share the same cores).
   restore_step: resume from this checkpoint step instead of the latest (an error if it is absent).
-  init_params_from: with no checkpoint in workdir, start from these params (a checkpointing.save_params
-  directory, e.g. a converted model) with a fresh optimizer.
+  With no checkpoint in workdir yet, a new run starts from
+    init_params_from: every param of this params-only checkpoint (e.g. a converted model), checked path for path;
+    init_from: the params a RestoreCheckpointConfig selects (a warm start: stage 2 from stage 1), the rest fresh;
+  each with a fresh optimizer.
   """
+  if init_params_from and init_from is not None:
+    raise ConfigError("train: give init_params_from or init_from (a RestoreCheckpointConfig), not both.")
+  model = model_fit.fit(model, data)
+  check_batch = model_fit.BatchCheck(model.config, data.model_requirements())
   os.makedirs(workdir, exist_ok=True)
   mesh = partitioning.make_mesh(mesh_config)
   optimizer = training.make_optimizer()
@@ -135,13 +192,17 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   if restore_step is not None or checkpointer.latest_step() is not None:
     state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator, step=restore_step)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
-    if init_params_from:
-      logging.warning("Ignoring init_params_from=%s: the workdir already holds checkpoints.", init_params_from)
+    if init_params_from or init_from is not None:
+      logging.warning("Ignoring the initial params (%s): the workdir already holds checkpoints.",
+                      init_params_from or init_from.path)
   elif init_params_from:
     params, _ = checkpointing.restore_params(init_params_from, steps.abstract_state.params,
                                              steps.state_shardings.params)
     state = training.create_train_state(model, optimizer, mesh, seed, params=params)
     logging.info("Starting from the params in %s with a fresh optimizer.", init_params_from)
+  elif init_from is not None:
+    state = training.create_train_state(model, optimizer, mesh, seed, params=_warm_start(init_from, model, steps,
+                                                                                        seed))
   else:
     state = training.create_train_state(model, optimizer, mesh, seed)
   _write_config(workdir, model, data)
@@ -160,29 +221,41 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   step = int(state.step)
   log = MetricsLog(workdir, step, num_steps, flops_per_token * tokens_per_step, peak_flops)
   schedule = training.learning_rate_schedule()
-
+  lagged = _LaggedMetrics(int(state.consecutive_bad_steps), int(state.skipped_steps))  # read once, at the start
   last_metrics: dict[str, float] = {}
+
+  def settle(read: tuple[int, dict[str, float]] | None) -> None:
+    """Logs a finished step's metrics (every log_every steps) and stops a run that keeps diverging."""
+    nonlocal last_metrics
+    if read is None:
+      return
+    done, values = read
+    if done % log_every == 0 or done == num_steps:
+      last_metrics = dict(values, learning_rate=float(schedule(done - 1)), skipped_steps=lagged.skipped_steps)
+      log.train(done, last_metrics, tokens_per_step)
+    if lagged.consecutive_bad_steps >= max_consecutive_bad_steps:
+      checkpointer.close()
+      raise TrainingDiverged(f"Stopped at step {done}: {lagged.consecutive_bad_steps} consecutive steps had a "
+                             f"non-finite loss or gradient (max_consecutive_bad_steps={max_consecutive_bad_steps}); "
+                             "params are those of the last finite step.")
+
   with checkpointing.PreemptionGuard() as preemption:
     while step < num_steps:
-      state, metrics = steps.train(state, training.global_batch(next(train_iterator), mesh))
+      batch = next(train_iterator)
+      check_batch(batch, f"the training batch of step {step + 1}")
+      state, metrics = steps.train(state, training.global_batch(batch, mesh))
       step += 1
-      if step % log_every == 0 or step == num_steps:
-        last_metrics = {name: float(value) for name, value in metrics.items()}
-        last_metrics.update(learning_rate=float(schedule(step - 1)), skipped_steps=int(state.skipped_steps))
-        log.train(step, last_metrics, tokens_per_step)
-      bad = int(state.consecutive_bad_steps)
-      if bad >= max_consecutive_bad_steps:
-        checkpointer.close()
-        raise TrainingDiverged(f"Stopped at step {step}: {bad} consecutive steps had a non-finite loss or "
-                               f"gradient (max_consecutive_bad_steps={max_consecutive_bad_steps}); params are "
-                               "those of the last finite step.")
-      if step % eval_every == 0 or step == num_steps:
-        results = evaluate(steps, state.params, data.eval_batches(), mesh, eval_max_batches)
+      settle(lagged.push(step, metrics))  # the previous step's, now that this one is queued
+      evaluate_now = step % eval_every == 0 or step == num_steps
+      stop = preemption.should_stop(step)
+      if evaluate_now or stop:
+        settle(lagged.flush())  # this step's, before it is evaluated or the run stops
+      if evaluate_now:
+        results = evaluate(steps, state.params, data.eval_batches(), mesh, eval_max_batches, check_batch)
         logging.info("step %d  validation loss %.4f  perplexity %.2f", step, results["loss"], results["perplexity"])
         log.scalars(step, results, "validation")
         last_metrics.update({f"validation_{k}": v for k, v in results.items()})
         log.restart(step)
-      stop = preemption.should_stop(step)
       checkpointer.maybe_save(step, state, train_iterator, force=stop or step == num_steps)
       if stop:
         checkpointer.wait()

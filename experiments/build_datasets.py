@@ -14,6 +14,7 @@ import os
 
 from absl import app, flags
 
+from cpm_jax import logging_setup
 from cpm_jax.data import pipeline, sources
 from cpm_jax.tokenization import CPMTokenizer
 
@@ -62,6 +63,7 @@ def show_batches(tokenizer: CPMTokenizer, data_dir: str) -> None:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging_setup.quiet_library_logs()
   data_dir = os.path.expanduser(_DATA_DIR.value)
   for name in _DATASETS.value:
     builder = sources.build_demo_dataset(name, data_dir)

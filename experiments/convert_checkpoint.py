@@ -6,6 +6,7 @@ The released model-parallel shards -> an Orbax checkpoint that train / evaluate 
 The Hugging Face upload (GPT2LMHeadModel) -> Orbax:  --from=hf --input=/data/CPM-Generate --output=...
 Orbax -> Hugging Face / Megatron at any MP degree:    --to=hf ... | --to=megatron --mp=4 ...
 Orbax -> Orbax on another mesh:                       --mesh_fsdp=... --mesh_tensor=...
+A training workdir (its latest checkpoint's params) -> any of these:  --input=WORKDIR (--from=orbax)
 PLUG (--model=plug; the model is read from an Orbax input's metadata, and a gin PlugConfig implies it):
   PLUG's 8-way DeepSpeed release -> Orbax:  --model=plug --from=megatron --input=/data/PLUG --output=...
       --tokenizer=../shared/vocab/plug/vocab.txt      (the shapes are checked against PLUG 27B or a gin PlugConfig)
@@ -21,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from cpm_jax import checkpointing, gin_setup, partitioning
+from cpm_jax import checkpointing, gin_setup, logging_setup, partitioning
 from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import registry
 
@@ -31,7 +32,8 @@ _MODEL = flags.DEFINE_enum("model", None, sorted(registry.FAMILIES), "Model fami
 _FROM = flags.DEFINE_enum("from", "orbax", FORMATS, "Format of --input (megatron: mp_rank_XX_model_states.pt "
                           "shards, CPM's Megatron and PLUG's DeepSpeed release; hf: GPT-2 for CPM, BERT for PLUG).")
 _TO = flags.DEFINE_enum("to", "orbax", FORMATS, "Format of --output.")
-_INPUT = flags.DEFINE_string("input", None, "Checkpoint directory to read.", required=True)
+_INPUT = flags.DEFINE_string("input", None, "Checkpoint directory to read (--from=orbax: a params-only checkpoint "
+                             "or a training workdir, whose latest checkpoint is read).", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write (must not exist).", required=True)
 _MP = flags.DEFINE_integer("mp", 1, "--to=megatron: number of model-parallel ranks to split into.")
 _TAG = flags.DEFINE_string("tag", None, "--from=megatron: iteration/tag directory to read (default: the one named "
@@ -59,7 +61,7 @@ def model_family(source: str) -> registry.Family:
   """--model, else what an Orbax input's metadata names, else the family whose config gin binds, else cpm."""
   if source == "orbax":
     try:
-      stored = checkpointing.read_metadata(_INPUT.value).get("model")
+      stored = checkpointing.read_record(_INPUT.value)[0].get("model")
     except FileNotFoundError as e:
       raise app.UsageError(str(e)) from e
     if _MODEL.value and stored and stored != _MODEL.value:
@@ -87,6 +89,7 @@ def gin_model_config(family: registry.Family):
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging_setup.quiet_library_logs()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
   source, target = _FROM.value, _TO.value
   family = model_family(source)

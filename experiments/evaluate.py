@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from cpm_jax import decoding, gin_setup, partitioning, train_loop
+from cpm_jax import decoding, gin_setup, logging_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -61,10 +61,11 @@ def task_gin_file(task: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train_loop.quiet_library_logs()
+  logging_setup.quiet_library_logs()
   gin_setup.parse([task_gin_file(_TASK.value), *_GIN_FILES.value], _GIN_BINDINGS.value)
   task = tasks.configured_task()
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  with gin_setup.exit_on_config_error("evaluate.py"):  # a MeshConfig the devices cannot form
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
   decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,

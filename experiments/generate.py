@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from cpm_jax import decoding, gin_setup, partitioning, train_loop
+from cpm_jax import decoding, gin_setup, logging_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -71,11 +71,12 @@ def read_prompts() -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  train_loop.quiet_library_logs()
+  logging_setup.quiet_library_logs()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
   prompts = read_prompts()
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
-  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  with gin_setup.exit_on_config_error("generate.py"):  # a MeshConfig the devices cannot form
+    mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,

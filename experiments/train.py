@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from cpm_jax import gin_setup, train_loop
+from cpm_jax import gin_setup, logging_setup, train_loop
 from cpm_jax.models import registry  # noqa: F401  (every family's gin configurables: models, data)
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (paths, or relative to gin_configs/).")
@@ -20,7 +20,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _RESTORE_STEP = flags.DEFINE_integer("restore_step", None, "Resume from this checkpoint step, not the latest.")
 _INIT_PARAMS_FROM = flags.DEFINE_string(
     "init_params_from", None, "With no checkpoint in --workdir yet: start from the params in this params-only "
-    "checkpoint (convert_checkpoint.py output or checkpointing.save_params) with a fresh optimizer.")
+    "checkpoint (convert_checkpoint.py output or checkpointing.save_params) with a fresh optimizer. For a partial "
+    "start (a warm start: some params from a checkpoint, the rest fresh) bind train.init_from to a "
+    "RestoreCheckpointConfig instead (gin_configs/restore/warm_start.gin).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Initialise jax.distributed (one process per host). Without the three flags below, the "
     "cluster environment (SLURM, Cloud TPU, Open MPI, Kubernetes) supplies them.")
@@ -46,10 +48,11 @@ def _initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging_setup.quiet_library_logs()
   _initialize_distributed()
-  train_loop.quiet_library_logs()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
-  train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value, init_params_from=_INIT_PARAMS_FROM.value)
+  with gin_setup.exit_on_config_error("train.py"):
+    train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value, init_params_from=_INIT_PARAMS_FROM.value)
 
 
 if __name__ == "__main__":

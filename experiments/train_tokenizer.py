@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import tqdm
 from absl import app, flags
 
-from cpm_jax import tokenization
+from cpm_jax import logging_setup, tokenization
 from cpm_jax.data import corpus, sources
 
 _OUTPUT = flags.DEFINE_string("output", None, "Path of the SentencePiece model to write.", required=True)
@@ -46,6 +46,7 @@ def documents() -> Iterator[str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging_setup.quiet_library_logs()
   texts = tqdm.tqdm(itertools.islice(documents(), _MAX_DOCUMENTS.value), desc="segmenting documents (jieba)",
                     unit=" docs")
   tokenizer = tokenization.train_sentencepiece(texts, os.path.expanduser(_OUTPUT.value), vocab_size=_VOCAB_SIZE.value,

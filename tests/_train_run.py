@@ -26,7 +26,7 @@ import pytest
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
 
-from cpm_jax import checkpointing, gin_setup, partitioning, train_loop, training
+from cpm_jax import checkpointing, gin_setup, model_fit, partitioning, train_loop, training
 from cpm_jax.data import pipeline
 from cpm_jax.models import cpm
 
@@ -124,6 +124,10 @@ class TextData:
 
   def checkpoint_metadata(self):
     return {}
+
+  def model_requirements(self):
+    return (model_fit.Requirement("vocab_size", 128, "CharTokenizer", ("inputs", "targets")),
+            model_fit.Requirement("max_positions", self.seq_len, "TextData.seq_len", ("positions",)))
 
 
 def session_root(tmp_path_factory) -> pathlib.Path:

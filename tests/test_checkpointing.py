@@ -258,6 +258,54 @@ def test_incomplete_checkpoint_is_never_restored(tmp_path, params):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
+# ---- warm starts ---------------------------------------------------------------------------------
+
+def _fresh(config, mesh_config, seed):
+  shardings = _shardings(config, mesh_config)
+  return jax.jit(cpm.init, static_argnums=0, out_shardings=shardings)(config, jax.random.key(seed))
+
+
+def test_warm_start_takes_what_it_selects_and_initialises_the_rest(tmp_path, params):
+  state = _make_state(params, 0)
+  with checkpointing.Checkpointer(tmp_path / "run" / "checkpoints", save_interval_steps=1) as checkpointer:
+    checkpointer.maybe_save(3, state)
+  checkpointing.save_params(tmp_path / "export", params, {})
+  mesh_config = partitioning.MeshConfig(data=2, tensor=4)
+
+  # From a workdir into a deeper model: what has the same path and shape is read, the blocks keep their init.
+  deeper = cpm.CPMConfig(vocab_size=64, num_layers=3, embed_dim=32, num_heads=8, max_positions=32)
+  fresh = _fresh(deeper, mesh_config, 1)
+  start = checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "run"),
+                                                                         fallback_to_init=True), fresh)
+  assert start.restored == ["embed/wpe", "embed/wte", "ln_f/bias", "ln_f/scale"]
+  assert len(start.initialised) == len(jax.tree.leaves(fresh)) - 4 and all(
+      name.startswith("blocks/") for name in start.initialised)
+  _assert_bitwise_equal(start.params["embed"], state.params["embed"])
+  _assert_bitwise_equal(start.params["blocks"], fresh["blocks"])
+  assert [x.sharding for x in jax.tree.leaves(start.params)] == [x.sharding for x in jax.tree.leaves(fresh)]
+  with pytest.raises(ValueError, match=r"path = .*run.*: the model's param 'blocks/attn/out_bias' \(shape \(3, 32\)\) "
+                                       r"is selected but the checkpoint holds it with shape \(2, 32\); "
+                                       r".*fallback_to_init"):
+    checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "run")), fresh)
+
+  # From a params-only checkpoint: a path prefix and a regex select, an exclusion wins, restored arrays are cast.
+  fresh = _fresh(TINY, mesh_config, 2)
+  config = checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "export"), include=("blocks/", r"embed/w[pt]e"),
+                                                 exclude=("blocks/mlp/",), dtype="bfloat16")
+  start = checkpointing.warm_start(config, fresh)
+  assert sorted(start.initialised) == sorted(["blocks/mlp/in_bias", "blocks/mlp/in_kernel", "blocks/mlp/out_bias",
+                                              "blocks/mlp/out_kernel", "ln_f/bias", "ln_f/scale"])
+  got = start.params["blocks"]["attn"]["qkv_kernel"]
+  assert got.dtype == jnp.bfloat16 and got.sharding == fresh["blocks"]["attn"]["qkv_kernel"].sharding
+  np.testing.assert_array_equal(got, params["blocks"]["attn"]["qkv_kernel"].astype(jnp.bfloat16))
+  _assert_bitwise_equal(start.params["blocks"]["mlp"], fresh["blocks"]["mlp"])
+  with pytest.raises(ValueError, match="no param of the model is selected and held by the checkpoint"):
+    checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "export"),
+                                                                   include=("decoder/",)), fresh)
+  with pytest.raises(FileNotFoundError, match="neither a params-only checkpoint"):
+    checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "nowhere")), fresh)
+
+
 # ---- PreemptionGuard ---------------------------------------------------------------------------
 
 def test_sigterm_sets_a_flag_and_a_second_one_is_harmless():

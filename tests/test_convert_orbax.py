@@ -79,3 +79,22 @@ def test_command_line_release_shards_to_orbax_to_hf(tmp_path, gpt2):
   tokens = torch.arange(30).reshape(1, 30)
   with torch.no_grad():
     assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
+def test_command_line_reads_a_training_workdir(tmp_path, gpt2):
+  """--input=WORKDIR: the params of its latest checkpoint, the model its model.json records."""
+  model, hf_dir = gpt2
+  loaded = hf.load_hf(hf_dir)
+  workdir = tmp_path / "workdir"
+  with checkpointing.Checkpointer(workdir / "checkpoints", async_save=False) as checkpointer:
+    for step, scale in ((2, 0.5), (4, 1.0)):  # the latest checkpoint is the one converted
+      state = {"params": jax.tree.map(lambda x: x * scale, loaded.params), "step": np.int32(step),
+               "opt_state": {"mu": loaded.params}}
+      checkpointer.maybe_save(step, state, force=True)
+  (workdir / checkpointing.MODEL_RECORD).write_text(json.dumps(cpm.FAMILY.record(loaded.config, tokenizer="v.model")))
+  out = run_cli(f"--input={workdir}", f"--output={tmp_path / 'hf'}", "--to=hf")
+  assert "(cpm, hf)" in out
+  reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+  tokens = torch.arange(30).reshape(1, 30)
+  with torch.no_grad():
+    assert torch.equal(reloaded(tokens).logits, model(tokens).logits)

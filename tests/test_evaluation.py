@@ -1,14 +1,18 @@
 """Evaluation: scoring against transformers, CPM-1's task protocols on a recording fake model, gin task files,
 bad input, checkpoint loading, the command-line programs, and zero-shot sentiment of an untrained model."""
 
+import collections
 import dataclasses
 import glob
 import json
 import logging
 import math
 import os
+import pathlib
+import re
 import subprocess
 import sys
+import zlib
 
 import gin
 import jax
@@ -103,9 +107,40 @@ def test_label_prompt_protocol_and_sampled_setting():
   assert seen[:6] == [(f"关于类{i}：", "句子") for i in range(6)]
   assert result.metrics["accuracy"] == 0.5  # the model always prefers 类2
   assert result.predictions[1]["predicted"] == ["k2"]
-  # 4-way: k2 is among the 3 sampled wrong labels of example 1 or not; by the seed it is drawn reproducibly.
-  again = task.evaluate(fake_model("类2")[0], examples).metrics
-  assert again == result.metrics and "accuracy_4way" in result.metrics
+
+
+def hashed_model():
+  """Scores each request by a hash of its text: distinct, input-dependent and unrelated to any label."""
+  def score(requests, names=None):
+    means = np.array([zlib.crc32(repr((list(c), list(x))).encode()) % 10007 / 1000 - 10 for c, x in requests])
+    counts = np.array([len(x) for _, x in requests])
+    return means * counts, counts
+
+  return interface.LanguageModel(CharTokenizer(), score, None)
+
+
+def test_sampled_setting_draws_3_wrong_labels_per_example_and_picks_among_them():
+  labels = [f"k{i}" for i in range(6)]
+  task = tasks.LabelPromptTask(name="t", templates=[["关于{label}：", "{sentence}"]], label_field="label_desc",
+                               label_map={key: f"类{key}" for key in labels}, sampled_wrong=3, seed=5)
+  examples = [{"sentence": f"句子{i}", "label_desc": labels[i % 6]} for i in range(240)]
+  result = task.evaluate(hashed_model(), examples)
+  drawn, correct = collections.Counter(), 0
+  for example, record in zip(examples, result.predictions):
+    wrong, gold = record["sampled_wrong"], example["label_desc"]
+    assert len(set(wrong)) == 3 and gold not in wrong and set(wrong) <= set(labels), record
+    drawn.update(wrong)
+    scores = dict(zip(labels, record["mean_log_likelihood"][0]))  # recomputed from the reported scores
+    best = max([*wrong, gold], key=scores.__getitem__)
+    assert record["predicted_sampled"] == [best] and record["predicted"] == [max(labels, key=scores.__getitem__)]
+    correct += best == gold
+  assert result.metrics["accuracy_4way"] == correct / 240 == result.metrics["accuracy_4way/template_0"]
+  assert result.metrics["accuracy_4way"] > result.metrics["accuracy"]  # 4 competitors, not 6
+  # Each label is a wrong one for 200 examples and drawn for 3 of their 5 wrong labels: 120 +- 7 times.
+  assert all(abs(drawn[key] - 120) < 30 for key in labels), drawn
+  assert task.evaluate(hashed_model(), examples).predictions == result.predictions  # the seed fixes the draw
+  other = dataclasses.replace(task, seed=6).evaluate(hashed_model(), examples).predictions
+  assert sum(a["sampled_wrong"] != b["sampled_wrong"] for a, b in zip(other, result.predictions)) > 150
 
 
 def test_label_prompt_errors_and_skip_labels():
@@ -256,5 +291,69 @@ def test_untrained_model_is_at_chance_on_review_sentiment(params, tmp_path, cpm_
   # 0.5 +- 0.15 is more than 3 standard deviations (0.046) plus the test split's 52/48 label imbalance.
   assert abs(result.metrics["accuracy"] - 0.5) < 0.15
   assert result.metrics["examples"] == 120 and len(result.predictions) == 120
-  assert set(result.predictions[0]["predicted"]) <= {"0", "1"}
+  # ...and they are the model's scores of each review: they differ across reviews for every template and label,
+  # and across labels within a review (a scorer that ignored its input would pass the line above).
+  scores = np.array([record["mean_log_likelihood"] for record in result.predictions])  # [examples, templates, 2]
+  assert scores.shape == (120, 3, 2) and (scores.std(axis=0) > 1e-3).all()
+  assert (np.abs(scores[..., 0] - scores[..., 1]) > 1e-5).mean() > 0.9
+  # The accuracy is what these scores give (label "0" first: 差评, "1": 好评) against the gold labels.
+  gold = np.array([example["label"] for example in examples])
+  np.testing.assert_allclose(result.metrics["accuracy"], (scores.argmax(-1) == gold[:, None]).mean())
+  for t in range(3):
+    assert result.metrics[f"accuracy/template_{t}"] == pytest.approx((scores[:, t].argmax(-1) == gold).mean())
+  # A scorer that always prefers 好评, whatever the review, scores exactly the share of positive reviews.
+  biased = interface.LanguageModel(model.tokenizer, lambda requests, names=None: (
+      np.array([10.0 if model.tokenizer.decode(x) == "好评" else 0.0 for _, x in requests]),
+      np.ones(len(requests))), None)
+  assert task.evaluate(biased, examples).metrics["accuracy"] == pytest.approx(gold.mean())
   print(report.table(task.name, result.metrics))
+
+
+# ---- the released prompts ----------------------------------------------------------------------
+
+FORMATS = pathlib.Path(REPO).parent / "shared" / "docs" / "FORMATS.md"
+
+
+@pytest.fixture(scope="module")
+def released_prompts():
+  """The CLUE classification prompts of FORMATS.md ("CPM zero-shot evaluation as released")."""
+  if not FORMATS.exists():
+    pytest.skip(f"{FORMATS} not found")
+  text = " ".join(FORMATS.read_text(encoding="utf-8").split())
+  paragraph = re.search(r"Classification \(TNEWS, IFLYTEK, OCNLI\): (.*?); score", text).group(1)
+  ocnli = re.search(r'OCNLI s1 \+ "(.*?)" / "(.*?)" / "(.*?)" \+ s2 for (\w+) / (\w+) / (\w+)', paragraph)
+  return {"tnews": re.search(r'TNEWS "(.*?)" \+ sentence', paragraph).group(1),
+          "iflytek": re.search(r'IFLYTEK "(.*?)" \+ sentence', paragraph).group(1),
+          "ocnli": dict(zip(ocnli.groups()[3:], ocnli.groups()[:3]))}
+
+
+def _configured(name):
+  gin.clear_config()
+  try:
+    gin_setup.parse([f"tasks/{name}.gin"], [])
+    return tasks.configured_task()
+  finally:
+    gin.clear_config()
+
+
+@pytest.mark.parametrize("name,field", [("tnews", "label_desc"), ("iflytek", "label_des")])
+def test_tnews_and_iflytek_prompts_are_the_released_ones(released_prompts, name, field):
+  task = _configured(name)
+  (context, continuation), = task.templates
+  example = {"sentence": "一条新闻的标题", field: "x"}
+  for words in ("体育", "金融"):
+    assert tasks.fill(context, example, 0, label=words) == released_prompts[name].replace("{label}", words)
+  assert tasks.fill(continuation, example, 0, label="体育") == "一条新闻的标题"  # only the sentence is scored
+  assert task.label_field == field and task.sampled_wrong == 3
+
+
+def test_ocnli_prompts_are_the_released_ones(released_prompts):
+  task = _configured("ocnli")
+  (context, continuation), = task.templates
+  example = {"sentence1": "他去了北京", "sentence2": "他在中国"}
+  assert set(task.label_map) == set(released_prompts["ocnli"])
+  for label, infix in released_prompts["ocnli"].items():  # s1 + "？对，" + s2 for entailment, ...
+    words = task.label_map[label]
+    assert tasks.fill(context, example, 0, label=words) + tasks.fill(continuation, example, 0, label=words) == \
+        "他去了北京" + infix + "他在中国"
+    assert tasks.fill(continuation, example, 0, label=words) == "他在中国"

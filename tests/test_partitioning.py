@@ -1,11 +1,15 @@
 """Mesh construction, logical rules, and the invariant: same seed + data -> same training on every mesh."""
 
+import math
+
+import gin
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from cpm_jax import partitioning, training
-from cpm_jax.models import cpm
+from cpm_jax import gin_setup, partitioning, train_loop, training  # noqa: F401  (train's gin bindings)
+from cpm_jax.models import cpm, plug
 
 TINY = cpm.CPMConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8, max_positions=64, dropout_rate=0.0)
 
@@ -47,6 +51,87 @@ def test_megatron_layout_rules():
       ("data", "fsdp", "tensor"), None, None)
   with pytest.raises(KeyError, match="'nonsense' has no rule"):
     partitioning.logical_to_spec(("batch*nonsense",), rules)
+
+
+@pytest.fixture
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_rules_from_gin_extend_or_replace_the_table(clean_gin):
+  gin_setup.parse([], ['logical_axis_rules.extra_rules = [("act_.*", None), ("vocab", ["tensor", "fsdp"])]'])
+  assert partitioning.logical_to_spec(("batch", "length", "act_heads")) == P(("data", "fsdp"), None, None)
+  assert partitioning.logical_to_spec(("vocab", "embed")) == P(("tensor", "fsdp"), None)  # fsdp taken by vocab
+  assert partitioning.logical_to_spec(("mlp", "embed")) == P("tensor", "fsdp")  # the rest of the table as before
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=2, tensor=4))
+  shardings = partitioning.tree_shardings(cpm.logical_axes(TINY), mesh, cpm.abstract_params(TINY))
+  assert shardings["embed"]["wte"].shard_shape((128, 32)) == (16, 32)  # vocab over tensor x fsdp
+  gin.clear_config()
+  gin_setup.parse([], ['logical_axis_rules.rules = [(".*", None)]'])  # replaced: everything replicated
+  assert partitioning.logical_to_spec(("vocab", "embed")) == P(None, None)
+  gin.clear_config()
+  gin_setup.parse([], ['logical_axis_rules.rules = [("batch", "data")]'])
+  with pytest.raises(KeyError, match="Logical axis 'embed' has no rule; known axes: \\['batch'\\]"):
+    partitioning.logical_to_spec(("batch", "embed"))
+
+
+def _ids(mesh):
+  return np.vectorize(lambda device: device.id)(mesh.devices)
+
+
+def test_extra_axes_and_their_order():
+  config = partitioning.MeshConfig(data=2, fsdp=2, tensor=1, extra_axes={"stage": 2})
+  mesh = partitioning.make_mesh(config)
+  assert mesh.axis_names == ("data", "stage", "fsdp", "tensor") and mesh.devices.shape == (2, 2, 2, 1)
+  rules = (("layers", "stage"), *partitioning.DEFAULT_RULES)  # pipeline stages hold their layers
+  shardings = partitioning.tree_shardings(cpm.logical_axes(TINY), mesh, cpm.abstract_params(TINY), rules)
+  assert shardings["blocks"]["attn"]["qkv_kernel"].shard_shape((2, 32, 3, 8, 4)) == (1, 16, 3, 8, 4)
+  ordered = partitioning.make_mesh(partitioning.MeshConfig(data=-1, extra_axes={"expert": 4},
+                                                           axis_order=("expert", "data", "fsdp", "tensor")))
+  assert ordered.axis_names == ("expert", "data", "fsdp", "tensor") and ordered.devices.shape == (4, 2, 1, 1)
+  with pytest.raises(ValueError, match="axis_order=\\['data', 'fsdp'\\] must name each of"):
+    partitioning.make_mesh(partitioning.MeshConfig(axis_order=("data", "fsdp")))
+
+
+def test_dcn_split_keeps_each_slice_together():
+  # One process without slices (8 CPU devices): ids 0-3 are slice 0 and 4-7 slice 1 (MeshConfig.dcn).
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2, dcn={"data": 2}))
+  ids = _ids(mesh)
+  assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=4, tensor=2, dcn={"fsdp": 2}))
+  ids = _ids(mesh)[0]  # [fsdp, tensor]: fsdp's first half in slice 0, its second half in slice 1
+  assert sorted(ids[:2].ravel()) == [0, 1, 2, 3] and sorted(ids[2:].ravel()) == [4, 5, 6, 7]
+  assert all(ids[i, 0] // 4 == ids[i, 1] // 4 for i in range(4))  # tensor parallelism never crosses slices
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"data": 4}))  # -1 resolved first
+  assert mesh.devices.shape == (4, 1, 2)
+  assert [sorted(row.ravel() // 2) for row in _ids(mesh)] == [[i, i] for i in range(4)]
+  with pytest.raises(ValueError, match=r"MeshConfig.dcn\['tensor'\]=3 must be positive and divide the axis size 2"):
+    partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))
+  with pytest.raises(ValueError, match=r"MeshConfig.dcn names \['stage'\], which are not mesh axes"):
+    partitioning.make_mesh(partitioning.MeshConfig(dcn={"stage": 2}))
+
+
+@pytest.mark.parametrize("gin_files,model_of,params", [
+    (["models/cpm_large.gin", "experiments/cpm_release_recipe.gin"], lambda: cpm.CPMLanguageModel(cpm.CPMConfig()),
+     2.5e9),
+    (["experiments/plug_27b_question_generation.gin"], lambda: plug.Seq2SeqModel(plug.PlugConfig()), 25e9),
+], ids=["cpm_large_release", "plug_27b_question_generation"])
+def test_big_recipes_name_a_mesh_that_splits_params_and_adam_over_the_devices(gin_files, model_of, params,
+                                                                              clean_gin):
+  gin_setup.parse(gin_files, [])
+  assert gin.query_parameter("train.mesh_config").configurable.name == "MeshConfig"
+  model, mesh = model_of(), partitioning.make_mesh(partitioning.MeshConfig())
+  abstract, shardings = training.state_shardings(model, training.make_optimizer(), mesh)
+  leaves = zip(jax.tree.leaves((abstract.params, abstract.opt_state)), jax.tree.leaves((shardings.params,
+                                                                                        shardings.opt_state)))
+  total = per_device = 0
+  for leaf, sharding in leaves:
+    total += math.prod(leaf.shape) * leaf.dtype.itemsize
+    per_device += math.prod(sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+  # 8 devices: every large weight and its Adam moments are split 8 ways (data=-1 would hold them all on each).
+  assert total > 12 * params and per_device < 1.05 * total / 8, (total, per_device)  # float32 params, mu, nu
 
 
 def _batch(seed, batch=8, length=16):

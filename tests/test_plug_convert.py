@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -54,6 +55,79 @@ def write_release(directory, modules, tag="release"):
   return directory
 
 
+def release_state(params: dict, config: plug.PlugConfig) -> dict[str, np.ndarray]:
+  """The merged release state dict of `params`, written from FORMATS.md's key list without cpm_jax.convert: torch
+  Linear weights are [out, in] (our kernels transposed, heads flattened), fused QKV rows Q, K, V (cross K, V)."""
+  pre_ln = config.encoder_pre_ln
+
+  def linear(kernel, in_dims):  # our [in..., out...] -> torch [out, in]
+    rows = int(np.prod(kernel.shape[:in_dims]))
+    return np.asarray(kernel).reshape(rows, -1).T
+
+  def flat(bias):
+    return np.asarray(bias).reshape(-1)
+
+  def norm(key, p):
+    return {f"{key}.weight": np.asarray(p["scale"]), f"{key}.bias": np.asarray(p["bias"])}
+
+  def block(p, i):  # layer i of stacked block params
+    return jax.tree.map(lambda x: np.asarray(x)[i], p)
+
+  embed = params["embed"]
+  state = {"bert.embeddings.word_embeddings.weight": np.asarray(embed["wte"]),
+           "bert.embeddings.position_embeddings.weight": np.asarray(embed["wpe"]),
+           "bert.embeddings.token_type_embeddings.weight": np.asarray(embed["wtt"]),
+           **norm("bert.embeddings.LayerNorm", embed["ln"])}
+  for i in range(config.num_encoder_layers):
+    b, k = block(params["encoder"]["blocks"], i), f"bert.encoder.layer.{i}."
+    state.update({
+        **norm(k + ("attention.LayerNorm" if pre_ln else "attention.output.LayerNorm"), b["ln_1"]),
+        k + "attention.self.query_key_value.weight": linear(b["attn"]["qkv_kernel"], 1),
+        k + "attention.self.query_key_value.bias": flat(b["attn"]["qkv_bias"]),
+        k + "attention.output.dense.weight": linear(b["attn"]["out_kernel"], 2),
+        k + "attention.output.dense.bias": flat(b["attn"]["out_bias"]),
+        **norm(k + ("LayerNorm" if pre_ln else "output.LayerNorm"), b["ln_2"]),
+        k + "intermediate.dense.weight": linear(b["mlp"]["in_kernel"], 1),
+        k + "intermediate.dense.bias": flat(b["mlp"]["in_bias"]),
+        k + "output.dense.weight": linear(b["mlp"]["out_kernel"], 1),
+        k + "output.dense.bias": flat(b["mlp"]["out_bias"])})
+  if pre_ln:
+    state.update(norm("bert.encoder.LayerNorm", params["encoder"]["ln_f"]))
+  for i in range(config.num_decoder_layers):
+    b, k = block(params["decoder"]["blocks"], i), f"decoder.decoder.layer.{i}."
+    cross = b["cross_attn"]
+    state.update({
+        **norm(k + "input_layernorm", b["ln_1"]),
+        k + "attention.query_key_value.weight": linear(b["self_attn"]["qkv_kernel"], 1),
+        k + "attention.query_key_value.bias": flat(b["self_attn"]["qkv_bias"]),
+        k + "attention.dense.weight": linear(b["self_attn"]["out_kernel"], 2),
+        k + "attention.dense.bias": flat(b["self_attn"]["out_bias"]),
+        **norm(k + "post_attention_layernorm", b["ln_2"]),
+        k + "cross_attention.query.weight": linear(cross["q_kernel"], 1),
+        k + "cross_attention.query.bias": flat(cross["q_bias"]),
+        k + "cross_attention.key_value.weight": linear(cross["qkv_kernel"], 1),
+        k + "cross_attention.key_value.bias": flat(cross["qkv_bias"]),
+        k + "cross_attention.dense.weight": linear(cross["out_kernel"], 2),
+        k + "cross_attention.dense.bias": flat(cross["out_bias"]),
+        **norm(k + "post_cross_attention_layernorm", b["ln_3"]),
+        k + "intermediate.weight": linear(b["mlp"]["in_kernel"], 1),
+        k + "intermediate.bias": flat(b["mlp"]["in_bias"]),
+        k + "output.weight": linear(b["mlp"]["out_kernel"], 1),
+        k + "output.bias": flat(b["mlp"]["out_bias"])})
+  if config.num_decoder_layers:
+    state.update(norm("decoder.decoder.final_layernorm", params["decoder"]["ln_f"]))
+  mlm = params["mlm"]
+  state.update({"cls.predictions.transform.dense.weight": linear(mlm["dense_kernel"], 1),
+                "cls.predictions.transform.dense.bias": flat(mlm["dense_bias"]),
+                **norm("cls.predictions.transform.LayerNorm", mlm["ln"]),
+                "cls.predictions.bias": flat(mlm["bias"]),
+                "cls.predictions.decoder_weight": np.asarray(embed["wte"])})  # tied
+  for key, group in (("bert.pooler.dense", "pooler"), ("cls.seq_relationship", "relation")):
+    if group in params:
+      state.update({f"{key}.weight": linear(params[group]["kernel"], 1), f"{key}.bias": flat(params[group]["bias"])})
+  return state
+
+
 @pytest.fixture(scope="module")
 def params():
   rng = np.random.default_rng(0)
@@ -65,8 +139,12 @@ def assert_same(a, b):
 
 
 def test_release_shards_at_8_and_2_ranks_convert_to_identical_params(params, tmp_path):
-  state = convert_plug.state_from_params(params, CONFIG)
+  state = release_state(params, CONFIG)
   assert len(state) == 12 * 2 + 20 * 2 + 19  # encoder / decoder layers; embeddings, final LNs, heads, tied copy
+  exported = convert_plug.state_from_params(params, CONFIG)  # the converter's own table agrees, key for key
+  assert sorted(exported) == sorted(state)
+  for key, array in state.items():
+    np.testing.assert_array_equal(exported[key], array, err_msg=key)
   for ranks in (8, 2):
     modules = release_split(state, ranks)
     assert modules[0]["bert.embeddings.word_embeddings.weight"].shape == (512 // ranks, 64)
@@ -77,7 +155,7 @@ def test_release_shards_at_8_and_2_ranks_convert_to_identical_params(params, tmp
 
 def test_export_splits_exactly_as_released_and_round_trips(params, tmp_path):
   out = convert_plug.save_deepspeed(params, CONFIG, tmp_path / "out", num_ranks=4)
-  expected = release_split(convert_plug.state_from_params(params, CONFIG), 4)
+  expected = release_split(release_state(params, CONFIG), 4)
   for rank in range(4):
     written = torch.load(out / "release" / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
     assert written["mp_world_size"] == 4
@@ -97,7 +175,7 @@ def test_orbax_round_trip_onto_a_tensor_parallel_mesh(params, tmp_path):
 
 
 def test_bad_shards_fail_clearly_without_output(params, tmp_path):
-  state = convert_plug.state_from_params(params, CONFIG)
+  state = release_state(params, CONFIG)
   modules = release_split(state, 2)
   broken = write_release(tmp_path / "untied", [{**m, "cls.predictions.decoder_weight": m["cls.predictions.bias"][:, None]
                                                 .expand(-1, 64).contiguous()} for m in modules])
@@ -124,7 +202,7 @@ def run_cli(*args):
 
 
 def test_command_line_release_to_orbax_to_shards_and_hf_bert(params, tmp_path):
-  release = write_release(tmp_path / "release", release_split(convert_plug.state_from_params(params, CONFIG), 8))
+  release = write_release(tmp_path / "release", release_split(release_state(params, CONFIG), 8))
   gin_file = tmp_path / "plug.gin"
   gin_file.write_text("".join(f"PlugConfig.{name} = {getattr(CONFIG, name)}\n" for name in (
       "vocab_size", "num_encoder_layers", "num_decoder_layers", "embed_dim", "num_heads", "mlp_dim", "max_positions",
@@ -138,7 +216,7 @@ def test_command_line_release_to_orbax_to_shards_and_hf_bert(params, tmp_path):
   assert_same(loaded.params, params)
   code, out = run_cli(f"--input={tmp_path / 'orbax'}", f"--output={tmp_path / 'mp2'}", "--to=megatron", "--mp=2")
   assert code == 0, out
-  for rank, want in enumerate(release_split(convert_plug.state_from_params(params, CONFIG), 2)):
+  for rank, want in enumerate(release_split(release_state(params, CONFIG), 2)):
     got = torch.load(tmp_path / "mp2" / "release" / f"mp_rank_{rank:02d}_model_states.pt", weights_only=False)
     assert sorted(got["module"]) == sorted(want)
     for key, tensor in want.items():
@@ -154,20 +232,34 @@ def test_command_line_release_to_orbax_to_shards_and_hf_bert(params, tmp_path):
   assert not any((tmp_path / name).exists() for name in ("hf", "bert", "cpm"))
 
 
-def test_command_line_hugging_face_bert_to_encoder(tmp_path):
+def test_command_line_hugging_face_bert_to_encoder_gives_its_logits(tmp_path):
+  """transformers' BertForMaskedLM (every weight random, LayerNorms included) -> the CLI -> our encoder + MLM head:
+  the same logits on the same tokens and token types."""
   transformers = pytest.importorskip("transformers")
-  hf_config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=32, max_position_embeddings=32, layer_norm_eps=1e-12)
+  hf_config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=32, max_position_embeddings=32, type_vocab_size=2,
+                                      layer_norm_eps=1e-12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
   torch.manual_seed(0)
-  transformers.BertForMaskedLM(hf_config).save_pretrained(tmp_path / "bert")
+  bert = transformers.BertForMaskedLM(hf_config).eval()
+  with torch.no_grad():
+    for name, param in bert.named_parameters():
+      param.normal_(1.0 if name.endswith("LayerNorm.weight") else 0.0, 0.2 if "LayerNorm" in name else 0.3)
+  bert.save_pretrained(tmp_path / "bert")
   gin_file = tmp_path / "bert.gin"
-  gin_file.write_text("PlugConfig.vocab_size = 64\nPlugConfig.num_encoder_layers = 1\nPlugConfig.num_decoder_layers = 0\n"
-                      "PlugConfig.embed_dim = 16\nPlugConfig.num_heads = 2\nPlugConfig.mlp_dim = 32\n"
-                      "PlugConfig.max_positions = 32\nPlugConfig.type_vocab_size = 2\nPlugConfig.encoder_pre_ln = False\n"
-                      "PlugConfig.num_relations = 0\nPlugConfig.layer_norm_eps = 1e-12\n")
-  code, out = run_cli("--from=hf", f"--input={tmp_path / 'bert'}", f"--output={tmp_path / 'orbax'}",
+  sizes = dict(vocab_size=64, num_encoder_layers=2, num_decoder_layers=0, embed_dim=16, num_heads=2, mlp_dim=32,
+               max_positions=32, type_vocab_size=2, encoder_pre_ln=False, num_relations=0, layer_norm_eps=1e-12,
+               dropout_rate=0.0)
+  gin_file.write_text("".join(f"PlugConfig.{name} = {value}\n" for name, value in sizes.items()))
+  code, out = run_cli("--model=plug", "--from=hf", f"--input={tmp_path / 'bert'}", f"--output={tmp_path / 'orbax'}",
                       f"--gin_file={gin_file}")
   assert code == 0, out
-  state = transformers.BertForMaskedLM.from_pretrained(tmp_path / "bert").state_dict()
-  want, _ = convert_plug.params_from_hf_state(state, orbax.load_orbax(plug.FAMILY, tmp_path / "orbax").config)
-  assert_same(orbax.load_orbax(plug.FAMILY, tmp_path / "orbax").params, want)
+  loaded = orbax.load_orbax(plug.FAMILY, tmp_path / "orbax")
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
+  token_types = (np.arange(12) >= 5).astype(np.int64)[None].repeat(2, 0)
+  with torch.no_grad():
+    want = bert(input_ids=torch.tensor(tokens), token_type_ids=torch.tensor(token_types)).logits.numpy()
+  hidden = plug.encode(loaded.params, jnp.asarray(tokens, jnp.int32), loaded.config,
+                       token_types=jnp.asarray(token_types, jnp.int32))
+  got = np.asarray(plug.mlm_logits(loaded.params, hidden, loaded.config))
+  assert np.abs(want).max() > 1.0  # logits far from uniform: the weights matter
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4)

@@ -47,7 +47,8 @@ def test_shuffle_trigrams_hand_made():
   np.testing.assert_array_equal(changed, inputs != tokens)
   unchanged, none = objectives.shuffle_trigrams(tokens, np.random.default_rng(1), candidates=candidates,
                                                 probability=0.0)
-  np.testing.assert_array_equal(unchanged, tokens) and not none.any()
+  np.testing.assert_array_equal(unchanged, tokens)
+  assert not none.any()
 
 
 def test_shuffle_trigrams_rate_follows_probability():

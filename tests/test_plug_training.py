@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import gin
 import jax
@@ -10,11 +11,9 @@ import numpy as np
 import pytest
 
 from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
-from cpm_jax import decoding, gin_setup, partitioning, train_loop, training
-from cpm_jax.models.plug import convert as convert_plug
+from cpm_jax import checkpointing, decoding, gin_setup, partitioning, train_loop, training
 from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.models import plug
-from cpm_jax.convert import orbax
 
 TINY = plug.PlugConfig(vocab_size=256, num_encoder_layers=2, num_decoder_layers=2, embed_dim=32, num_heads=8,
                        mlp_dim=64, max_positions=32, type_vocab_size=2, init_stddev=0.02)
@@ -83,7 +82,7 @@ def _initial_loss(model, params, batch):
   return float(sums["loss_sum"] / sums["weight_sum"])
 
 
-def test_two_stages_and_fine_tuning_on_demo_data(plug_vocab_path, demo_data_dir, tmp_path):  # noqa: F811
+def test_two_stages_and_fine_tuning_on_demo_data(plug_vocab_path, demo_data_dir, tmp_path, caplog):  # noqa: F811
   data = [f'{name}.vocab_path = "{plug_vocab_path}"' for name in ("StructBertData", "PalmData")] + [
       f'{name}.data_dir = "{demo_data_dir}"' for name in ("StructBertData", "PalmData")] + [
       "StructBertData.seq_len = 64", "StructBertData.eval_max_examples = 64", "PalmData.seq_len = 64",
@@ -96,22 +95,28 @@ def test_two_stages_and_fine_tuning_on_demo_data(plug_vocab_path, demo_data_dir,
                              next(eval1.eval_batches()))
   assert stage1["validation_loss"] < fresh_loss - 1.5, (stage1, fresh_loss)
 
-  # Stage 2: PALM from a params-only start that carries everything of stage 1 (decoder fresh).
+  # Stage 2: PALM warm-started by its recipe (restore/warm_start.gin) from the stage-1 workdir: everything of
+  # stage 1 (same path and shape), the decoder fresh. The start the train loop makes is the one warm_start makes.
   config2 = dataclasses.replace(config1, num_decoder_layers=2)
-  initialised = convert_plug.save_warm_start(tmp_path / "stage1", config2, tmp_path / "stage2_init")
-  assert initialised and all(name.startswith("['decoder']") for name in initialised)
-  stage1_params = convert_plug.read_params(tmp_path / "stage1")
-  start = orbax.load_orbax(plug.FAMILY, tmp_path / "stage2_init").params
-  np.testing.assert_array_equal(start["encoder"]["blocks"]["attn"]["qkv_kernel"],
-                                stage1_params["encoder"]["blocks"]["attn"]["qkv_kernel"])
+  stage1_params = checkpointing.restore_any_params(tmp_path / "stage1")
+  fresh = plug.init(config2, jax.random.key(0))
+  warm = checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "stage1"),
+                                                                        fallback_to_init=True), fresh)
+  assert warm.restored == sorted(warm.restored) and len(warm.restored) == len(jax.tree.leaves(stage1_params))
+  assert warm.initialised and all(name.startswith("decoder/") for name in warm.initialised)
+  jax.tree.map(np.testing.assert_array_equal, warm.params["encoder"], stage1_params["encoder"])
+  jax.tree.map(np.testing.assert_array_equal, warm.params["decoder"], fresh["decoder"])
   eval2 = plug_pipeline.PalmData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir), seq_len=64,
                                  target_len=16, eval_max_examples=64)
-  start_loss = _initial_loss(plug.Seq2SeqModel(config2), start, next(eval2.eval_batches()))
-  stage2, _ = _run_recipe("experiments/plug_stage2_demo.gin", tmp_path / "stage2",
-                          data + [f'train.init_params_from = "{tmp_path / "stage2_init"}"'], 30)
+  start_loss = _initial_loss(plug.Seq2SeqModel(config2), warm.params, next(eval2.eval_batches()))
+  with caplog.at_level(logging.INFO):
+    stage2, _ = _run_recipe("experiments/plug_stage2_demo.gin", tmp_path / "stage2",
+                            data + [f'RestoreCheckpointConfig.path = "{tmp_path / "stage1"}"'], 30)
+  assert f"Warm start from {tmp_path / 'stage1'}: {len(warm.restored)} params restored, {len(warm.initialised)} " \
+      "initialised (decoder/" in caplog.text
   assert stage2["validation_loss"] < start_loss - 1.0, (stage2, start_loss)
 
-  # NLU: a classifier on the stage-1 encoder fits a batch of review_sentiment (accuracy: benchmarks/).
+  # NLU: a classifier warm-started from the stage-1 encoder fits a batch of review_sentiment (accuracy: benchmarks/).
   config3 = dataclasses.replace(config1, num_classes=2)
   model3 = plug.ClassifierModel(config3)
   reviews = plug_pipeline.ClassificationData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir),
@@ -119,9 +124,11 @@ def test_two_stages_and_fine_tuning_on_demo_data(plug_vocab_path, demo_data_dir,
   batch = next(reviews.train_iterator(seed=0))
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1))
   start = training.create_train_state(model3, training.make_optimizer(), mesh, seed=2).params
-  params3, taken = plug.warm_start(start, stage1_params)
-  assert len(taken) == len(jax.tree.leaves(stage1_params))
-  _, losses = _train(model3, mesh, 20, lambda i: batch, params3, lr=5e-3)
+  warm3 = checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "stage1"),
+                                                                         fallback_to_init=True), start)
+  assert len(warm3.restored) == len(jax.tree.leaves(stage1_params)) and warm3.initialised == ["classifier/bias",
+                                                                                               "classifier/kernel"]
+  _, losses = _train(model3, mesh, 20, lambda i: batch, warm3.params, lr=5e-3)
   assert losses[-1] < 0.5 * losses[0], losses
 
 

@@ -60,7 +60,8 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume_matches(tmp_path, ref
                           timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   killed_losses, _, _ = _train_run.read_record(record)
-  assert sorted(killed_losses) == list(range(1, 7))  # killed right after step 6's save started
+  # Killed right after step 6's save started: step 6's loss would have been read once step 7 was queued.
+  assert sorted(killed_losses) == list(range(1, 6))
   names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
   assert "3" in names and "6" not in names and any(name.startswith("6.orbax-checkpoint-tmp") for name in names)
 

@@ -1,5 +1,6 @@
 """Train step semantics (accumulation, non-finite skipping, schedule) and the gin-configured loop."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from cpm_jax import gin_setup, partitioning, train_loop, training
+from cpm_jax import gin_setup, model_fit, partitioning, train_loop, training
 from cpm_jax.data import pipeline
 from cpm_jax.models import cpm
 
@@ -114,6 +115,10 @@ class _ListData:
   seq_len = 32
   global_batch_size = 8
 
+  def model_requirements(self):
+    return (model_fit.Requirement("vocab_size", 128, "_CharTokenizer", ("inputs", "targets"), adopt=True),
+            model_fit.Requirement("max_positions", self.seq_len, "_ListData.seq_len", ("positions",)))
+
   def __init__(self, texts):
     self._texts = [{"text": t} for t in texts]
 
@@ -129,13 +134,35 @@ class _ListData:
     return {}
 
 
-def test_loop_learns_logs_and_writes_workdir(tmp_path):
+def test_loop_learns_logs_and_writes_workdir(tmp_path, monkeypatch):
   texts = [("人民日报" * (3 + i % 5)) + "。" for i in range(64)]
   gin.clear_config()
   gin_setup.parse([], ["learning_rate_schedule.peak = 1e-2", "learning_rate_schedule.warmup_steps = 2",
                        "learning_rate_schedule.total_steps = 24"])
+  events = []  # the order in which steps are dispatched and their metrics read on the host
+  make_steps, read = training.make_sharded_steps, train_loop._LaggedMetrics._read
+
+  def recording_steps(*args, **kwargs):
+    steps = make_steps(*args, **kwargs)
+
+    def train(state, batch):
+      events.append(("dispatch", len([e for e in events if e[0] == "dispatch"]) + 1))
+      return steps.train(state, batch)
+    return dataclasses.replace(steps, train=train)
+
+  def recording_read(self, step, metrics):
+    events.append(("read", step))
+    return read(self, step, metrics)
+  monkeypatch.setattr(training, "make_sharded_steps", recording_steps)
+  monkeypatch.setattr(train_loop._LaggedMetrics, "_read", recording_read)
   metrics = train_loop.train(str(tmp_path), model=cpm.CPMLanguageModel(TINY), data=_ListData(texts),
                              num_steps=24, log_every=4, eval_every=12, peak_flops=1e12)
+  # Each step's metrics are read once the next step is queued (the host never waits on the step it just fed),
+  # except before an evaluation (steps 12, 24), which needs the step done anyway.
+  for step in range(1, 25):
+    position = events.index(("read", step))
+    assert ("dispatch", step + 1) in events[:position] or step in (12, 24), events[position - 3:position + 1]
+  assert [e for e in events if e[0] == "read"] == [("read", step) for step in range(1, 25)]
   assert metrics["validation_loss"] < 3.0  # from ~log(128) = 4.85 at init: the repetitive text is learned
   assert os.path.exists(tmp_path / "config.gin")
   assert json.loads((tmp_path / "final_metrics.json").read_text())["loss"] == pytest.approx(metrics["loss"])
@@ -163,10 +190,17 @@ def test_loop_stops_after_consecutive_bad_steps(tmp_path, monkeypatch):
                      max_consecutive_bad_steps=3, peak_flops=1e12)
 
 
-def test_gin_errors_name_the_culprit():
+def test_gin_errors_name_the_culprit(tmp_path, monkeypatch):
   gin.clear_config()
   with pytest.raises(FileNotFoundError, match="no_such_file.gin"):
     gin_setup.parse(["no_such_file.gin"], [])
   with pytest.raises(ValueError, match="CPMConfig.no_such_field"):
     gin_setup.parse(["models/cpm_small.gin"], ["CPMConfig.no_such_field = 3"])
   gin.clear_config()
+  monkeypatch.chdir(tmp_path)  # files and their includes are found from anywhere, as the README's commands do
+  gin_setup.parse(["models/cpm_large.gin", "experiments/cpm_demo.gin"], [])
+  assert (cpm.CPMConfig().embed_dim, cpm.CPMConfig().num_layers) == (256, 4)  # cpm_demo includes cpm_tiny.gin
+  gin.clear_config()
+  with pytest.raises(SystemExit, match=r"^train.py: MeshConfig.dcn\['tensor'\]=3 must be positive"):
+    with gin_setup.exit_on_config_error("train.py"):
+      partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))

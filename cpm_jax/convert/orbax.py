@@ -30,12 +30,12 @@ def check_config(given: Any, stored: Any, where: str) -> None:
 
 def load_orbax(family: Any, path: str | os.PathLike, *, config: Any = None, dtype: str | None = None,
                mesh: jax.sharding.Mesh | None = None) -> Loaded:
-  """Params written by `save_orbax` for `family` (a registry.Family), read straight into their shardings on `mesh`
+  """Params written by `save_orbax` for `family` (a registry.Family), or those of the latest checkpoint of a
+  training workdir (its model.json names the model), read straight into their shardings on `mesh`
   (default: the first device). `config` (e.g. from gin) must match the stored one in every structural field; its
   execution options (dtype, remat, ...) are used. dtype: of the params (default: the stored ones')."""
-  where = f"{path}/{checkpointing.METADATA_FILE}"
   try:
-    meta = checkpointing.read_metadata(path)
+    meta, where = checkpointing.read_record(path)
     stored = family.config_from_record(meta, where)
   except (FileNotFoundError, ValueError) as e:
     raise ConversionError(str(e)) from e
@@ -45,7 +45,7 @@ def load_orbax(family: Any, path: str | os.PathLike, *, config: Any = None, dtyp
   abstract = family.abstract_params(config)
   shardings = None if mesh is None else partitioning.tree_shardings(family.logical_axes(config), mesh, abstract)
   try:
-    params, _ = checkpointing.restore_params(path, abstract, shardings)
+    params = checkpointing.restore_any_params(path, abstract, shardings)
   except ValueError as e:
     raise ConversionError(f"{path}: {e}") from e
   return Loaded(params, config, [], meta)

@@ -9,12 +9,10 @@ the family's adapter (for text families a cpm_jax.evaluation.interface.LanguageM
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import jax
-from etils import epath
 
 from cpm_jax import checkpointing, partitioning
 from cpm_jax.models import registry
@@ -38,24 +36,9 @@ def param_shardings(family: Family, config: Any, mesh: jax.sharding.Mesh | None)
   return partitioning.tree_shardings(family.logical_axes(config), mesh, family.abstract_params(config))
 
 
-def read_record(path: str | os.PathLike) -> tuple[dict, str]:
-  """(the model record, where it was read) of a params-only checkpoint or a training workdir."""
-  path = epath.Path(path)
-  if (path / checkpointing.METADATA_FILE).exists():
-    return checkpointing.read_metadata(path), str(path / checkpointing.METADATA_FILE)
-  if (path / "checkpoints").is_dir():
-    where = path / checkpointing.MODEL_RECORD
-    if not where.exists():
-      raise FileNotFoundError(f"Training workdir {path} has no {checkpointing.MODEL_RECORD} (train.py writes it at "
-                              "start) to say which model its checkpoints hold.")
-    return json.loads(where.read_text()), str(where)
-  raise FileNotFoundError(f"--checkpoint {path}: neither a params-only checkpoint ({checkpointing.METADATA_FILE}) "
-                          "nor a training workdir (checkpoints/).")
-
-
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Checkpoint:
   """A params-only checkpoint or the latest checkpoint of a training workdir, read into shardings on `mesh`."""
-  meta, where = read_record(path)
+  meta, where = checkpointing.read_record(path)
   family, config = registry.from_record(meta, where)
   params = checkpointing.restore_any_params(path, family.abstract_params(config),
                                             param_shardings(family, config, mesh))

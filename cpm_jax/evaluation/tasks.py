@@ -163,9 +163,11 @@ class LabelPromptTask(Task):
     results = {}
     sampled = self.sampled_wrong + 1 < len(keys)
     sampled_predicted = np.zeros_like(predicted)
+    sampled_wrong = []
     for i in range(len(examples)):
       wrong = np.random.default_rng([self.seed, i]).choice(
           [k for k in range(len(keys)) if k != gold[i]], min(self.sampled_wrong, len(keys) - 1), replace=False)
+      sampled_wrong.append(wrong)
       subset = np.concatenate([wrong, [gold[i]]])
       sampled_predicted[i] = subset[scores[i][:, subset].argmax(-1)]
     for t in range(len(self.templates)):
@@ -178,6 +180,9 @@ class LabelPromptTask(Task):
     results["examples"] = len(examples)
     predictions = [{"where": where(e, i), "label": keys[gold[i]], "predicted": [keys[p] for p in predicted[i]],
                     "mean_log_likelihood": np.round(scores[i], 5).tolist()} for i, e in enumerate(examples)]
+    if sampled:  # which wrong labels the paper's setting drew for each example, and its prediction among them
+      for record, wrong, picks in zip(predictions, sampled_wrong, sampled_predicted):
+        record.update(sampled_wrong=[keys[k] for k in wrong], predicted_sampled=[keys[p] for p in picks])
     return Result(results, predictions)
 
 

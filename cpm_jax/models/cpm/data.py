@@ -9,6 +9,7 @@ from typing import Iterable, Iterator
 import gin
 
 from cpm_jax.data import pipeline, sources
+from cpm_jax.model_fit import Requirement
 from cpm_jax.tokenization import CPMTokenizer
 
 
@@ -34,6 +35,13 @@ class LMData:
   def checkpoint_metadata(self) -> dict:
     """Recorded with the model in the workdir, for evaluate.py / generate.py."""
     return {"tokenizer": self.tokenizer_path}
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    """What the batches need of CPMConfig (cpm_jax.model_fit): the tokenizer's ids, seq_len positions."""
+    return (Requirement("vocab_size", self.tokenizer.vocab_size,
+                        f"the tokenizer LMData.tokenizer_path = {self.tokenizer_path!r}", ("inputs", "targets"),
+                        adopt=True),
+            Requirement("max_positions", self.seq_len, f"LMData.seq_len = {self.seq_len}", ("positions",)))
 
   def _source(self, split: str):
     return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))

@@ -26,6 +26,8 @@ import numpy as np
 
 from cpm_jax.data import sources, triples as triple_files
 from cpm_jax.data.processes import process_share
+from cpm_jax.model_fit import Requirement
+from cpm_jax.models.kg.vocabulary import KGVocabulary
 
 
 def _first_row_and_rows(global_batch_size: int, process_index: int | None,
@@ -135,6 +137,13 @@ class KGData:
     "tokenizer", the folder holding its entity and relation names."""
     return {"dataset": self.dataset, "data_dir": self.data_dir,
             "tokenizer": dataset_directory(self.dataset, os.path.expanduser(self.data_dir))}
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    """What the batches need of KGConfig (cpm_jax.model_fit): the dataset's entity and relation ids."""
+    vocabulary = KGVocabulary(dataset_directory(self.dataset, os.path.expanduser(self.data_dir)))
+    source = f"KGData.dataset = {self.dataset!r}"
+    return (Requirement("num_entities", len(vocabulary.entities), source, ("heads", "tails"), adopt=True),
+            Requirement("num_relations", len(vocabulary.relations), source, ("relations",), adopt=True))
 
   def train_iterator(self, seed: int) -> grain.DatasetIterator:
     return make_triple_iterator(self.split(self.train_split), self.global_batch_size, seed=seed,

@@ -6,7 +6,7 @@ this folder:
   data.py        the Grain pipelines: StructBertData, PalmData, Seq2SeqData, ClassificationData
   decode.py      the decoding adapter: decode layout, prefill (the encoder), step, generate
   evaluation.py  the LanguageModel adapter: generation, [CLS]-head classification
-  convert.py     the release's DeepSpeed shards, Hugging Face BERT, warm starts
+  convert.py     the release's DeepSpeed shards, Hugging Face BERT
 """
 
 from cpm_jax.convert.common import Format
@@ -17,7 +17,7 @@ from cpm_jax.models.plug.decode import cache_logical_axes, decode_layout, genera
 from cpm_jax.models.plug.evaluation import language_model
 from cpm_jax.models.plug.model import (ClassifierModel, PlugConfig, Seq2SeqModel, StructBertModel,
                                        cached_decode, classification_logits, decode, decoder_logits, embed, encode,
-                                       mlm_logits, param_specs, pooled, relation_logits, warm_start)
+                                       mlm_logits, param_specs, pooled, relation_logits)
 from cpm_jax.tokenization import BertTokenizer
 
 FAMILY = Family(
@@ -42,4 +42,4 @@ __all__ = ["ClassificationData", "ClassifierModel", "FAMILY", "Noise", "PalmData
            "Seq2SeqModel", "StructBertData", "StructBertModel", "abstract_params", "cache_logical_axes",
            "cached_decode", "classification_logits", "decode", "decode_layout", "decoder_logits", "embed", "encode",
            "generate", "init", "init_cache", "language_model", "logical_axes", "mlm_logits", "param_specs", "pooled",
-           "prefill", "relation_logits", "step_fn", "warm_start"]
+           "prefill", "relation_logits", "step_fn"]

@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import checkpointing, layers, partitioning
+from cpm_jax import layers, partitioning
 from cpm_jax.convert import hf_io, megatron, torch_io
 from cpm_jax.convert.common import ConversionError, KeyLedger, Loaded, TargetParams, device_placer, flatten
-from cpm_jax.models import family
 from cpm_jax.models.plug import model as plug
 
 DECODER_WEIGHT = "cls.predictions.decoder_weight"  # PLUG's tied copy of the word embedding (vocab-split)
@@ -310,30 +309,3 @@ def save_deepspeed(params: dict, config: plug.PlugConfig, path: str | os.PathLik
     return module
 
   return megatron.write_shards(path, num_ranks, rank_module, tag)
-
-
-# ---- warm starts -------------------------------------------------------------------------------
-
-def read_params(path: str | os.PathLike) -> dict:
-  """Params (host arrays) of a params-only checkpoint or of the latest checkpoint of a training workdir."""
-  try:
-    return checkpointing.restore_any_params(path)
-  except FileNotFoundError as e:
-    raise ConversionError(str(e)) from e
-
-
-def save_warm_start(source: str | os.PathLike, config: plug.PlugConfig, output: str | os.PathLike, *,
-                    seed: int = 0, **extra_metadata) -> list[str]:
-  """Writes a params-only checkpoint of `config` (for `train.init_params_from`) whose params come from `source`
-  wherever it holds them with the same path and shape (plug.warm_start), the rest freshly initialised: stage 2
-  from a stage-1 run, a classifier from a pre-trained encoder. Returns the paths not taken from `source`."""
-  specs = plug.param_specs(config)
-  fresh = jax.jit(lambda key: layers.init_from_specs(specs, key, jnp.dtype(config.param_dtype)))(jax.random.key(seed))
-  params, taken = plug.warm_start(fresh, read_params(source))
-  if not taken:
-    raise ConversionError(f"{source}: no param matches the model config in path and shape.")
-  names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  initialised = sorted(set(names) - set(taken))
-  checkpointing.save_params(output, params, family.record("plug", config, warm_started_from=str(source),
-                                                          initialised=initialised, **extra_metadata))
-  return initialised

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from cpm_jax.data import jsonl, sources
+from cpm_jax.model_fit import Requirement
 from cpm_jax.models.plug import objectives
 from cpm_jax.tokenization import BertTokenizer
 
@@ -230,10 +231,19 @@ class _PlugData(abc.ABC):
 
   text_field = "text"
   random = True
+  token_types = 1  # token types the encoder input uses (2 for sentence pairs)
 
   @functools.cached_property
   def tokenizer(self) -> BertTokenizer:
     return BertTokenizer(os.path.expanduser(self.vocab_path))
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    """What the batches need of PlugConfig (cpm_jax.model_fit): the vocab's ids, seq_len positions, token types."""
+    name = type(self).__name__
+    return (Requirement("vocab_size", self.tokenizer.vocab_size, f"the vocab {name}.vocab_path = {self.vocab_path!r}",
+                        ("inputs", "targets"), adopt=True),
+            Requirement("max_positions", self.seq_len, f"{name}.seq_len = {self.seq_len}", ("positions",)),
+            Requirement("type_vocab_size", self.token_types, f"{name}'s encoder input", ("token_types",)))
 
   def required_fields(self) -> list[str]:
     return [self.text_field]
@@ -267,12 +277,24 @@ class _PlugData(abc.ABC):
     return self._iterator(self.eval_split, 0, train=False)
 
 
+def _decoder_requirements(name: str, target_len: int) -> tuple[Requirement, ...]:
+  """The decoder's side of PALM / seq2seq batches: vocab ids, target_len positions."""
+  return (Requirement("vocab_size", 0, f"{name}'s decoder", ("decoder_inputs", "decoder_targets")),
+          Requirement("max_positions", target_len, f"{name}.target_len = {target_len}", ("decoder_positions",)))
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class StructBertData(_PlugData):
   """StructBERT batches (stage 1) from a document corpus with one paragraph per example (People's Daily)."""
 
   noise: Noise = Noise()
+
+  token_types = 2
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    return (*super().model_requirements(),
+            Requirement("num_relations", 3, "StructBertData's sentence relations", ("relation_labels",)))
 
   def example_fn(self) -> Callable:
     source = _source(self.dataset, self.train_split, self.data_dir, self.required_fields())
@@ -288,6 +310,9 @@ class PalmData(_PlugData):
   target_len: int = 32
   source_ratio: float = 0.8
   noise: Noise = Noise()
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    return (*super().model_requirements(), *_decoder_requirements("PalmData", self.target_len))
 
   def example_fn(self) -> Callable:
     return functools.partial(palm_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
@@ -305,8 +330,15 @@ class Seq2SeqData(_PlugData):
 
   random = False
 
+  @property
+  def token_types(self) -> int:
+    return 2 if len(self.source_fields) > 1 else 1
+
   def required_fields(self) -> list[str]:
     return [*self.source_fields, self.target_field]
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    return (*super().model_requirements(), *_decoder_requirements("Seq2SeqData", self.target_len))
 
   def example_fn(self) -> Callable:
     return functools.partial(seq2seq_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
@@ -326,8 +358,16 @@ class ClassificationData(_PlugData):
 
   random = False
 
+  @property
+  def token_types(self) -> int:
+    return 2 if len(self.text_fields) > 1 else 1
+
   def required_fields(self) -> list[str]:
     return [*self.text_fields, self.label_field]
+
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    return (*super().model_requirements(),
+            Requirement("num_classes", len(self.labels), f"ClassificationData.labels = {self.labels!r}", ("labels",)))
 
   def checkpoint_metadata(self) -> dict:
     return {**super().checkpoint_metadata(), "labels": list(self.labels)}

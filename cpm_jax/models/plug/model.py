@@ -396,20 +396,3 @@ class ClassifierModel:
     c = self.config
     return 6.0 * c.num_encoder_layers * (4 * c.embed_dim ** 2 + 2 * c.embed_dim * c.ffn_dim) + \
         12.0 * c.num_encoder_layers * c.embed_dim * seq_len
-
-
-def warm_start(params: dict, pretrained: dict) -> tuple[dict, list[str]]:
-  """`params` with every leaf that `pretrained` holds at the same path and shape replaced by it (e.g. stage 2's
-  encoder and heads from stage 1, a classifier's encoder from stage 1); returns (params, paths taken)."""
-  source = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
-  taken = []
-
-  def take(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name in source and source[name].shape == leaf.shape:
-      taken.append(name)
-      # A copy: the train step donates its params, which must not take `pretrained`'s buffers with them.
-      return jax.device_put(jnp.array(source[name], leaf.dtype, copy=True), getattr(leaf, "sharding", None))
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(take, params), taken
