@@ -98,7 +98,7 @@ def test_shape_that_disagrees_with_the_config(shards, tmp_path):
   key = "transformer.layers.1.attention.dense.weight"
   for rank in range(2):
     edit_module(rank_file(directory, rank), lambda module: module.update({key: torch.zeros(32, 20)}))
-  with pytest.raises(ConversionError, match=rf"{key}: shape \(40, 32\), expected \(32, 32\)"):
+  with pytest.raises(ConversionError, match=rf"{key}: shape \(32, 40\), expected \(32, 32\)"):  # as stored
     load(directory)
   gin = cpm.CPMConfig(vocab_size=64, num_layers=2, embed_dim=64, num_heads=4, max_positions=64)
   with pytest.raises(ConversionError, match="does not match the gin model config: embed_dim: checkpoint 32"):
