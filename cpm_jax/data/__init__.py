@@ -6,7 +6,7 @@
   pipeline.make_lm_iterator(source, tokenizer, ...) packed training batches of this process, checkpointable
   pipeline.make_eval_iterator(source, tokenizer, ...) one pass of packed batches for evaluation
   pipeline.non_pad_fraction(batches)                packing efficiency
-  sharding.process_share / process_examples / process_rows   each process's share (every family's pipelines)
+  processes.process_share / process_examples / process_rows  each process's share (every family's pipelines)
   splits.SplitData                                  the fields every family's data class has (dataset, splits, ...)
   jsonl.read_examples(path, required)               a CLUE-style jsonl file's examples
 """
