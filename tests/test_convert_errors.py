@@ -2,6 +2,7 @@
 
 import fractions
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -176,7 +177,8 @@ def test_command_line_error_exits_nonzero_without_output(shards, tmp_path):
   result = subprocess.run(
       [sys.executable, str(ROOT / "experiments" / "convert_checkpoint.py"), "--from=megatron", f"--input={directory}",
        f"--output={tmp_path / 'out'}", "--num_heads=4"],
-      capture_output=True, text=True, cwd=ROOT, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}, check=False)
+      capture_output=True, text=True, cwd=ROOT, check=False,
+      env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ["PYTHONPATH"]})  # conftest's
   assert result.returncode != 0
   assert f"{rank_file(directory, 0)} is not a torch checkpoint" in result.stderr
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mp2"]
