@@ -168,13 +168,18 @@ class StoredParams:
     """Shape of every stored param by its path ("encoder/blocks/attn/qkv_kernel")."""
     return _shapes_by_path(self.tree)
 
-  def read(self, target: Any) -> Any:
+  def read(self, target: Any, restore_args: Any = None) -> Any:
     """The arrays of `target` (ShapeDtypeStructs with shardings; any subtree of the stored params), each read
-    straight into its sharding and cast to its dtype."""
-    item_target = target if self.key is None else {self.key: target}
+    straight into its sharding and cast to its dtype; or as `restore_args` (Orbax's, a tree like `target`) say,
+    e.g. ocp.RestoreArgs(restore_type=np.ndarray) for host arrays."""
+    item_target, item_args = target, restore_args
+    if self.key is not None:
+      item_target, item_args = {self.key: target}, restore_args and {self.key: restore_args}
+    if item_args is None:
+      item_args = ocp.checkpoint_utils.construct_restore_args(item_target)
     with ocp.PyTreeCheckpointer() as checkpointer:
       restored = checkpointer.restore(self.item, args=ocp.args.PyTreeRestore(
-          item_target, restore_args=ocp.checkpoint_utils.construct_restore_args(item_target), partial_restore=True))
+          item_target, restore_args=item_args, partial_restore=True))
     return restored if self.key is None else restored[self.key]
 
 

@@ -1,4 +1,5 @@
-"""CPM's Megatron/DeepSpeed shards <-> cpm_jax: release-style shards at mp 1/2/4, lossless mp=2 round trip, config."""
+"""CPM's Megatron/DeepSpeed shards <-> cpm_jax: release-style shards at mp 1/2/4, lossless mp=2 round trip, config;
+torch files read and written tensor by tensor."""
 
 import dataclasses
 
@@ -6,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 from convert_util import assert_trees_equal, random_gpt2, release_shards
+from jax.numpy import bfloat16
 
 from cpm_jax.models.cpm import convert as cpm_layout
-from cpm_jax.convert import megatron
+from cpm_jax.convert import megatron, torch_io
 from cpm_jax.models import cpm
 from cpm_jax.models.cpm import hf
 from cpm_jax.convert.common import ConversionError
@@ -87,3 +89,30 @@ def test_mp_must_divide_heads_vocab_and_ffn(tmp_path, gpt2):
   with pytest.raises(ConversionError, match="--mp=3 must divide num_heads=4"):
     cpm_layout.save_megatron(from_hf.params, from_hf.config, tmp_path / "out", 3)
   assert not (tmp_path / "out").exists()
+
+
+def test_tensor_files_read_views_bfloat16_and_legacy_files_and_write_placeholders_in_place(tmp_path):
+  base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  module = {"transposed": base.t(), "rows": base[1:3], "whole": base, "bf16": torch.arange(5).to(torch.bfloat16)}
+  for zipped in (True, False):
+    path = tmp_path / f"state_{zipped}.pt"
+    torch.save({"module": module, "iteration": 3}, path, _use_new_zipfile_serialization=zipped)
+    file = torch_io.TensorFile(path)
+    assert file.state["iteration"] == 3
+    for key, tensor in module.items():
+      got = file.read(file.state["module"][key])
+      assert got.dtype == torch_io.numpy_dtype(tensor) and got.flags.c_contiguous, key
+      np.testing.assert_array_equal(got.astype(np.float32), tensor.float().numpy(), err_msg=key)
+
+  # Room reserved by torch.save, then filled tensor by tensor: torch reads back what was written.
+  values = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(4).astype(bfloat16)}
+  torch_io.save_placeholders(tmp_path / "out.pt", {"module": {key: torch_io.placeholder(v.shape, v.dtype)
+                                                              for key, v in values.items()}})
+  out = torch_io.TensorFile(tmp_path / "out.pt", writable=True)
+  for key, value in values.items():
+    out.write(out.state["module"][key], value)
+  written = torch.load(tmp_path / "out.pt", weights_only=True)["module"]
+  np.testing.assert_array_equal(written["a"].numpy(), values["a"])
+  np.testing.assert_array_equal(written["b"].float().numpy(), values["b"].astype(np.float32))
+  with pytest.raises(ValueError, match=r"array float32\[3\] written into a tensor torch.float32\[2, 3\]"):
+    out.write(out.state["module"]["a"], np.zeros(3, np.float32))

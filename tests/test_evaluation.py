@@ -21,7 +21,7 @@ import pytest
 
 from cpm_jax import checkpointing, decoding, gin_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
-from cpm_jax.evaluation import interface, report, scoring, tasks
+from cpm_jax.evaluation import batching, interface, report, scoring, tasks
 from cpm_jax.models import cpm, registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,6 +198,26 @@ def test_malformed_jsonl_names_the_line(tmp_path):
   path.write_text('["a list"]\n', encoding="utf-8")
   with pytest.raises(ValueError, match=f"{path}:1: expected a JSON object"):
     tasks.read_jsonl(path)
+  path.write_text("\n  \n", encoding="utf-8")
+  with pytest.raises(ValueError, match=f"{path}: no examples"):
+    tasks.read_jsonl(path)
+  path.write_text('{"text": "好"}\n\n{"text": "坏"}\n', encoding="utf-8")
+  assert tasks.read_jsonl(path) == [{"text": "好", tasks.WHERE: f"{path}:1"}, {"text": "坏", tasks.WHERE: f"{path}:3"}]
+
+
+def test_adapters_run_fixed_size_batches_in_order_and_convert_the_decode_layout_once():
+  batches = []
+
+  def run(batch):
+    batches.append(batch)
+    return [10 * item for item in batch]
+
+  assert batching.in_batches([1, 2, 3, 4, 5], 2, run, pad=0, desc="test") == [10, 20, 30, 40, 50]
+  assert batches == [[1, 2], [3, 4], [5, 0]]  # one compiled shape: the last batch is padded
+  assert batching.in_batches([], 2, run, pad=0, desc="test") == []
+  conversions = []
+  runner = batching.ModelRunner({"w": 1}, lambda params: conversions.append(params) or "decode layout", batch_size=2)
+  assert runner.decode_params == runner.decode_params == "decode layout" and conversions == [{"w": 1}]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "gin_configs", "tasks", "*.gin"))),

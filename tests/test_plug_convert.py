@@ -1,5 +1,6 @@
 """PLUG checkpoint conversion: release-style DeepSpeed shards (split here by hand from FORMATS.md) <-> params <-> Orbax."""
 
+import dataclasses
 import os
 import pathlib
 import re
@@ -172,6 +173,13 @@ def test_orbax_round_trip_onto_a_tensor_parallel_mesh(params, tmp_path):
   assert loaded.config == CONFIG and loaded.metadata["tokenizer"] == "vocab.txt"
   assert loaded.params["embed"]["wte"].sharding.spec == partitioning.logical_to_spec(("vocab", "embed"))
   assert_same(loaded.params, params)
+  # A given config is checked field by field; execution options (dtype, remat) may differ.
+  with pytest.raises(ConversionError, match="layer_norm_eps: checkpoint 1e-05, given 1e-12"):
+    orbax.load_orbax(plug.FAMILY, tmp_path / "orbax", config=dataclasses.replace(CONFIG, layer_norm_eps=1e-12))
+  bf16 = orbax.load_orbax(plug.FAMILY, tmp_path / "orbax", config=dataclasses.replace(CONFIG, remat_policy="dots"),
+                          dtype="bfloat16")
+  assert bf16.config.remat_policy == "dots" and bf16.params["embed"]["wte"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(bf16.params["embed"]["wte"], params["embed"]["wte"].astype(jnp.bfloat16))
 
 
 def test_bad_shards_fail_clearly_without_output(params, tmp_path):

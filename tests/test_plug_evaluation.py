@@ -121,7 +121,7 @@ def test_classifier_accuracy_through_evaluate_matches_the_training_model(plug_vo
   task = tasks.ClassificationTask(name="x", dataset="review_sentiment")
   examples = tasks.sample_examples(tasks.load_examples(task, None, str(demo_data_dir), "test"), 40, 0)
   data = plug_pipeline.ClassificationData(vocab_path=str(plug_vocab_path), seq_len=config.max_positions)
-  features = [data.example_fn()(e) for e in examples]
+  features = [data.example_fn(examples)(e) for e in examples]
   batch = {k: jnp.asarray(np.stack([f[k] for f in features])) for k in features[0]}
   want = np.asarray(plug.ClassifierModel(config).logits(params, batch)).argmax(-1)
   assert [p["predicted"] for p in result["predictions"]] == [str(w) for w in want]

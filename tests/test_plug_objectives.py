@@ -188,3 +188,53 @@ def test_classification_and_seq2seq_jsonl(plug_vocab_path, tmp_path):
   assert tokenizer.decode(b["inputs"][0], skip_special_tokens=False).startswith("[CLS]北京[SEP]中国的首都是北京。[SEP]")
   assert tokenizer.decode(b["decoder_targets"][0][b["decoder_weights"][0] > 0]) == "中国的首都是哪里？"
   assert b["weights"].sum() == 0  # no MLM noise when fine-tuning
+
+
+def _write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def _concatenated(shares):
+  return [{key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]} for batches in zip(*shares)]
+
+
+def test_eval_batches_are_the_same_global_batches_on_any_process_count(plug_vocab_path, tmp_path):
+  # 5 examples in global batches of 4: the second batch holds one example, so process 1's share of it is empty.
+  _write_jsonl(tmp_path / "validation.jsonl", [{"text": f"第{i}条评论很好", "label": str(i % 2)} for i in range(5)])
+  make = lambda **share: list(plug_pipeline.ClassificationData(  # noqa: E731
+      vocab_path=str(plug_vocab_path), dataset=str(tmp_path / "{split}.jsonl"), seq_len=16, global_batch_size=4,
+      **share).eval_batches())
+  whole, shares = make(), [make(process_index=p, process_count=2) for p in range(2)]
+  assert len(whole) == len(shares[0]) == len(shares[1]) == 2  # no process stops early: none waits in a collective
+  for got, want in zip(_concatenated(shares), whole):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+  np.testing.assert_array_equal(shares[1][1]["label_weights"], [0, 0])  # an all-padding batch counts nowhere
+  np.testing.assert_array_equal(whole[1]["label_weights"], [1, 0, 0, 0])
+  np.testing.assert_array_equal(np.concatenate([b["labels"][b["label_weights"] > 0] for b in whole]), [0, 1, 0, 1, 0])
+
+
+def test_structbert_eval_draws_its_negatives_from_the_eval_split(plug_vocab_path, tmp_path):
+  tokenizer = BertTokenizer(plug_vocab_path)
+  train_chars, eval_chars = "甲乙丙丁戊己庚辛", "天地人山水风云雨"
+  docs = lambda chars, n: [{"text": "".join(chars[(i + j) % 8] * 2 + "。" for j in range(4))}  # noqa: E731
+                           for i in range(n)]
+  _write_jsonl(tmp_path / "train.jsonl", docs(train_chars, 6))
+  _write_jsonl(tmp_path / "validation.jsonl", docs(eval_chars, 12))
+  make = lambda **share: plug_pipeline.StructBertData(  # noqa: E731
+      vocab_path=str(plug_vocab_path), dataset=str(tmp_path / "{split}.jsonl"), seq_len=32, global_batch_size=4,
+      **share)
+  ids = lambda chars: set(tokenizer.convert_tokens_to_ids(list(chars + "。")))  # noqa: E731
+  special = {tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id}
+  # A batch's tokens with the MLM noise undone.
+  tokens = lambda b: set(np.where(b["weights"] > 0, b["targets"], b["inputs"]).ravel()) - special  # noqa: E731
+  batches = list(make().eval_batches())
+  labels = np.concatenate([b["relation_labels"] for b in batches])
+  assert (labels == objectives.RELATION_RANDOM).sum() >= 2  # the case under test occurs
+  assert set().union(*map(tokens, batches)) <= ids(eval_chars)
+  assert tokens(next(make().train_iterator(seed=0))) <= ids(train_chars)
+  # Noise and negatives are drawn per example, whatever the process count.
+  for got, want in zip(_concatenated([list(make(process_index=p, process_count=2).eval_batches()) for p in range(2)]),
+                       batches):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])

@@ -1,4 +1,5 @@
-"""Model-agnostic conversion bookkeeping: errors, key ledgers, exactly-once target filling, atomic output.
+"""Model-agnostic conversion bookkeeping: errors, key ledgers, exactly-once target filling, atomic output, file reads
+and writes at an offset.
 
 Every converter (CPM <-> HF / Megatron, PLUG <-> DeepSpeed) uses the same two ledgers, so nothing is
 silently left at a random init and nothing in a source file is silently ignored:
@@ -175,3 +176,20 @@ def atomic_output_dir(directory: str | os.PathLike) -> Iterator[pathlib.Path]:
   finally:
     if tmp.exists():
       shutil.rmtree(tmp)
+
+
+def read_at(path: pathlib.Path, offset: int, array: np.ndarray, what: str) -> np.ndarray:
+  """Fills `array` (C-contiguous) with the bytes of `path` from `offset` on and returns it; a file that ends early is
+  a ConversionError naming `what`."""
+  with open(path, "rb") as f:
+    f.seek(offset)
+    if array.nbytes and f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
+      raise ConversionError(f"{path}: file ends inside {what} (truncated download?).")
+  return array
+
+
+def write_at(path: pathlib.Path, offset: int, array: np.ndarray) -> None:
+  """Writes the bytes of `array` (in C order) into the existing file `path` at `offset`."""
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)

@@ -16,7 +16,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 class Weights:
-  """The tensors of a HF model directory, each read when asked for (safetensors: plain reads; .bin: mmap)."""
+  """The tensors of a HF model directory, each read when asked for with plain file reads."""
 
   def __init__(self, directory: pathlib.Path, trust_pickle: bool = False):
     name = next((name for name in WEIGHT_FILES if (directory / name).is_file()), None)
@@ -39,18 +39,18 @@ class Weights:
         readers[file] = reader.read
         specs.update({key: (reader.shape(key), reader.dtype(key)) for key in reader.keys()})
       else:
-        state = torch_io.load(path, trust_pickle)
-        not_tensors = [key for key, value in state.items() if not hasattr(value, "detach")]
+        tensor_file = torch_io.TensorFile(path, trust_pickle)
+        not_tensors = [key for key, value in tensor_file.state.items() if not hasattr(value, "untyped_storage")]
         if not_tensors:
           raise ConversionError(f"{path}: entries {not_tensors[:4]} are not tensors; expected a state dict.")
-        readers[file] = lambda key, state=state: torch_io.to_numpy(state[key])
-        specs.update({key: (tuple(t.shape), torch_io.to_numpy(t).dtype) for key, t in state.items()})
+        readers[file] = lambda key, tensor_file=tensor_file: tensor_file.read(tensor_file.state[key])
+        specs.update({key: (tuple(t.shape), torch_io.numpy_dtype(t)) for key, t in tensor_file.state.items()})
       self._file_of.update({key: file for key in specs if key not in self._file_of})
     self._directory, self._readers, self._specs = directory, readers, specs
     self.ledger = KeyLedger(self._file_of, str(directory))
 
   def read(self, key: str) -> tuple[np.ndarray, str]:
-    """(array, "file: key"); the array may be a view into a memory-mapped file."""
+    """(array, "file: key")."""
     self.ledger.take(key)
     file = self._file_of[key]
     return self._readers[file](key), f"{self._directory / file}: {key}"

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from jax.numpy import bfloat16
 
-from cpm_jax.convert.common import ConversionError
+from cpm_jax.convert.common import ConversionError, read_at
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -59,11 +59,7 @@ class Reader:
     if array.nbytes != end - begin:
       raise ConversionError(f"{self.path}: tensor {name!r} of shape {entry['shape']} ({entry['dtype']}) "
                             f"spans {end - begin} bytes, expected {array.nbytes}.")
-    with open(self.path, "rb") as f:
-      f.seek(self._start + begin)
-      if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != array.nbytes:
-        raise ConversionError(f"{self.path}: file ends inside tensor {name!r} (truncated download?).")
-    return array
+    return read_at(self.path, self._start + begin, array, f"tensor {name!r}")
 
 
 def write(path: str | os.PathLike, specs: Sequence[tuple[str, np.dtype, tuple[int, ...]]],

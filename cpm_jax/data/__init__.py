@@ -6,6 +6,9 @@
   pipeline.make_lm_iterator(source, tokenizer, ...) packed training batches of this process, checkpointable
   pipeline.make_eval_iterator(source, tokenizer, ...) one pass of packed batches for evaluation
   pipeline.non_pad_fraction(batches)                packing efficiency
+  processes.process_share / process_examples / process_rows  each process's share (every family's pipelines)
+  splits.SplitData                                  the fields every family's data class has (dataset, splits, ...)
+  jsonl.read_examples(path, required)               a CLUE-style jsonl file's examples
 """
 
 from cpm_jax.data.pipeline import make_eval_iterator, make_lm_iterator, non_pad_fraction

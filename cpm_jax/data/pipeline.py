@@ -17,7 +17,8 @@ batches into a global array. With num_epochs=None the iterator never ends: stop 
 of epochs, processes may run out at different steps). A final partial batch is padded with empty rows.
 
 Evaluation (make_eval_iterator): one pass over the split without shuffling; every process packs all documents
-the same way and takes its rows of each global batch, so all processes see the same number of batches.
+the same way and takes its rows of each global batch, so all processes see the same number of batches
+(cpm_jax.data.processes, shared with the other families' pipelines).
 
 Iterator state: the returned grain.DatasetIterator has get_state() -> dict (small, JSON-serialisable) and
 set_state(dict). Restoring a state into a fresh iterator built with the same arguments continues exactly after the
@@ -39,7 +40,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from cpm_jax.data.processes import process_share
+from cpm_jax.data import processes
 
 
 class Tokenizer(Protocol):
@@ -75,14 +76,9 @@ def _example_pieces(example: Mapping[str, Any], tokenizer: Tokenizer, seq_len: i
 def _lm_batch(packed: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
   """The batch features from packed rows, padded with all-zero rows up to `rows`."""
   segment_ids = packed["inputs_segment_ids"]
-  batch = {"inputs": packed["inputs"], "targets": packed["targets"],
-           "weights": (segment_ids > 0).astype(np.float32), "segment_ids": segment_ids,
-           "positions": packed["inputs_positions"]}
-  return {k: np.pad(v, [(0, rows - v.shape[0]), (0, 0)]) for k, v in batch.items()}
-
-
-def _process_rows(batch: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-  return {k: v[start:stop] for k, v in batch.items()}
+  return processes.pad_rows({"inputs": packed["inputs"], "targets": packed["targets"],
+                             "weights": (segment_ids > 0).astype(np.float32), "segment_ids": segment_ids,
+                             "positions": packed["inputs_positions"]}, rows)
 
 
 def _packed_batches(documents: grain.MapDataset, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
@@ -126,10 +122,8 @@ def make_lm_iterator(data_source: Sequence[Any], tokenizer: Tokenizer, *, seq_le
   worker_count > 0 tokenizes and packs in that many processes (their output differs from worker_count=0 but is
   deterministic for a given count).
   """
-  index, count, batch_size = process_share(process_index, process_count, global_batch_size)
-  documents = _documents(data_source, max_documents)[index::count]
-  if not len(documents):
-    raise ValueError(f"Process {index} of {count} gets no documents: the source holds fewer than {count}.")
+  index, count, batch_size = processes.process_share(process_index, process_count, global_batch_size)
+  documents = processes.process_examples(_documents(data_source, max_documents), index, count, "documents")
   return iter(_packed_batches(documents, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
                               shuffle=shuffle, num_epochs=num_epochs, num_packing_bins=num_packing_bins,
                               read_threads=read_threads, worker_count=worker_count))
@@ -141,11 +135,11 @@ def make_eval_iterator(data_source: Sequence[Any], tokenizer: Tokenizer, *, seq_
                        max_documents: int | None = None, num_packing_bins: int | None = None,
                        read_threads: int = 2) -> grain.DatasetIterator:
   """One pass over all documents in order, as this process's rows of each global batch (module docstring)."""
-  index, _, batch_size = process_share(process_index, process_count, global_batch_size)
+  index, count, _ = processes.process_share(process_index, process_count, global_batch_size)
   batches = _packed_batches(_documents(data_source, max_documents), tokenizer, seq_len=seq_len,
                             batch_size=global_batch_size, seed=0, shuffle=False, num_epochs=1,
                             num_packing_bins=num_packing_bins, read_threads=read_threads, worker_count=0)
-  return iter(batches.map(functools.partial(_process_rows, start=index * batch_size, stop=(index + 1) * batch_size)))
+  return iter(processes.process_rows(batches, global_batch_size, index, count))
 
 
 def non_pad_fraction(batches: Iterable[Mapping[str, np.ndarray]]) -> float:

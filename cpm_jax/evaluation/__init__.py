@@ -2,6 +2,8 @@
 
   scoring.continuation_log_likelihood / score_requests   log p(continuation | context) over batches
   interface.LanguageModel                                what tasks use: tokenizer, score, generate, classify
+  batching.ModelRunner / in_batches                      how adapters run a model: fixed-size batches, the mesh,
+                                                         the decode layout made once
   model.load_checkpoint / load_tokenizer / language_model  any family's checkpoint behind its family's adapter
                                                          (cpm_jax/models/<family>/evaluation.py)
   tasks.LabelPromptTask / MultipleChoiceTask / GenerationTask / LMScoreTask / ClassificationTask,

@@ -13,9 +13,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from cpm_jax import decoding
+from cpm_jax.evaluation import batching
 
 Request = tuple[Sequence[int], Sequence[int]]
 ScoreFn = Callable[[Any, dict], dict]  # (params, batch) -> {"total": [batch], "count": [batch]}
@@ -68,11 +68,12 @@ def truncate(request: Request, max_length: int, where: str, strict: bool) -> tup
 
 def score_requests(score_fn: ScoreFn, params: Any, requests: Sequence[Request], *, max_length: int,
                    batch_size: int, pad_id: int, strict: bool = False, progress: bool = False,
-                   names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   names: Sequence[str] | None = None,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Total log-likelihood and scored-token count of every request, in input order.
 
   Requests are sorted by length and batched with power-of-two widths (few compiled shapes); the last
-  batch is padded with empty rows. `names` label requests in warnings and errors.
+  batch is padded with empty rows. `names` label requests in warnings and errors; `mesh`: run under it.
   """
   cut = [truncate(r, max_length, names[i] if names else f"request {i}", strict) for i, r in enumerate(requests)]
   requests = [request for request, _ in cut]
@@ -82,14 +83,17 @@ def score_requests(score_fn: ScoreFn, params: Any, requests: Sequence[Request], 
     logging.warning("%d of %d requests exceed the model's %d positions and lose tokens from the left (the "
                     "first: %s, %d tokens cut); strict mode makes this an error.", len(long), len(requests),
                     max_length, first, cut[long[0]][1])
-  lengths = np.array([len(c) + len(t) - 1 for c, t in requests])
-  order = np.argsort(-lengths, kind="stable")
+  order = np.argsort([-(len(c) + len(t) - 1) for c, t in requests], kind="stable")
+
+  def score(batch: list[Request]) -> list[tuple[float, float]]:
+    width = decoding.bucket_width(max(len(c) + len(t) - 1 for c, t in batch), max_length, minimum=16)
+    result = score_fn(params, make_batch(batch, width, pad_id))
+    return list(zip(np.asarray(result["total"]), np.asarray(result["count"])))
+
+  scored = batching.in_batches([requests[i] for i in order], batch_size, score, pad=((), ()), desc="scoring",
+                               progress=progress, mesh=mesh)
   totals, counts = np.zeros(len(requests), np.float64), np.zeros(len(requests), np.int64)
-  for start in tqdm.trange(0, len(order), batch_size, disable=not progress, desc="scoring", unit="batch"):
-    rows = order[start:start + batch_size]
-    width = decoding.bucket_width(lengths[rows].max(), max_length, minimum=16)
-    chunk = [requests[i] for i in rows] + [((), ())] * (batch_size - len(rows))
-    result = score_fn(params, make_batch(chunk, width, pad_id))
-    totals[rows] = np.asarray(result["total"])[:len(rows)]
-    counts[rows] = np.rint(np.asarray(result["count"])[:len(rows)])
+  if scored:
+    totals[order] = [total for total, _ in scored]
+    counts[order] = np.rint([count for _, count in scored])
   return totals, counts

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import math
-import os
 import re
 from typing import Sequence
 
@@ -40,9 +40,8 @@ class Result:
   predictions: list[dict]
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """One JSON object per non-empty line, each tagged with its file:line for error messages."""
-  return [{**example, WHERE: f"{path}:{number}"} for number, example in jsonl.read_objects(path)]
+# One JSON object per non-empty line, each tagged with its file:line for error messages.
+read_jsonl = functools.partial(jsonl.read_examples, where_key=WHERE)
 
 
 def where(example: dict, index: int) -> str:

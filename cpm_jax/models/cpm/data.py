@@ -1,4 +1,4 @@
-"""CPM-LM's training data: packed LM batches (cpm_jax.data.pipeline) from a TFDS text dataset."""
+"""CPM-LM's training data: packed LM batches (cpm_jax.data.pipeline) from a text dataset."""
 
 from __future__ import annotations
 
@@ -8,23 +8,20 @@ from typing import Iterable, Iterator
 
 import gin
 
-from cpm_jax.data import pipeline, sources
+from cpm_jax.data import pipeline
+from cpm_jax.data.splits import SplitData
 from cpm_jax.model_fit import Requirement
 from cpm_jax.tokenization import CPMTokenizer
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class LMData:
-  """Packed LM batches from a TFDS text dataset (default: the embedded People's Daily demo corpus)."""
+class LMData(SplitData):
+  """Packed LM batches from a text dataset (default: the embedded People's Daily demo corpus; `SplitData` for the
+  dataset, splits and batch fields); max_documents / eval_max_documents: read only the first documents."""
 
   tokenizer_path: str = gin.REQUIRED
-  dataset: str = "peoples_daily_1998"
-  data_dir: str = "~/tensorflow_datasets"
-  train_split: str = "train"
-  eval_split: str = "validation"
   seq_len: int = 256
-  global_batch_size: int = 8
   max_documents: int | None = None
   eval_max_documents: int | None = None
 
@@ -43,15 +40,14 @@ class LMData:
                         adopt=True),
             Requirement("max_positions", self.seq_len, f"LMData.seq_len = {self.seq_len}", ("positions",)))
 
-  def _source(self, split: str):
-    return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))
-
   def train_iterator(self, seed: int) -> Iterator[dict]:
-    return pipeline.make_lm_iterator(self._source(self.train_split), self.tokenizer, seq_len=self.seq_len,
+    return pipeline.make_lm_iterator(self.source(self.train_split), self.tokenizer, seq_len=self.seq_len,
                                      global_batch_size=self.global_batch_size, seed=seed,
-                                     max_documents=self.max_documents)
+                                     max_documents=self.max_documents, process_index=self.process_index,
+                                     process_count=self.process_count)
 
   def eval_batches(self) -> Iterable[dict]:
-    return pipeline.make_eval_iterator(self._source(self.eval_split), self.tokenizer, seq_len=self.seq_len,
+    return pipeline.make_eval_iterator(self.source(self.eval_split), self.tokenizer, seq_len=self.seq_len,
                                        global_batch_size=self.global_batch_size,
-                                       max_documents=self.eval_max_documents)
+                                       max_documents=self.eval_max_documents, process_index=self.process_index,
+                                       process_count=self.process_count)

@@ -3,13 +3,12 @@ log-likelihood and generating continuations."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 
-from cpm_jax import decoding, partitioning
-from cpm_jax.evaluation import scoring
+from cpm_jax import decoding
+from cpm_jax.evaluation import batching, scoring
 from cpm_jax.evaluation.interface import LanguageModel
 from cpm_jax.models.cpm import decode, model
 
@@ -28,19 +27,16 @@ def language_model(params: dict, config: model.CPMConfig, tokenizer: Any, metada
                    progress: bool = False) -> LanguageModel:
   """CPM-LM behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise)."""
   del metadata  # CPM records nothing that changes how it is evaluated
+  runner = batching.ModelRunner(params, decode.decode_layout, batch_size, mesh, progress)
   score = score_fn(config)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
 
   def score_requests(requests, names=None):
-    with partitioning.on_mesh(mesh):
-      return scoring.score_requests(score, params, requests, max_length=config.max_positions,
-                                    batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict,
-                                    progress=progress, names=names)
+    return scoring.score_requests(score, params, requests, max_length=config.max_positions, batch_size=batch_size,
+                                  pad_id=tokenizer.pad_id, strict=strict, progress=progress, names=names, mesh=mesh)
 
-  decode_params = functools.cache(lambda: decode.decode_layout(params))  # one copy for every generate call
-
-  def generate(prompts):
-    return decode.generate(decode_params(), prompts, config, decoding_config, eod_id=tokenizer.eod_id,
+  def generate(prompts):  # decode.generate batches itself, with a seed per batch
+    return decode.generate(runner.decode_params, prompts, config, decoding_config, eod_id=tokenizer.eod_id,
                            pad_id=tokenizer.pad_id, batch_size=batch_size, strict=strict, mesh=mesh,
                            progress=progress)
 

@@ -14,7 +14,7 @@ import re
 import jax
 import numpy as np
 
-from cpm_jax.convert import hf_io, safetensors_io
+from cpm_jax.convert import hf_io, megatron, safetensors_io, table
 from cpm_jax.convert.common import ConversionError, Loaded, atomic_output_dir
 from cpm_jax.models.cpm import convert as cpm_layout
 from cpm_jax.models.cpm import model as cpm
@@ -82,29 +82,30 @@ def load_hf(path: str | os.PathLike, *, config: cpm.CPMConfig | None = None, num
                             f"{name}={found[name]}.")
   config, note = cpm_layout.resolve_config(found, f"{directory / 'config.json'}", config, num_heads,
                                            dtype or wte_dtype.name)
-  key = lambda entry: prefix + entry.hf  # noqa: E731
   ignore = lambda name: name == "lm_head.weight" or bool(_BUFFER.fullmatch(name))  # noqa: E731
-  weights.ledger.expect({t.key for t in cpm_layout.tensors(cpm_layout.abstract_params(config), key)}, ignore)
+  tensors = table.stored_tensors(cpm_layout.abstract_params(config), cpm_layout.HF_ENTRIES, prefix)
+  weights.ledger.expect({t.key for t in tensors}, ignore)
 
-  def read(entry: cpm_layout.Entry, layer: int | None) -> tuple[np.ndarray, str]:
-    array, origin = weights.read(key(entry).format(i=layer))
-    if entry.target == "embed/wte" and "lm_head.weight" in weights.ledger:
+  def read(key: str, split: megatron.Split) -> tuple[np.ndarray, str]:
+    del split  # one file holds the whole tensor
+    array, origin = weights.read(prefix + key)
+    if key == "wte.weight" and "lm_head.weight" in weights.ledger:
       head, head_origin = weights.read("lm_head.weight")
       if not np.array_equal(head, array):
         raise ConversionError(f"{head_origin} differs from {origin}; CPM-LM ties its output head to the word "
                               "embedding (tie_word_embeddings).")
     return array, origin
 
-  params = cpm_layout.load_params(config, read, mesh)
+  params = cpm_layout.load_params(config, cpm_layout.HF_ENTRIES, read, mesh)
   weights.ledger.check_all_taken(lambda name: bool(_BUFFER.fullmatch(name)))
   return Loaded(params, config, [note])
 
 
 def save_hf(params: dict, config: cpm.CPMConfig, path: str | os.PathLike) -> pathlib.Path:
   """Writes a GPT2LMHeadModel directory (config.json, model.safetensors) atomically, tensor by tensor."""
-  wanted = cpm_layout.tensors(params, lambda entry: "transformer." + entry.hf)
+  tensors = table.stored_tensors(params, cpm_layout.HF_ENTRIES, "transformer.")
   with atomic_output_dir(path) as tmp:
     (tmp / "config.json").write_text(json.dumps(gpt2_config(config), indent=2) + "\n")
-    safetensors_io.write(tmp / "model.safetensors", [(t.key, t.dtype, t.shape) for t in wanted],
-                         cpm_layout.hf_arrays(params, wanted), {"format": "pt"})
+    safetensors_io.write(tmp / "model.safetensors", [(t.key, t.dtype, t.shape) for t in tensors],
+                         table.stored_arrays(params, tensors), {"format": "pt"})
   return pathlib.Path(path)

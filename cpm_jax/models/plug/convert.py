@@ -1,7 +1,7 @@
 """PLUG / StructBERT / BERT checkpoints <-> cpm_jax.models.plug params.
 
-One table (`entries`) names every tensor by the release's key (FORMATS.md), with how it is split over
-DeepSpeed model-parallel ranks and how its torch layout (Linear weights [out, in]) maps onto our array.
+One table (`entries`, of `convert.table.Entry`s) names every tensor by the release's key (FORMATS.md), with how it is
+split over DeepSpeed model-parallel ranks and how its torch layout (Linear weights [out, in]) maps onto our array.
 Sources: PLUG's `mp_rank_XX_model_states.pt` shards (any rank count), Hugging Face BertModel /
 BertForMaskedLM / BertForPreTraining (post-LN; separate query/key/value are fused on the fly), and our
 own Orbax params. Every parameter is assigned exactly once and every source key must be used (the
@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import layers, partitioning
-from cpm_jax.convert import hf_io, megatron, torch_io
-from cpm_jax.convert.common import ConversionError, KeyLedger, Loaded, TargetParams, device_placer, flatten
+from cpm_jax import layers
+from cpm_jax.convert import hf_io, megatron, table, torch_io
+from cpm_jax.convert.common import ConversionError, KeyLedger, Loaded, flatten
+from cpm_jax.convert.table import Entry
 from cpm_jax.models.plug import model as plug
 
 DECODER_WEIGHT = "cls.predictions.decoder_weight"  # PLUG's tied copy of the word embedding (vocab-split)
@@ -31,34 +31,15 @@ DECODER_WEIGHT = "cls.predictions.decoder_weight"  # PLUG's tied copy of the wor
 OPTIONAL_GROUPS = ("mlm", "pooler", "relation", "classifier")
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  """One release tensor ("{i}" = layer): our param path, its split over ranks, and its torch layout.
-
-  in_dims: how many leading dims of our (per-layer) array form the torch tensor's first dim (0: a
-  flattened vector). linear: a torch Linear weight, i.e. that 2-D form transposed ([out, in]).
-  """
-
-  key: str
-  target: str
-  split: megatron.Split = megatron.REPLICATED
-  in_dims: int = 0
-  linear: bool = False
-
-  @property
-  def per_layer(self) -> bool:
-    return "{i}" in self.key
-
-
 def _linear(key: str, target: str, weight: str, bias: str, split: megatron.Split, in_dims: int = 1) -> list[Entry]:
   """A torch Linear: column-parallel weights split their bias the same way; row-parallel biases are replicated."""
   bias_split = megatron.REPLICATED if split == megatron.ROW else split
-  return [Entry(f"{key}.weight", f"{target}/{weight}", split, in_dims, linear=True),
-          Entry(f"{key}.bias", f"{target}/{bias}", bias_split)]
+  return [Entry(f"{target}/{weight}", f"{key}.weight", split, in_dims, transposed=True),
+          Entry(f"{target}/{bias}", f"{key}.bias", bias_split)]
 
 
 def _norm(key: str, target: str) -> list[Entry]:
-  return [Entry(f"{key}.weight", f"{target}/scale"), Entry(f"{key}.bias", f"{target}/bias")]
+  return [Entry(f"{target}/scale", f"{key}.weight"), Entry(f"{target}/bias", f"{key}.bias")]
 
 
 def _dense(key: str, target: str) -> list[Entry]:
@@ -71,9 +52,9 @@ def entries(config: plug.PlugConfig) -> list[Entry]:
   e = "bert.encoder.layer.{i}."
   ln_1, ln_2 = ("attention.LayerNorm", "LayerNorm") if config.encoder_pre_ln else (
       "attention.output.LayerNorm", "output.LayerNorm")
-  out = [Entry("bert.embeddings.word_embeddings.weight", "embed/wte", col, 1),
-         Entry("bert.embeddings.position_embeddings.weight", "embed/wpe", rep, 1),
-         Entry("bert.embeddings.token_type_embeddings.weight", "embed/wtt", rep, 1),
+  out = [Entry("embed/wte", "bert.embeddings.word_embeddings.weight", col, 1),
+         Entry("embed/wpe", "bert.embeddings.position_embeddings.weight", rep, 1),
+         Entry("embed/wtt", "bert.embeddings.token_type_embeddings.weight", rep, 1),
          *_norm("bert.embeddings.LayerNorm", "embed/ln"),
          *_norm(e + ln_1, "encoder/blocks/ln_1"),
          *_linear(e + "attention.self.query_key_value", "encoder/blocks/attn", "qkv_kernel", "qkv_bias",
@@ -99,7 +80,7 @@ def entries(config: plug.PlugConfig) -> list[Entry]:
             *_norm("decoder.decoder.final_layernorm", "decoder/ln_f")]
   out += [*_linear("cls.predictions.transform.dense", "mlm", "dense_kernel", "dense_bias", rep),
           *_norm("cls.predictions.transform.LayerNorm", "mlm/ln"),
-          Entry("cls.predictions.bias", "mlm/bias", col)]
+          Entry("mlm/bias", "cls.predictions.bias", col)]
   if config.has_pooler:
     out += _dense("bert.pooler.dense", "pooler")
   if config.num_relations:
@@ -109,74 +90,32 @@ def entries(config: plug.PlugConfig) -> list[Entry]:
   return out
 
 
-def _num_layers(entry: Entry, config: plug.PlugConfig) -> int:
-  return config.num_encoder_layers if entry.target.startswith("encoder/") else config.num_decoder_layers
-
-
-def torch_shape(entry: Entry, shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The release's shape of one layer of our array of `shape`."""
-  if not entry.in_dims:
-    return (math.prod(shape),)
-  rows, cols = math.prod(shape[:entry.in_dims]), math.prod(shape[entry.in_dims:])
-  return (cols, rows) if entry.linear else (rows, cols)
-
-
-def _to_ours(entry: Entry, array: np.ndarray, origin: str, shape: tuple[int, ...]) -> np.ndarray:
-  if tuple(array.shape) != torch_shape(entry, shape):
-    raise ConversionError(f"{origin}: shape {tuple(array.shape)}, expected {torch_shape(entry, shape)} for "
-                          f"{entry.target} {shape}; the checkpoint does not match the model config (layers, "
-                          "hidden, heads, FFN, vocab, positions, token types).")
-  return (array.T if entry.linear else array).reshape(shape)
-
-
-def _to_theirs(entry: Entry, array: np.ndarray) -> np.ndarray:
-  out = array.reshape(torch_shape(entry, array.shape)[::-1] if entry.linear else torch_shape(entry, array.shape))
-  return out.T if entry.linear else out
-
-
 # ---- loading -----------------------------------------------------------------------------------
 
-Reader = Callable[[str, megatron.Split], tuple[np.ndarray, str]]  # (key, split) -> (array, "file: key")
-
-
-def load_params(config: plug.PlugConfig, read: Reader, present: Callable[[str], bool],
+def load_params(config: plug.PlugConfig, read: table.Reader, present: Callable[[str], bool],
                 mesh: jax.sharding.Mesh | None = None, init_key: jax.Array | None = None) -> tuple[dict, list[str]]:
-  """Params of `config` read group by group (placed on `mesh` as they arrive); returns (params, notes).
+  """Params of `config` by `table.load_params` (placed on `mesh` as they arrive); returns (params, notes).
 
-  Optional head groups whose first key is not `present` are initialised from the config (noted).
+  Optional head groups whose keys are not `present` are initialised from the config (noted).
   """
-  abstract = layers.abstract_params(plug.param_specs(config), config.param_dtype)
-  place = None
-  if mesh is not None:
-    place = device_placer(partitioning.tree_shardings(layers.logical_axes(plug.param_specs(config)), mesh, abstract))
-  target = TargetParams(abstract, place)
+  specs = plug.param_specs(config)
   wanted = entries(config)
-  absent = sorted({e.target.split("/")[0] for e in wanted if e.target.split("/")[0] in OPTIONAL_GROUPS
-                   and not any(present(x.key) for x in wanted if x.target.split("/")[0] == e.target.split("/")[0])})
-  for entry in wanted:
-    if entry.target.split("/")[0] in absent:
-      continue
-    shape = target.specs[entry.target].shape
-    if entry.per_layer:
-      buffer = target.new_buffer(entry.target)
-      for layer in range(_num_layers(entry, config)):
-        key = entry.key.format(i=layer)
-        buffer[layer] = _to_ours(entry, *read(key, entry.split), shape[1:])
-      target.assign(entry.target, buffer, entry.key)
-    else:
-      array, origin = read(entry.key, entry.split)
-      target.assign(entry.target, _to_ours(entry, array, origin, shape), origin)
+  group = lambda entry: entry.target.split("/")[0]  # noqa: E731
+  absent = sorted({group(e) for e in wanted if group(e) in OPTIONAL_GROUPS}
+                  - {group(e) for e in wanted if present(e.key.format(i=0))})
+  fresh = {}
   if absent:
     key = jax.random.key(0) if init_key is None else init_key
-    specs = plug.param_specs(config)
-    fresh = layers.init_from_specs({group: specs[group] for group in absent}, key, jnp.dtype(config.param_dtype))
-    for path, value in flatten(fresh).items():
-      target.assign(path, np.asarray(value), "fresh init")
-  notes = [f"initialised {group} from the config (not in the checkpoint)" for group in absent]
-  return target.result(), notes
+    initialised = layers.init_from_specs({name: specs[name] for name in absent}, key, jnp.dtype(config.param_dtype))
+    fresh = {path: np.asarray(value) for path, value in flatten(initialised).items()}
+  params = table.load_params(specs, config.param_dtype, [e for e in wanted if group(e) not in absent], read,
+                             mesh=mesh, config_summary="layers, hidden, heads, FFN, vocab, positions, token types",
+                             fresh=fresh)
+  return params, [f"initialised {name} from the config (not in the checkpoint)" for name in absent]
 
 
 def _check_tied(params: dict, tied: np.ndarray, origin: str) -> None:
+  """decoder_weight must equal the word embedding."""
   wte = np.asarray(params["embed"]["wte"])
   if not np.array_equal(tied.astype(wte.dtype), wte):
     raise ConversionError(f"{origin}: should be tied to bert.embeddings.word_embeddings.weight but differs from it.")
@@ -190,17 +129,12 @@ def load_deepspeed(path: str | os.PathLike, *, config: plug.PlugConfig | None = 
   Heads cannot be read from the weights, so the shapes are checked against `config` (default: PLUG 27B).
   """
   shards = megatron.read_shards(path, tag, trust_pickle)
-  source_dtype = torch_io.to_numpy(shards.modules[0]["bert.embeddings.word_embeddings.weight"]).dtype
+  source_dtype = shards.dtype("bert.embeddings.word_embeddings.weight")
   config = dataclasses.replace(config or plug.PlugConfig(), param_dtype=dtype or source_dtype.name)
   keys = set(shards.keys())
-  where = f"{shards.directory} (mp_rank_*_model_states.pt)"
-
-  def read(key: str, split: megatron.Split) -> tuple[np.ndarray, str]:
-    return shards.take(key, split), f"{where}: {key}"
-
-  params, notes = load_params(config, read, keys.__contains__, mesh)
+  params, notes = load_params(config, shards.read, keys.__contains__, mesh)
   if DECODER_WEIGHT in keys:
-    _check_tied(params, shards.take(DECODER_WEIGHT, megatron.COLUMN), f"{where}: {DECODER_WEIGHT}")
+    _check_tied(params, *shards.read(DECODER_WEIGHT, megatron.COLUMN))
   shards.ledger.check_all_taken()
   return Loaded(params, config, notes + [f"merged {shards.num_ranks} model-parallel rank(s) of {shards.directory}"])
 
@@ -229,7 +163,8 @@ class _HFBert:
 def _load_hf_bert(keys: list[str], read, ledger: KeyLedger, config: plug.PlugConfig, mesh, init_key) -> tuple:
   if config.encoder_pre_ln or config.num_decoder_layers:
     raise ConversionError("A Hugging Face BERT checkpoint is a post-LN encoder: use a model config with "
-                          "encoder_pre_ln=False and num_decoder_layers=0 (e.g. gin_configs/models/structbert_large.gin).")
+                          "encoder_pre_ln=False and num_decoder_layers=0 (e.g. "
+                          "gin_configs/models/structbert_large.gin).")
   source = _HFBert(keys, read)
   params, notes = load_params(config, source.read, source.present, mesh, init_key)
   for tied in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
@@ -244,14 +179,13 @@ def _load_hf_bert(keys: list[str], read, ledger: KeyLedger, config: plug.PlugCon
 
 def params_from_hf_state(state: Mapping[str, Any], config: plug.PlugConfig,
                          init_key: jax.Array | None = None) -> tuple[dict, list[str]]:
-  """Params from an in-memory HF BertModel / BertForMaskedLM state dict (e.g. `model.state_dict()`);
+  """Params from an in-memory HF BertModel / BertForMaskedLM state dict of torch tensors (e.g. `model.state_dict()`);
   returns (params, notes on heads initialised from the config)."""
   ledger = KeyLedger(state, "Hugging Face BERT state dict")
 
   def read(key: str) -> tuple[np.ndarray, str]:
     ledger.take(key)
-    value = state[key]
-    return (torch_io.to_numpy(value) if hasattr(value, "detach") else np.asarray(value)), key
+    return torch_io.to_numpy(state[key]), key
 
   return _load_hf_bert(list(state), read, ledger, config, None, init_key)
 
@@ -278,34 +212,18 @@ def load_hf_bert(path: str | os.PathLike, *, config: plug.PlugConfig, dtype: str
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def torch_arrays(params: dict, config: plug.PlugConfig) -> Iterator[tuple[Entry, str, np.ndarray]]:
-  """(entry, key, release-layout array) for every tensor; one param group is on the host at a time."""
-  flat = flatten(params)
-  for entry in entries(config):
-    group = np.asarray(flat[entry.target])
-    for layer in range(_num_layers(entry, config)) if entry.per_layer else (None,):
-      yield entry, entry.key.format(i=layer), _to_theirs(entry, group if layer is None else group[layer])
-
-
 def state_from_params(params: dict, config: plug.PlugConfig) -> dict[str, np.ndarray]:
   """The full (merged) release state dict, numpy, including the tied decoder_weight."""
-  state = {key: array for _, key, array in torch_arrays(params, config)}
+  tensors = table.stored_tensors(params, entries(config))
+  state = {t.key: array for t, array in zip(tensors, table.stored_arrays(params, tensors))}
   state[DECODER_WEIGHT] = state["bert.embeddings.word_embeddings.weight"]
   return state
 
 
 def save_deepspeed(params: dict, config: plug.PlugConfig, path: str | os.PathLike, num_ranks: int,
                    tag: str = "release") -> pathlib.Path:
-  """Writes PLUG's DeepSpeed layout split over `num_ranks` model-parallel ranks, atomically."""
-  for name, size in (("num_heads", config.num_heads), ("vocab_size", config.vocab_size), ("ffn_dim", config.ffn_dim)):
-    if size % num_ranks:
-      raise ConversionError(f"--mp={num_ranks} must divide {name}={size} of the model.")
+  """Writes PLUG's DeepSpeed layout split over `num_ranks` model-parallel ranks, atomically (decoder_weight: the
+  word embedding's tensor, stored once)."""
+  return megatron.save_shards(params, config, entries(config), path, num_ranks, tag,
+                              aliases={DECODER_WEIGHT: "bert.embeddings.word_embeddings.weight"})
 
-  def rank_module(rank: int) -> dict:
-    module = {}
-    for entry, key, array in torch_arrays(params, config):
-      module[key] = torch_io.from_numpy(megatron.split_tensor(array, entry.split, num_ranks, key)[rank])
-    module[DECODER_WEIGHT] = module["bert.embeddings.word_embeddings.weight"]
-    return module
-
-  return megatron.write_shards(path, num_ranks, rank_module, tag)

@@ -9,7 +9,8 @@ arrays [per_process_batch, length], per-example labels and their weights [per_pr
   classification  labels, label_weights
 Noise is drawn per example from a Generator seeded by (seed, example index), so batches are deterministic;
 the iterators are Grain DatasetIterators whose get_state()/set_state() resume exactly (the train loop
-checkpoints them). Documents are split over processes as in the LM pipeline.
+checkpoints them). Each process reads its share as in the LM pipeline (cpm_jax.data.processes): its examples for
+training, its rows of the same global batches for evaluation.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gin
 import grain
-import jax
 import numpy as np
 
-from cpm_jax.data import jsonl, sources
+from cpm_jax.data import processes
+from cpm_jax.data.splits import SplitData
 from cpm_jax.model_fit import Requirement
 from cpm_jax.models.plug import objectives
 from cpm_jax.tokenization import BertTokenizer
@@ -163,29 +164,7 @@ def classification_example(example: Mapping[str, Any], *, tokenizer: BertTokeniz
   return features
 
 
-# ---- sources -------------------------------------------------------------------------------------
-
-def read_jsonl(path: str | os.PathLike, required: Iterable[str]) -> list[dict[str, Any]]:
-  """A CLUE-style jsonl file (one JSON object per line); every object must hold the `required` fields."""
-  required = list(required)
-  examples = []
-  for number, example in jsonl.read_objects(path):
-    missing = [field for field in required if field not in example]
-    if missing:
-      raise ValueError(f"{path}:{number}: missing field(s) {missing}; expected {required}.")
-    examples.append(example)
-  if not examples:
-    raise ValueError(f"{path}: no examples.")
-  return examples
-
-
-def _source(dataset: str, split: str, data_dir: str, required: Iterable[str]) -> Sequence[Any]:
-  """A TFDS split (`dataset` a name, e.g. review_sentiment) or a jsonl file (`dataset` ends in .jsonl, with
-  `{split}` replaced by the split name, e.g. /data/afqmc/{split}.jsonl)."""
-  if dataset.endswith(".jsonl"):
-    return read_jsonl(dataset.format(split=split), required)
-  return sources.load_split(dataset, split, os.path.expanduser(data_dir))
-
+# ---- the data classes --------------------------------------------------------------------------
 
 def _indexed(source: Sequence[Any], field: str | None) -> grain.MapDataset:
   """(index, text) pairs for text tasks; the examples themselves otherwise."""
@@ -195,39 +174,14 @@ def _indexed(source: Sequence[Any], field: str | None) -> grain.MapDataset:
   return grain.MapDataset.range(len(source)).map(lambda i: (i, _text(source[i][field])))
 
 
-def _batches(dataset: grain.MapDataset, example_fn: Callable, *, random: bool, batch_size: int, seed: int,
-             shuffle: bool, num_epochs: int | None, process_index: int, process_count: int) -> grain.DatasetIterator:
-  dataset = dataset[process_index::process_count]
-  if not len(dataset):
-    raise ValueError(f"Process {process_index} of {process_count} gets no examples.")
-  if shuffle:
-    dataset = dataset.shuffle(seed)
-  dataset = dataset.repeat(num_epochs)
-  dataset = dataset.random_map(example_fn, seed=seed) if random else dataset.map(example_fn)
-  batches = dataset.to_iter_dataset().batch(batch_size, drop_remainder=num_epochs is None)
-  return iter(batches.map(functools.partial(_pad_rows, rows=batch_size)))
-
-
-def _pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """A final partial batch padded with all-zero rows (segment ids and weights 0: they count nowhere)."""
-  return {k: np.pad(v, [(0, rows - len(v))] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-
-
 @dataclasses.dataclass(frozen=True)
-class _PlugData(abc.ABC):
-  """What the train loop needs of a PLUG task: train_iterator(seed), eval_batches(), sizes."""
+class _PlugData(SplitData, abc.ABC):
+  """What the train loop needs of a PLUG task (`SplitData` for the dataset, splits and batch fields):
+  train_iterator(seed), eval_batches(). max_examples / eval_max_examples: read only the first examples."""
 
   vocab_path: str = gin.REQUIRED
-  dataset: str = "peoples_daily_1998"
-  data_dir: str = "~/tensorflow_datasets"
-  train_split: str = "train"
-  eval_split: str = "validation"
-  seq_len: int = 128
-  global_batch_size: int = 8
   max_examples: int | None = None
   eval_max_examples: int | None = None
-  process_index: int | None = None
-  process_count: int | None = None
 
   text_field = "text"
   random = True
@@ -253,28 +207,31 @@ class _PlugData(abc.ABC):
     return {"tokenizer": self.vocab_path}
 
   @abc.abstractmethod
-  def example_fn(self) -> Callable:
-    """The per-example transform: (index, text), rng -> features if `random`, else example -> features."""
+  def example_fn(self, source: Sequence[Any]) -> Callable:
+    """The per-example transform of `source`'s examples: (index, text), rng -> features if `random`, else
+    example -> features."""
 
-  def _iterator(self, split: str, seed: int, train: bool) -> grain.DatasetIterator:
-    index = jax.process_index() if self.process_index is None else self.process_index
-    count = jax.process_count() if self.process_count is None else self.process_count
-    if self.global_batch_size % count:
-      raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of the {count} processes.")
-    source = _source(self.dataset, split, self.data_dir, self.required_fields())
+  def _examples(self, split: str, limit: int | None) -> tuple[grain.MapDataset, Callable]:
+    source = self.source(split, self.required_fields())
     dataset = _indexed(source, self.text_field if self.random else None)
-    limit = self.max_examples if train else self.eval_max_examples
-    if limit:
-      dataset = dataset[:limit]
-    return _batches(dataset, self.example_fn(), random=self.random, batch_size=self.global_batch_size // count,
-                    seed=seed, shuffle=train, num_epochs=None if train else 1, process_index=index,
-                    process_count=count)
+    return (dataset[:limit] if limit else dataset), self.example_fn(source)
+
+  def _features(self, dataset: grain.MapDataset, example_fn: Callable, seed: int) -> grain.IterDataset:
+    return (dataset.random_map(example_fn, seed=seed) if self.random else dataset.map(example_fn)).to_iter_dataset()
 
   def train_iterator(self, seed: int) -> grain.DatasetIterator:
-    return self._iterator(self.train_split, seed, train=True)
+    """This process's share of the train split, shuffled with `seed`, repeated for ever, in full batches."""
+    index, count, rows = self.process_share()
+    dataset, example_fn = self._examples(self.train_split, self.max_examples)
+    shuffled = processes.process_examples(dataset, index, count).shuffle(seed).repeat()
+    return iter(self._features(shuffled, example_fn, seed).batch(rows, drop_remainder=True))
 
   def eval_batches(self) -> grain.DatasetIterator:
-    return self._iterator(self.eval_split, 0, train=False)
+    """One pass over the eval split in order: this process's rows of each global batch (processes.process_rows)."""
+    index, count, _ = self.process_share()
+    dataset, example_fn = self._examples(self.eval_split, self.eval_max_examples)
+    global_batches = self._features(dataset, example_fn, seed=0).batch(self.global_batch_size)
+    return iter(processes.process_rows(global_batches, self.global_batch_size, index, count))
 
 
 def _decoder_requirements(name: str, target_len: int) -> tuple[Requirement, ...]:
@@ -296,8 +253,8 @@ class StructBertData(_PlugData):
     return (*super().model_requirements(),
             Requirement("num_relations", 3, "StructBertData's sentence relations", ("relation_labels",)))
 
-  def example_fn(self) -> Callable:
-    source = _source(self.dataset, self.train_split, self.data_dir, self.required_fields())
+  def example_fn(self, source: Sequence[Any]) -> Callable:
+    """The sentence-relation negatives ("other" documents) come from the same split as the examples."""
     return functools.partial(structbert_example, tokenizer=self.tokenizer, documents=source, seq_len=self.seq_len,
                              noise=self.noise)
 
@@ -314,7 +271,8 @@ class PalmData(_PlugData):
   def model_requirements(self) -> tuple[Requirement, ...]:
     return (*super().model_requirements(), *_decoder_requirements("PalmData", self.target_len))
 
-  def example_fn(self) -> Callable:
+  def example_fn(self, source: Sequence[Any]) -> Callable:
+    del source  # examples do not look at each other
     return functools.partial(palm_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
                              target_len=self.target_len, source_ratio=self.source_ratio, noise=self.noise)
 
@@ -340,7 +298,8 @@ class Seq2SeqData(_PlugData):
   def model_requirements(self) -> tuple[Requirement, ...]:
     return (*super().model_requirements(), *_decoder_requirements("Seq2SeqData", self.target_len))
 
-  def example_fn(self) -> Callable:
+  def example_fn(self, source: Sequence[Any]) -> Callable:
+    del source  # examples do not look at each other
     return functools.partial(seq2seq_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
                              target_len=self.target_len, source_fields=self.source_fields,
                              target_field=self.target_field)
@@ -372,7 +331,8 @@ class ClassificationData(_PlugData):
   def checkpoint_metadata(self) -> dict:
     return {**super().checkpoint_metadata(), "labels": list(self.labels)}
 
-  def example_fn(self) -> Callable:
+  def example_fn(self, source: Sequence[Any]) -> Callable:
+    del source  # examples do not look at each other
     return functools.partial(classification_example, tokenizer=self.tokenizer, seq_len=self.seq_len,
                              text_fields=self.text_fields, label_field=self.label_field,
                              label_ids={label: i for i, label in enumerate(self.labels)})

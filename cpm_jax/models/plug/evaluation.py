@@ -14,9 +14,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from cpm_jax import decoding, partitioning
+from cpm_jax import decoding
+from cpm_jax.evaluation import batching
 from cpm_jax.evaluation.interface import LanguageModel, unsupported
 from cpm_jax.models.plug import decode
 from cpm_jax.models.plug import model as plug
@@ -63,13 +63,13 @@ def _classifier(config: plug.PlugConfig):
   return jax.jit(logits)
 
 
-def _padded(rows: Sequence[Sequence[int]], batch_size: int, max_length: int) -> np.ndarray:
-  """[batch_size, power-of-two width] int32, right-padded with 0 (rows beyond len(rows) are all 0)."""
+def _padded(rows: Sequence[Sequence[int]], max_length: int) -> jax.Array:
+  """[rows, power-of-two width] int32, right-padded with 0."""
   width = decoding.bucket_width(max(len(r) for r in rows), max_length)
-  out = np.zeros((batch_size, width), np.int32)
+  out = np.zeros((len(rows), width), np.int32)
   for i, row in enumerate(rows):
     out[i, :len(row)] = row
-  return out
+  return jnp.asarray(out)
 
 
 def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokenizer, metadata: dict, *,
@@ -85,20 +85,18 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
   labels = tuple(metadata.get("labels", ()))
   prompts_tokenizer = PromptTokenizer(tokenizer, config.max_positions, strict)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
-  decode_params = functools.cache(lambda: decode.decode_layout(params))  # one copy for every generate call
+  runner = batching.ModelRunner(params, decode.decode_layout, batch_size, mesh, progress)
+
+  def generate_batch(sources):
+    return decode.generate(runner.decode_params, sources, config, decoding_config, cls_id=tokenizer.cls_id,
+                           sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
+                           token_types=[prompts_tokenizer.token_types(s) for s in sources], mesh=mesh)
 
   def generate(prompts):
     if config.num_decoder_layers == 0:
       raise ValueError("This PLUG checkpoint has no decoder (num_decoder_layers=0): it cannot generate.")
-    outputs = []
-    for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
-      chunk = [list(p) for p in prompts[start:start + batch_size]]
-      rows = chunk + [[tokenizer.cls_id, tokenizer.sep_id]] * (batch_size - len(chunk))  # one compiled batch size
-      generated = decode.generate(decode_params(), rows, config, decoding_config, cls_id=tokenizer.cls_id,
-                                  sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
-                                  token_types=[prompts_tokenizer.token_types(p) for p in rows], mesh=mesh)
-      outputs += generated[:len(chunk)]
-    return outputs
+    return runner.in_batches([list(p) for p in prompts], generate_batch, pad=[tokenizer.cls_id, tokenizer.sep_id],
+                             desc="generating")
 
   classify = None
   if config.num_classes:
@@ -106,20 +104,16 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
       raise ValueError(f"{len(labels)} labels {list(labels)} for a classifier of {config.num_classes} classes.")
     run = _classifier(config)
 
+    def classify_batch(texts):
+      encoded = [tokenizer.encode(t[0], t[1] if len(t) > 1 else None, max_length=config.max_positions)
+                 for t in texts]
+      columns = [[e["input_ids"] for e in encoded], [e["token_type_ids"] for e in encoded],
+                 [[1] * len(e["input_ids"]) for e in encoded]]
+      return np.asarray(run(params, *(_padded(rows, config.max_positions) for rows in columns)), np.float32)
+
     def classify(texts):
-      logits = []
-      for start in tqdm.trange(0, len(texts), batch_size, disable=not progress, desc="classifying", unit="batch"):
-        chunk = texts[start:start + batch_size]
-        encoded = [tokenizer.encode(t[0], t[1] if len(t) > 1 else None, max_length=config.max_positions)
-                   for t in chunk]
-        tokens = _padded([e["input_ids"] for e in encoded], batch_size, config.max_positions)
-        types = _padded([e["token_type_ids"] for e in encoded], batch_size, config.max_positions)
-        segments = _padded([[1] * len(e["input_ids"]) for e in encoded], batch_size, config.max_positions)
-        with partitioning.on_mesh(mesh):
-          out = run(params, jnp.asarray(tokens), jnp.asarray(types), jnp.asarray(segments))
-        logits.append(np.asarray(out, np.float32)[:len(chunk)])
-      return np.concatenate(logits) if logits else np.zeros((0, config.num_classes), np.float32)
+      logits = runner.in_batches(list(texts), classify_batch, pad=("",), desc="classifying")
+      return np.stack(logits) if logits else np.zeros((0, config.num_classes), np.float32)
 
   return LanguageModel(prompts_tokenizer, unsupported("score continuations (it is an encoder-decoder)", "PLUG"),
                        generate, classify, labels, continues_prompt=False)
-
