@@ -34,6 +34,6 @@ abstract_params = FAMILY.abstract_params
 logical_axes = FAMILY.logical_axes
 
 __all__ = ["CharVocab", "FAMILY", "M6Config", "M6Data", "M6Model", "abstract_params", "cache_logical_axes",
-           "cached_hidden_states", "decode_layout", "embed_image", "embed_text", "forward", "generate", "grid_positions",
-           "hidden_states", "init", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "patchify",
-           "prefill", "prefix_lm_mask", "step_fn", "text_prefix", "unpatchify"]
+           "cached_hidden_states", "decode_layout", "embed_image", "embed_text", "forward", "generate",
+           "grid_positions", "hidden_states", "init", "language_model", "logical_axes", "logits_from_hidden",
+           "param_specs", "patchify", "prefill", "prefix_lm_mask", "step_fn", "text_prefix", "unpatchify"]

@@ -85,12 +85,9 @@ def _decoder(config: model.M6Config, decoding_config: decoding.DecodingConfig, e
   def run(params, image_inputs, has_image, prompts, lengths, rng):
     cache_length = config.num_patches + prompts.shape[1] - 1 + decoding_config.max_new_tokens
     cache, last = prefill(params, image_inputs, has_image, prompts, lengths, config, cache_length)
-    seen = None
-    if decoding_config.needs_seen_tokens:
-      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
-      seen = decoding.seen_tokens(prompts, valid, config.vocab_size)
+    # A repetition penalty counts the generated text only: the prompt is a question, not text to continue.
     return decoding_config.run(step, params, cache, cache_logical_axes(config), last, eod_id=eod_id,
-                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng, seen=seen)
+                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng)
 
   return jax.jit(run)
 

@@ -18,14 +18,12 @@ Cached decoding (`cached_hidden_states`) takes `transformer.DecodeParams` (cpm_j
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import gin
 import jax
 import jax.numpy as jnp
 
 from cpm_jax import layers, objectives, partitioning, transformer
-from cpm_jax.layers import Layout
 from cpm_jax.models.m6 import masks, patches
 
 IMAGE, TEXT = 0, 1  # rows of the modality embedding
@@ -90,14 +88,7 @@ class M6Config(transformer.TransformerConfig):
 
 def param_specs(config: M6Config) -> dict:
   std = config.init_stddev
-  out_std = std / math.sqrt(2 * config.num_layers)
   embed = config.embed_dim
-  block = {
-      "ln_1": layers.layer_norm_specs(embed),
-      "attn": layers.attention_specs(embed, config.num_heads, config.head_dim, std, out_std),
-      "ln_2": layers.layer_norm_specs(embed),
-      "mlp": layers.mlp_specs(embed, config.ffn_dim, std, out_std),
-  }
   table = lambda rows, axis: layers.ParamSpec((rows, embed), (axis, "embed"), layers.normal(std))  # noqa: E731
   return {
       "text": {"wte": table(config.vocab_size, "vocab"), "wpe": table(config.max_text_positions, "positions")},
@@ -109,7 +100,7 @@ def param_specs(config: M6Config) -> dict:
           "col": table(config.grid_size, "positions"),
       },
       "modality": table(2, "token_types"),
-      "blocks": layers.stacked(block, config.num_layers),
+      "blocks": transformer.pre_ln_block_specs(config),
       "ln_f": layers.layer_norm_specs(embed),
   }
 
@@ -140,20 +131,6 @@ def logits_from_hidden(params: dict, hidden: jax.Array, config: M6Config) -> jax
 
 # ---- forward -----------------------------------------------------------------------------------
 
-def _block(x, params, config: M6Config, mask, rng, layout: Layout = Layout.TRAINING, kv=None, cache_index=None):
-  """One pre-LN block; with `kv` (this layer's decode cache) the new keys and values are written at cache_index."""
-  dtype = config.compute_dtype
-  rate = config.dropout_rate if rng is not None else 0.0
-  rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
-  h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
-  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index)
-  x = x + layers.dropout(attn, rate, rngs[0])
-  h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
-  h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1], layout=layout)
-  x = x + layers.dropout(h, rate, rngs[2])
-  return partitioning.constrain(x, ("batch", "length", "act_embed")), kv
-
-
 def hidden_states(params: dict, image_inputs: jax.Array, tokens: jax.Array, config: M6Config, *,
                   has_image: jax.Array, prefix_lengths: jax.Array, segment_ids: jax.Array | None = None,
                   positions: jax.Array | None = None, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -167,18 +144,8 @@ def hidden_states(params: dict, image_inputs: jax.Array, tokens: jax.Array, conf
   positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids)
   x = jnp.concatenate([embed_image(params, image_inputs, config), embed_text(params, tokens, positions, config)],
                       axis=1)
-  if dropout_rng is not None:
-    dropout_rng, embed_rng = jax.random.split(dropout_rng)
-    x = layers.dropout(x, config.dropout_rate, embed_rng)
   _, mask = masks.mask(has_image, segment_ids, prefix_lengths, config.num_patches)
-
-  def body(x, layer_inputs):
-    layer_params, index = layer_inputs
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-    return _block(x, layer_params, config, mask, rng)[0], None
-
-  x, _ = transformer.run_layers(body, x, (params["blocks"], jnp.arange(config.num_layers)), config.num_layers,
-                                remat_policy=config.remat_policy, scan=config.scan_layers)
+  x = transformer.pre_ln_stack(params["blocks"], x, config, mask, dropout_rng)
   return layers.layer_norm(x, params["ln_f"], config.layer_norm_eps)
 
 
@@ -199,16 +166,8 @@ def cached_hidden_states(params: transformer.DecodeParams, x: jax.Array, config:
   """
   causal, kv_segments, kv_order = transformer.cached_self_mask(cache, segment_ids, order)
   mask = layers.attention_mask(segment_ids, kv_segments, None, None) if prefix else causal
-
-  def body(x, layer_inputs):
-    layer_params, kv = layer_inputs
-    return _block(x, layer_params, config, mask, None, Layout.DECODE, kv, cache["index"])
-
-  tree = params.tree
-  x, new_kv = transformer.run_layers(body, x, tuple(zip(tree["blocks"], zip(cache["k"], cache["v"]))),
-                                     config.num_layers, per_layer=True)
-  x = layers.layer_norm(x, tree["ln_f"], config.layer_norm_eps)
-  return x, transformer.updated_cache(cache, new_kv, kv_segments, kv_order, x.shape[1])
+  x, cache = transformer.cached_pre_ln_stack(params.tree["blocks"], x, config, cache, mask, kv_segments, kv_order)
+  return layers.layer_norm(x, params.tree["ln_f"], config.layer_norm_eps), cache
 
 
 @gin.configurable
