@@ -25,6 +25,7 @@ class Vocab:  # the special ids of m6.CharVocab
 init = jax.jit(m6.init, static_argnums=0)
 forward = jax.jit(m6.forward, static_argnums=3)
 hidden_states = jax.jit(m6.hidden_states, static_argnums=3)
+prefill = jax.jit(m6.prefill, static_argnums=(5, 6))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +170,7 @@ def _full_logits(params, images, tokens_so_far):
 def test_cached_steps_equal_the_full_forward(params, prefix_batch):
   images, tokens, lengths = prefix_batch
   decode_params = m6.decode_layout(params)
-  cache, last = m6.prefill(decode_params, images, HAS_IMAGE, tokens, lengths, TINY, TINY.num_patches + 16 + 4)
+  cache, last = prefill(decode_params, images, HAS_IMAGE, tokens, lengths, TINY, TINY.num_patches + 16 + 4)
   step = jax.jit(m6.step_fn(TINY))
   generated = [[] for _ in PROMPTS]
   for _ in range(4):
@@ -190,7 +191,7 @@ def test_beam_search_scores_equal_the_full_forward(params, prefix_batch):
   images, tokens, lengths = prefix_batch
   decode_params = m6.decode_layout(params)
   config = decoding.BeamSearchConfig(max_new_tokens=3, beam_size=3, length_penalty=0.0, min_length=3)
-  cache, last = m6.prefill(decode_params, images, HAS_IMAGE, tokens, lengths, TINY, TINY.num_patches + 16 + 3)
+  cache, last = prefill(decode_params, images, HAS_IMAGE, tokens, lengths, TINY, TINY.num_patches + 16 + 4)
   best, _, scores = decoding.beam_search_loop(m6.step_fn(TINY), decode_params, cache, m6.cache_logical_axes(TINY),
                                               last, config, eod_id=Vocab.eod_id, pad_id=Vocab.pad_id)
   best = np.asarray(best)

@@ -1,7 +1,8 @@
 """M6 behind the evaluation interface (cpm_jax.evaluation.interface.LanguageModel): text about images
 (`describe`: captions, answers to questions) and text from a prompt alone (`generate`: text-to-text), both through
-the shared decoding loops. Prompts are the text prefix's middle: generation starts after "<bos> prompt <sep>".
-M6 scores no continuations here: tasks that need `score` fail with a clear error.
+the shared decoding loops; prompts are the text prefix's middle: generation starts after "<bos> prompt <sep>".
+`score` reads text as M6's plain causal LM task does ("<bos> context continuation", no image, no prefix), so
+lm_score and label-prompt tasks run on M6 too.
 """
 
 from __future__ import annotations
@@ -11,11 +12,26 @@ from typing import Sequence
 
 import numpy as np
 
-from cpm_jax import decoding
+import jax
+import jax.numpy as jnp
+
+from cpm_jax import decoding, partitioning
 from cpm_jax.data import images
-from cpm_jax.evaluation.interface import LanguageModel, unsupported
+from cpm_jax.evaluation import scoring
+from cpm_jax.evaluation.interface import LanguageModel
 from cpm_jax.models.m6 import decode, model
 from cpm_jax.models.m6.vocab import CharVocab, check_fits
+
+
+def score_fn(config: model.M6Config) -> scoring.ScoreFn:
+  """Jitted (params, batch) -> scoring.continuation_log_likelihood of text-only causal-LM rows."""
+  def score(params, batch):
+    rows = batch["inputs"].shape[0]
+    logits = model.forward(params, jnp.zeros(config.image_input_shape(rows), config.compute_dtype), batch["inputs"],
+                           config, has_image=jnp.zeros(rows, jnp.int32), prefix_lengths=jnp.zeros(rows, jnp.int32),
+                           segment_ids=batch["segment_ids"], positions=batch["positions"])
+    return scoring.continuation_log_likelihood(logits, batch["targets"], batch["weights"])
+  return jax.jit(score)
 
 
 def language_model(params: dict, config: model.M6Config, tokenizer: CharVocab, metadata: dict, *,
@@ -34,6 +50,15 @@ def language_model(params: dict, config: model.M6Config, tokenizer: CharVocab, m
   run = functools.partial(decode.generate, config=config, decoding_config=decoding_config, vocab=tokenizer,
                           batch_size=batch_size, strict=strict, mesh=mesh, progress=progress)
 
+  score = score_fn(config)
+
+  def score_requests(requests, names=None):
+    requests = [([tokenizer.bos_id, *context], continuation) for context, continuation in requests]
+    with partitioning.on_mesh(mesh):
+      return scoring.score_requests(score, params, requests, max_length=config.max_text_positions,
+                                    batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict, progress=progress,
+                                    names=names)
+
   def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     return run(decode_params(), prompts)
 
@@ -44,5 +69,4 @@ def language_model(params: dict, config: model.M6Config, tokenizer: CharVocab, m
     inputs = np.stack([images.model_input(image, config.image_size) for image in stored])
     return run(decode_params(), prompts, image_inputs=inputs)
 
-  return LanguageModel(tokenizer, unsupported("score continuations", "M6"), generate, continues_prompt=False,
-                       describe=describe)
+  return LanguageModel(tokenizer, score_requests, generate, continues_prompt=False, describe=describe)
