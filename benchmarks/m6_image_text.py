@@ -20,7 +20,7 @@ import os
 import gin
 from absl import app, flags
 
-from cpm_jax import decoding, gin_setup, partitioning, train_loop
+from cpm_jax import decoding, gin_setup, logging_setup, partitioning
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import tasks
 
@@ -52,7 +52,7 @@ def evaluate(checkpoint, tokenizer, mesh, task_name: str, with_image: bool) -> t
 
 def main(argv):
   del argv
-  train_loop.quiet_library_logs()
+  logging_setup.quiet_library_logs()
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   tokenizer = model_lib.load_tokenizer(checkpoint)
