@@ -1,11 +1,17 @@
 """M6's data: image resampling, the procedural shapes (captions checked against the pixels), the digits against
-scikit-learn's loader, the character vocabulary, and M6Data's multitask batches."""
+scikit-learn's loader, the character vocabulary, M6Data's multitask batches and what they need of the model."""
 
+import dataclasses
+
+import gin
+import jax
 import numpy as np
 import pytest
 
 from _m6_helpers import TASKS, VOCAB_SIZE, SmallShapes, m6_data_dir  # noqa: F401  (session fixture)
+from cpm_jax import gin_setup, model_fit
 from cpm_jax.data import image_builders, images, shapes, sources
+from cpm_jax.models import m6
 from cpm_jax.models.m6 import data, vocab
 
 
@@ -105,7 +111,7 @@ def test_char_vocab(tmp_path):
 @pytest.fixture(scope="module")
 def m6_data(m6_data_dir):  # noqa: F811
   return data.M6Data(data_dir=str(m6_data_dir), vocab_path=str(m6_data_dir / "chars.txt"), vocab_size=VOCAB_SIZE,
-                     mixture=tuple((name, 1.0) for name in TASKS), image_size=16, text_len=24, global_batch_size=16,
+                     mixture=tuple((name, 1.0) for name in TASKS), image_size=16, seq_len=24, global_batch_size=16,
                      eval_examples=4)
 
 
@@ -144,3 +150,24 @@ def test_eval_batches_are_fixed_and_padded(m6_data):
       np.testing.assert_array_equal(a[key], b[key])
   assert first[1]["weights"][4:].sum() == 0 and first[1]["weights"][:4].sum() > 0
   assert m6_data.checkpoint_metadata() == {"tokenizer": m6_data.resolved_vocab_path}
+
+
+def test_model_fit_takes_the_vocab_and_image_size_from_the_data_and_names_bad_sizes(m6_data):
+  gin.clear_config()
+  try:
+    fitted = model_fit.fit(m6.M6Model(m6.M6Config(max_text_positions=24, patch_size=4)), m6_data).config
+    assert (fitted.vocab_size, fitted.image_size) == (m6_data.vocab.vocab_size, 16)
+    gin_setup.parse([], ["M6Config.vocab_size = 100"])
+    with pytest.raises(gin_setup.ConfigError, match=r"M6Config.vocab_size = 100 is too small for the data: the "
+                       r"vocabulary M6Data.vocab_path = .* needs at least"):
+      model_fit.fit(m6.M6Model(m6.M6Config()), m6_data)
+  finally:
+    gin.clear_config()
+  with pytest.raises(gin_setup.ConfigError, match=r"M6Config.max_text_positions = 16 .* M6Data.seq_len = 24 needs"):
+    model_fit.fit(m6.M6Model(m6.M6Config(max_text_positions=16)), m6_data)
+  # A config for larger images than the data's would misread them: the loss names both settings.
+  model = m6.M6Model(dataclasses.replace(fitted, image_size=32, patch_size=8))
+  batch = next(iter(m6_data.eval_batches()))
+  with pytest.raises(ValueError, match=r"M6 batch 'images' has shape \(16, 16, 16, 3\); M6Config expects "
+                     r"\(16, 32, 32, 3\) \(M6Data.image_size and M6Config.image_size must agree\)"):
+    jax.eval_shape(model.loss, m6.abstract_params(model.config), batch)

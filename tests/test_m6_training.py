@@ -22,7 +22,7 @@ MESH = partitioning.MeshConfig(data=2, fsdp=2, tensor=2)
 @pytest.fixture(scope="module")
 def trained(m6_data_dir, tmp_path_factory):  # noqa: F811
   data = m6.M6Data(data_dir=str(m6_data_dir), vocab_path=str(m6_data_dir / "chars.txt"), vocab_size=VOCAB_SIZE,
-                   mixture=tuple((name, 1.0) for name in TASKS), image_size=16, text_len=24, global_batch_size=16,
+                   mixture=tuple((name, 1.0) for name in TASKS), image_size=16, seq_len=24, global_batch_size=16,
                    eval_examples=8)
   gin.parse_config(["learning_rate_schedule.peak = 1e-2", "learning_rate_schedule.warmup_steps = 2",
                     "learning_rate_schedule.total_steps = 15"])

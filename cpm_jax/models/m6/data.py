@@ -1,21 +1,23 @@
 """M6's multitask training data: one Grain pipeline mixing image-to-text, image+text-to-text, text prefix-LM and
 plain LM examples in every batch (the mode is set per example; masks.py).
 
-Tasks (TASKS), each over an embedded TFDS dataset (cpm_jax.data.sources, built on first use):
+Tasks (TASKS), each over an embedded TFDS dataset (cpm_jax.data.sources, built on first use) or, for the text
+tasks, M6Data.dataset (default the embedded People's Daily):
   shapes_caption   shapes_captions: image -> caption             image-to-text
   shapes_vqa       shapes_captions: image + question -> answer   image+text-to-text
   digits_caption   digits_captions: image -> "数字7"             image-to-text
   photo_caption    sample_photos: image -> caption               image-to-text
-  text_prefix_lm   peoples_daily_1998: a window cut in two       text-to-text prefix LM
-  text_lm          peoples_daily_1998: a window                  plain causal LM
+  text_prefix_lm   M6Data.dataset: a window cut in two           text-to-text prefix LM
+  text_lm          M6Data.dataset: a window                      plain causal LM
 A batch is a dict of numpy arrays, [per_process_batch, ...]:
   images          float32 [b, size, size, 3] (cpm_jax.data.images.model_input; zeros without an image)
   has_image       int32 [b]
   prefix_lengths  int32 [b]   text tokens in the bidirectional prefix (0: causal LM)
-  inputs, targets int32 [b, text_len]; weights float32 (1 on the targets after the prefix); segment_ids int32
-Training: each task's split is sharded over processes (process p reads examples p, p + P, ...), shuffled and
-repeated, the tasks mixed by `mixture` weights (grain.MapDataset.mix); the iterator is checkpointable. Random
-windows of the news paragraphs are drawn per example from Grain's seeded rng, so batches are deterministic.
+  inputs, targets int32 [b, seq_len]; weights float32 (1 on the targets after the prefix); segment_ids int32
+Training: each task's split is shared out over processes (cpm_jax.data.processes: process p reads examples p,
+p + P, ...), shuffled and repeated, the tasks mixed by `mixture` weights (grain.MapDataset.mix); the iterator is
+checkpointable. Random windows of the text are drawn per example from Grain's seeded rng, so batches are
+deterministic.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import gin
 import grain
-import jax
 import numpy as np
 
-from cpm_jax.data import images, sources
+from cpm_jax.data import images, processes, sources
+from cpm_jax.data.splits import SplitData
+from cpm_jax.gin_setup import ConfigError
+from cpm_jax.model_fit import Requirement
 from cpm_jax.models.m6 import vocab as vocab_lib
 
 
@@ -43,7 +47,7 @@ class Task:
   causal LM.
   """
 
-  dataset: str
+  dataset: str | None  # None: M6Data.dataset (the text tasks)
   image: bool
   prompt_field: str | None = None
   target_field: str | None = None
@@ -55,12 +59,11 @@ TASKS = {
     "shapes_vqa": Task("shapes_captions", image=True, prompt_field="question", target_field="answer"),
     "digits_caption": Task("digits_captions", image=True, target_field="caption"),
     "photo_caption": Task("sample_photos", image=True, target_field="caption"),
-    "text_prefix_lm": Task("peoples_daily_1998", image=False),
-    "text_lm": Task("peoples_daily_1998", image=False, prefix_lm=False),
+    "text_prefix_lm": Task(None, image=False),
+    "text_lm": Task(None, image=False, prefix_lm=False),
 }
 IMAGE_DATASETS = {"shapes_captions": ("caption", "question", "answer"), "digits_captions": ("caption",),
                   "sample_photos": ("caption",)}
-TEXT_DATASET = "peoples_daily_1998"
 
 
 def _text(value: Any) -> str:
@@ -108,20 +111,17 @@ def example(record: Mapping[str, Any], rng: np.random.Generator, *, task: Task, 
   return features
 
 
-def _pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  """A batch padded with all-zero rows (no weight, no image) up to `rows`."""
-  return {k: np.pad(v, [(0, rows - v.shape[0])] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+def build_vocab(path: str, size: int, data_dir: str, texts: Iterable[Mapping[str, Any]]) -> None:
+  """Writes the character vocabulary to `path` (vocab.build): every character of the image datasets' train texts,
+  then the most frequent characters of the `text` fields of `texts`, at most `size` tokens."""
+  required = [_text(record[field]) for name, fields in IMAGE_DATASETS.items()
+              for record in sources.load_split(name, "train", data_dir) for field in fields]
+  vocab_lib.build(required, [_text(record["text"]) for record in texts], path, size)
 
 
 @functools.lru_cache(maxsize=None)
-def load_vocab(data_dir: str, path: str, size: int) -> vocab_lib.CharVocab:
-  """The character vocabulary at `path`, built there first if absent (vocab.build): every character of the
-  image datasets' train texts, then People's Daily's most frequent characters, at most `size` tokens."""
-  if not os.path.isfile(path):
-    required = [_text(record[field]) for name, fields in IMAGE_DATASETS.items()
-                for record in sources.load_split(name, "train", data_dir) for field in fields]
-    others = [_text(record["text"]) for record in sources.load_split(TEXT_DATASET, "train", data_dir)]
-    vocab_lib.build(required, others, path, size)
+def load_vocab(path: str, size: int) -> vocab_lib.CharVocab:
+  """The character vocabulary at `path`, checked to hold at most `size` tokens (M6Data.vocab_size)."""
   vocab = vocab_lib.CharVocab(path)
   vocab_lib.check_fits(vocab, size, "M6Data.vocab_path")
   return vocab
@@ -129,40 +129,34 @@ def load_vocab(data_dir: str, path: str, size: int) -> vocab_lib.CharVocab:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class M6Data:
-  """Multitask M6 batches over the embedded datasets (module docstring).
+class M6Data(SplitData):
+  """Multitask M6 batches over the embedded image datasets and a text dataset (module docstring).
 
-  mixture: (task name in TASKS, weight) pairs. vocab_path: the character vocabulary (default
-  `<data_dir>/m6_chars_<vocab_size>.txt`, built on first use); vocab_size must not exceed the model's.
-  image_size: the model's M6Config.image_size. eval_examples: validation examples per task in eval_batches().
+  `SplitData` for the splits, the batch shape and each process's share; its `dataset` is the text tasks' (default
+  the embedded People's Daily; any text dataset or `{split}` jsonl of cpm_jax.data), `seq_len` the text tokens per
+  row. mixture: (task name in TASKS, weight) pairs. vocab_path: the character vocabulary (default
+  `<data_dir>/m6_chars_<vocab_size>.txt`, built on first use); vocab_size: its most entries. image_size: pixels a
+  side (the model's M6Config.image_size). eval_examples: validation examples per task in eval_batches().
   """
 
-  data_dir: str = "~/tensorflow_datasets"
+  seq_len: int = 48
+  global_batch_size: int = 32
   vocab_path: str | None = None
   vocab_size: int = 4096
   mixture: Sequence[tuple[str, float]] = (("shapes_caption", 0.3), ("shapes_vqa", 0.3), ("digits_caption", 0.1),
                                           ("photo_caption", 0.05), ("text_prefix_lm", 0.1), ("text_lm", 0.15))
   image_size: int = 32
-  text_len: int = 48
-  global_batch_size: int = 32
-  train_split: str = "train"
-  eval_split: str = "validation"
   eval_examples: int = 64
   read_threads: int = 2
 
   def __post_init__(self):
     unknown = [name for name, _ in self.mixture if name not in TASKS]
     if unknown:
-      raise ValueError(f"M6Data.mixture names tasks {unknown}; known tasks: {sorted(TASKS)}.")
+      raise ConfigError(f"M6Data.mixture names tasks {unknown}; known tasks: {sorted(TASKS)}.")
     if not self.mixture or any(weight <= 0 for _, weight in self.mixture):
-      raise ValueError(f"M6Data.mixture={list(self.mixture)}: expected (task, weight > 0) pairs, at least one.")
-    if self.text_len < 4:
-      raise ValueError(f"M6Data.text_len={self.text_len}; expected at least 4.")
-
-  @property
-  def seq_len(self) -> int:
-    """Text tokens per row (what the train loop counts per step; M6Model.flops_per_token adds the patches)."""
-    return self.text_len
+      raise ConfigError(f"M6Data.mixture={list(self.mixture)}: expected (task, weight > 0) pairs, at least one.")
+    if self.seq_len < 4:
+      raise ConfigError(f"M6Data.seq_len={self.seq_len}; expected at least 4.")
 
   @property
   def resolved_vocab_path(self) -> str:
@@ -171,43 +165,51 @@ class M6Data:
 
   @property
   def vocab(self) -> vocab_lib.CharVocab:
-    return load_vocab(os.path.expanduser(self.data_dir), self.resolved_vocab_path, self.vocab_size)
+    """The vocabulary at resolved_vocab_path, built there first from the train splits if absent (build_vocab)."""
+    path = self.resolved_vocab_path
+    if not os.path.isfile(path):
+      build_vocab(path, self.vocab_size, os.path.expanduser(self.data_dir), self.source(self.train_split))
+    return load_vocab(path, self.vocab_size)
 
   def checkpoint_metadata(self) -> dict:
     """Recorded with the model in the workdir, for evaluate.py / generate.py."""
     return {"tokenizer": self.resolved_vocab_path}
 
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    """What the batches need of M6Config (cpm_jax.model_fit): the vocabulary's ids, seq_len text positions, the
+    image size (M6Model.loss checks the images' shape too: a larger config would not fit them either)."""
+    return (Requirement("vocab_size", self.vocab.vocab_size, f"the vocabulary M6Data.vocab_path = "
+                        f"{self.resolved_vocab_path!r}", ("inputs", "targets"), adopt=True),
+            Requirement("max_text_positions", self.seq_len, f"M6Data.seq_len = {self.seq_len}"),
+            Requirement("image_size", self.image_size, f"M6Data.image_size = {self.image_size}", adopt=True))
+
   def _task_dataset(self, name: str, split: str) -> tuple[grain.MapDataset, Any]:
     """(the task's records of `split`, record + rng -> example)."""
     task = TASKS[name]
-    source = sources.load_split(task.dataset, split, os.path.expanduser(self.data_dir))
+    source = (sources.load_split(task.dataset, split, os.path.expanduser(self.data_dir)) if task.dataset
+              else self.source(split))
     return grain.MapDataset.source(source), functools.partial(example, task=task, vocab=self.vocab,
-                                                               text_len=self.text_len, image_size=self.image_size)
+                                                               text_len=self.seq_len, image_size=self.image_size)
 
   def train_iterator(self, seed: int) -> Iterator[dict]:
-    index, count = jax.process_index(), jax.process_count()
-    if self.global_batch_size % count:
-      raise ValueError(f"M6Data.global_batch_size {self.global_batch_size} is not a multiple of the {count} "
-                       "processes.")
+    index, count, rows = self.process_share()
     datasets = []
     for number, (name, _) in enumerate(self.mixture):
       records, make = self._task_dataset(name, self.train_split)
-      datasets.append(records[index::count].shuffle(seed + number).repeat().random_map(make, seed=seed + number))
+      share = processes.process_examples(records, index, count, f"{name} examples")
+      datasets.append(share.shuffle(seed + number).repeat().random_map(make, seed=seed + number))
     mixed = grain.MapDataset.mix(datasets, [weight for _, weight in self.mixture])
-    batches = mixed.batch(self.global_batch_size // count, drop_remainder=True)
+    batches = mixed.batch(rows, drop_remainder=True)
     return iter(batches.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
                                                           prefetch_buffer_size=4 * self.read_threads)))
 
   def eval_batches(self) -> Iterable[dict]:
     """The first eval_examples of every task's eval split (windows drawn with seed 0), in task order, as this
-    process's rows of each global batch; the last batch padded with empty rows."""
+    process's rows of each global batch (cpm_jax.data.processes); the last batch padded with empty rows."""
+    index, count, _ = self.process_share()
     parts = []
     for name, _ in self.mixture:
       records, make = self._task_dataset(name, self.eval_split)
       parts.append(records[:self.eval_examples].random_map(make, seed=0))
-    batches = grain.MapDataset.concatenate(parts).batch(self.global_batch_size)
-    per_process = self.global_batch_size // jax.process_count()
-    start = jax.process_index() * per_process
-    for batch in batches:
-      batch = _pad_rows(batch, self.global_batch_size)
-      yield {k: v[start:start + per_process] for k, v in batch.items()}
+    batches = grain.MapDataset.concatenate(parts).batch(self.global_batch_size).to_iter_dataset()
+    return processes.process_rows(batches, self.global_batch_size, index, count)

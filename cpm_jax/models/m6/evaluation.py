@@ -7,7 +7,6 @@ lm_score and label-prompt tasks run on M6 too.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import numpy as np
@@ -15,9 +14,9 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import decoding, partitioning
+from cpm_jax import decoding
 from cpm_jax.data import images
-from cpm_jax.evaluation import scoring
+from cpm_jax.evaluation import batching, scoring
 from cpm_jax.evaluation.interface import LanguageModel
 from cpm_jax.models.m6 import decode, model
 from cpm_jax.models.m6.vocab import CharVocab, check_fits
@@ -46,27 +45,29 @@ def language_model(params: dict, config: model.M6Config, tokenizer: CharVocab, m
   del metadata  # M6 records nothing that changes how it is evaluated
   check_fits(tokenizer, config.vocab_size, "M6 tokenizer")
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
-  decode_params = functools.cache(lambda: decode.decode_layout(params))  # one copy for every generate call
-  run = functools.partial(decode.generate, config=config, decoding_config=decoding_config, vocab=tokenizer,
-                          batch_size=batch_size, strict=strict, mesh=mesh, progress=progress)
-
+  runner = batching.ModelRunner(params, decode.decode_layout, batch_size, mesh, progress)
   score = score_fn(config)
 
   def score_requests(requests, names=None):
     requests = [([tokenizer.bos_id, *context], continuation) for context, continuation in requests]
-    with partitioning.on_mesh(mesh):
-      return scoring.score_requests(score, params, requests, max_length=config.max_text_positions,
-                                    batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict, progress=progress,
-                                    names=names)
+    return scoring.score_requests(score, params, requests, max_length=config.max_text_positions,
+                                  batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict, progress=progress,
+                                  names=names, mesh=mesh)
+
+  def run(prompts: Sequence[Sequence[int]], image_inputs: np.ndarray | None = None) -> list[list[int]]:
+    # decode.generate batches itself, with a seed per batch
+    return decode.generate(runner.decode_params, prompts, config, decoding_config, tokenizer,
+                           image_inputs=image_inputs, batch_size=batch_size, strict=strict, mesh=mesh,
+                           progress=progress)
 
   def generate(prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-    return run(decode_params(), prompts)
+    return run(prompts)
 
   def describe(stored: Sequence[np.ndarray], prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     if config.patch_encoder == "features":
       raise ValueError("This M6 reads precomputed patch features (patch_encoder 'features'), not images; call "
                        "cpm_jax.models.m6.generate with image_inputs from your feature extractor.")
     inputs = np.stack([images.model_input(image, config.image_size) for image in stored])
-    return run(decode_params(), prompts, image_inputs=inputs)
+    return run(prompts, inputs)
 
   return LanguageModel(tokenizer, score_requests, generate, continues_prompt=False, describe=describe)

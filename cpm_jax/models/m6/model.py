@@ -187,7 +187,12 @@ class M6Model:
     return param_specs(self.config)
 
   def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
-    logits = forward(params, batch[self.config.image_input], batch["inputs"], self.config,
+    image_inputs = batch[self.config.image_input]
+    expected = self.config.image_input_shape(image_inputs.shape[0])
+    if image_inputs.shape != expected:
+      raise ValueError(f"M6 batch {self.config.image_input!r} has shape {image_inputs.shape}; M6Config expects "
+                       f"{expected} (M6Data.image_size and M6Config.image_size must agree).")
+    logits = forward(params, image_inputs, batch["inputs"], self.config,
                      has_image=batch["has_image"], prefix_lengths=batch["prefix_lengths"],
                      segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), dropout_rng=dropout_rng)
     return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
