@@ -186,6 +186,22 @@ def test_cached_steps_equal_the_full_forward(params, prefix_batch):
     assert out_row == row[:len(out_row)] and (len(out_row) == 4 or row[len(out_row)] == Vocab.eod_id)
 
 
+def test_sampling_draws_from_the_full_forwards_top_k(params, prefix_batch):
+  # Sampling runs the same cached steps: with top_k = 2 every drawn token is one of the two most likely under the
+  # training forward over [image; prefix; tokens drawn so far].
+  images = prefix_batch[0]
+  sampled = m6.generate(m6.decode_layout(params), PROMPTS, TINY,
+                        decoding.SamplingConfig(max_new_tokens=4, top_k=2, seed=1), Vocab, image_inputs=images)
+  checked = 0
+  for n in range(4):
+    top_two = np.argsort(_full_logits(params, images, [row[:n] for row in sampled]), -1)[:, -2:]
+    for row, allowed in zip(sampled, top_two):
+      if n < len(row):
+        assert row[n] in allowed, (n, row, allowed)
+        checked += 1
+  assert checked >= 6, sampled
+
+
 def test_beam_search_scores_equal_the_full_forward(params, prefix_batch):
   # Beams reorder the cache (image prefix included) every step; a wrong reorder would score other tokens.
   images, tokens, lengths = prefix_batch
