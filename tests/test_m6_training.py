@@ -1,10 +1,18 @@
 """M6 through the shared machinery: the train loop on a data x fsdp x tensor mesh with multitask M6Data (held-out
-loss falls), its workdir read back by the evaluation programs' loader, and the caption / VQA tasks run on it."""
+loss falls), its workdir read back by the evaluation programs' loader, the caption / VQA tasks run on it, and
+experiments/generate.py captioning image files."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import gin
 import jax
 import numpy as np
 import pytest
+from skimage import io as skimage_io
 
 from _m6_helpers import TASKS, VOCAB_SIZE, m6_data_dir  # noqa: F401  (session fixture)
 from cpm_jax import decoding, partitioning, train_loop
@@ -17,6 +25,7 @@ from cpm_jax.models import m6, registry
 CONFIG = m6.M6Config(vocab_size=VOCAB_SIZE, num_layers=2, embed_dim=64, num_heads=4, max_text_positions=32,
                      image_size=16, patch_size=4, dropout_rate=0.0)
 MESH = partitioning.MeshConfig(data=2, fsdp=2, tensor=2)
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +97,28 @@ def test_workdir_evaluates_captions_and_answers_with_and_without_the_image(train
   start = len(prompts[0])
   expected = sum(log_probs[start + i, token] for i, token in enumerate(prompts[1]))
   assert counts[0] == len(prompts[1]) and totals[0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_generate_program_describes_image_files(trained, m6_data_dir, tmp_path):  # noqa: F811
+  # experiments/generate.py reads image files (--image_field of a jsonl) and asks the workdir's M6 about them:
+  # the same text as the LanguageModel adapter gives for the stored images.
+  examples = sources.load_examples("shapes_captions", "test", m6_data_dir)[:2]
+  lines = []
+  for i, (example, prompt) in enumerate(zip(examples, ["", examples[1]["question"]])):
+    skimage_io.imsave(tmp_path / f"{i}.png", example["image"], check_contrast=False)
+    lines.append(json.dumps({"prompt": prompt, "image": str(tmp_path / f"{i}.png")}, ensure_ascii=False) + "\n")
+  (tmp_path / "in.jsonl").write_text("".join(lines), encoding="utf-8")
+  result = subprocess.run([sys.executable, str(REPO / "experiments" / "generate.py"), f"--checkpoint={trained[0]}",
+                           f"--input_file={tmp_path / 'in.jsonl'}", "--image_field=image", "--greedy",
+                           "--max_new_tokens=6", "--batch_size=4", f"--output={tmp_path / 'out.jsonl'}"],
+                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+                          cwd=REPO, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  checkpoint = model_lib.load_checkpoint(trained[0], mesh)
+  model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint), batch_size=4, mesh=mesh,
+                                   decoding_config=decoding.SamplingConfig(max_new_tokens=6, greedy=True))
+  expected = model.describe_text([e["image"] for e in examples], [r["prompt"] for r in records])
+  assert [r["generated"] for r in records] == expected
+  assert [r["image"] for r in records] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]

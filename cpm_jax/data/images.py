@@ -42,6 +42,16 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
   return image[:, :, :3]
 
 
+def read_file(path: str) -> np.ndarray:
+  """An image file (PNG, JPEG, ...) as a stored uint8 array [h, w, c] (scikit-image's reader: the `images` extra);
+  a ValueError naming the file if it is not a readable image."""
+  from skimage import io  # the `images` extra
+  try:
+    return np.asarray(io.imread(path))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable image file ({e}).") from e
+
+
 def model_input(image: np.ndarray, size: int) -> np.ndarray:
   """A stored uint8 image as a model reads it: RGB, resized to [size, size, 3], float32 in [-1, 1]."""
   return resize(to_rgb(np.asarray(image)), size) / 127.5 - 1.0

@@ -34,6 +34,13 @@ class LanguageModel:
     """Decoded continuations of text prompts."""
     return [self.tokenizer.decode(ids) for ids in self.generate([self.tokenizer.encode(p) for p in prompts])]
 
+  def describe_text(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[str]:
+    """Decoded generations about each image from its text prompt ("" captions it); image-text models only."""
+    if self.describe is None:
+      raise ValueError("This model reads no images (describe is None): generating from an image needs an "
+                       "image-text model such as M6.")
+    return [self.tokenizer.decode(ids) for ids in self.describe(images, [self.tokenizer.encode(p) for p in prompts])]
+
 
 def unsupported(what: str, model: str) -> Callable:
   """A LanguageModel entry for something `model` cannot do: raises a clear error when a task calls it."""
