@@ -17,8 +17,8 @@ workdir (its latest checkpoint); either records the model family, config and tok
 task; PLUG runs generation tasks (prompts '{source}[SEP]{second source}') and, fine-tuned with a classification
 head, ClassificationTask; KG models run LinkPredictionTask (filtered MRR / Hits@k) and KGQueryTask (top-k tails of
 a head and relation, with scores and entity names); M6 runs ImageTextTask (captions and answers about each example's
-image; `ImageTextTask.with_image = False` for the text-only baseline) and the text tasks. Prints a table of the metrics; --output gets metrics +
-per-example predictions as JSON, --predictions one JSON line per example.
+image; `ImageTextTask.with_image = False` for the text-only baseline) and the text tasks. Prints a table of the
+metrics; --output gets metrics + per-example predictions as JSON, --predictions one JSON line per example.
 """
 
 from __future__ import annotations
