@@ -71,8 +71,13 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
   return builder.as_data_source(split=split)
 
 
+def as_text(value: Any) -> str:
+  """A text field as str: a TFDS record's UTF-8 bytes decoded; a jsonl example's value as it is written."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def load_examples(name: str, split: str, data_dir: str | os.PathLike) -> list[dict[str, Any]]:
   """All examples of a split, in stored order, with text decoded to str (review_sentiment: text + int label)."""
   source = load_split(name, split, data_dir)
-  return [{key: value.decode("utf-8") if isinstance(value, bytes) else value for key, value in example.items()}
+  return [{key: as_text(value) if isinstance(value, bytes) else value for key, value in example.items()}
           for example in source.__getitems__(range(len(source)))]

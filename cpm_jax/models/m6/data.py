@@ -66,10 +66,6 @@ IMAGE_DATASETS = {"shapes_captions": ("caption", "question", "answer"), "digits_
                   "sample_photos": ("caption",)}
 
 
-def _text(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def text_features(prompt: Sequence[int] | None, target: Sequence[int], vocab: vocab_lib.CharVocab,
                   text_len: int) -> dict[str, np.ndarray]:
   """The text side of one example: "<bos> prompt <sep> target <eod>" with the prefix through <sep> (a prefix LM),
@@ -97,14 +93,15 @@ def example(record: Mapping[str, Any], rng: np.random.Generator, *, task: Task, 
             text_len: int, image_size: int) -> dict[str, np.ndarray]:
   """One training example of `task` from a dataset record (see the module docstring for the features)."""
   if task.target_field is not None:
-    prompt = vocab.encode(_text(record[task.prompt_field])) if task.prompt_field else []
-    features = text_features(prompt, vocab.encode(_text(record[task.target_field])), vocab, text_len)
+    prompt = vocab.encode(sources.as_text(record[task.prompt_field])) if task.prompt_field else []
+    features = text_features(prompt, vocab.encode(sources.as_text(record[task.target_field])), vocab, text_len)
   elif task.prefix_lm:
-    window = _window(_text(record["text"]), text_len - 2, rng)
+    window = _window(sources.as_text(record["text"]), text_len - 2, rng)
     cut = int(rng.integers(1, len(window))) if len(window) > 1 else len(window)
     features = text_features(vocab.encode(window[:cut]), vocab.encode(window[cut:]), vocab, text_len)
   else:
-    features = text_features(None, vocab.encode(_window(_text(record["text"]), text_len - 1, rng)), vocab, text_len)
+    window = _window(sources.as_text(record["text"]), text_len - 1, rng)
+    features = text_features(None, vocab.encode(window), vocab, text_len)
   features["has_image"] = np.asarray(int(task.image), np.int32)
   features["images"] = (images.model_input(record["image"], image_size) if task.image
                         else np.zeros((image_size, image_size, 3), np.float32))
@@ -114,9 +111,9 @@ def example(record: Mapping[str, Any], rng: np.random.Generator, *, task: Task, 
 def build_vocab(path: str, size: int, data_dir: str, texts: Iterable[Mapping[str, Any]]) -> None:
   """Writes the character vocabulary to `path` (vocab.build): every character of the image datasets' train texts,
   then the most frequent characters of the `text` fields of `texts`, at most `size` tokens."""
-  required = [_text(record[field]) for name, fields in IMAGE_DATASETS.items()
+  required = [sources.as_text(record[field]) for name, fields in IMAGE_DATASETS.items()
               for record in sources.load_split(name, "train", data_dir) for field in fields]
-  vocab_lib.build(required, [_text(record["text"]) for record in texts], path, size)
+  vocab_lib.build(required, [sources.as_text(record["text"]) for record in texts], path, size)
 
 
 @functools.lru_cache(maxsize=None)
