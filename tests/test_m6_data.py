@@ -171,3 +171,14 @@ def test_model_fit_takes_the_vocab_and_image_size_from_the_data_and_names_bad_si
   with pytest.raises(ValueError, match=r"M6 batch 'images' has shape \(16, 16, 16, 3\); M6Config expects "
                      r"\(16, 32, 32, 3\) \(M6Data.image_size and M6Config.image_size must agree\)"):
     jax.eval_shape(model.loss, m6.abstract_params(model.config), batch)
+
+
+def test_each_process_reads_its_share(m6_data):
+  # Evaluation: every process makes the same global batches and keeps its rows, so two emulated hosts' rows put
+  # together are the one-host batches. Training: each host reads its own examples (a different first batch).
+  hosts = [dataclasses.replace(m6_data, process_index=i, process_count=2) for i in range(2)]
+  for whole, *halves in zip(m6_data.eval_batches(), *(host.eval_batches() for host in hosts)):
+    for key in whole:
+      np.testing.assert_array_equal(np.concatenate([half[key] for half in halves]), whole[key], err_msg=key)
+  first, second = (next(host.train_iterator(seed=0)) for host in hosts)
+  assert first["inputs"].shape == (8, 24) and not np.array_equal(first["inputs"], second["inputs"])
