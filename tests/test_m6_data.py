@@ -7,6 +7,7 @@ import gin
 import jax
 import numpy as np
 import pytest
+from skimage import io as skimage_io
 
 from _m6_helpers import TASKS, VOCAB_SIZE, SmallShapes, m6_data_dir  # noqa: F401  (session fixture)
 from cpm_jax import gin_setup, model_fit
@@ -26,6 +27,15 @@ def test_area_resampling():
   grey = images.model_input(np.full((8, 8, 1), 255, np.uint8), 32)
   assert grey.shape == (32, 32, 3) and np.allclose(grey, 1.0)
   assert np.allclose(images.model_input(np.zeros((4, 4, 4), np.uint8), 8), -1.0)  # RGBA: alpha dropped
+
+
+def test_image_files_read_back_exactly_and_bad_ones_are_named(tmp_path):
+  image = np.random.default_rng(1).integers(0, 256, (6, 5, 3)).astype(np.uint8)
+  skimage_io.imsave(tmp_path / "a.png", image, check_contrast=False)
+  np.testing.assert_array_equal(images.read_file(str(tmp_path / "a.png")), image)
+  (tmp_path / "b.png").write_text("not an image", encoding="utf-8")
+  with pytest.raises(ValueError, match=r"b\.png: not a readable image file"):
+    images.read_file(str(tmp_path / "b.png"))
 
 
 def test_shape_captions_and_answers_describe_the_pixels():
