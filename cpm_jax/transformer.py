@@ -10,6 +10,7 @@ of per-layer trees whose dense weights are [out, in] matrices (`layers.Layout.DE
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, ClassVar, Sequence
 
 import jax
@@ -86,6 +87,58 @@ def run_layers(body: Callable, x: jax.Array, xs: Any, num_layers: int, *, remat_
     x, y = body(x, xs[i] if per_layer else jax.tree.map(lambda a, i=i: a[i], xs))
     ys.append(y)
   return x, tuple(ys) if per_layer else jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+def pre_ln_block_specs(config: Any) -> dict:
+  """`pre_ln_block`'s params, stacked over config.num_layers: weights N(0, init_stddev), the residual branches'
+  output projections N(0, init_stddev / sqrt(2 x layers)) (GPT-2's scaling)."""
+  std = config.init_stddev
+  out_std = std / math.sqrt(2 * config.num_layers)
+  block = {
+      "ln_1": layers.layer_norm_specs(config.embed_dim),
+      "attn": layers.attention_specs(config.embed_dim, config.num_heads, config.head_dim, std, out_std),
+      "ln_2": layers.layer_norm_specs(config.embed_dim),
+      "mlp": layers.mlp_specs(config.embed_dim, config.ffn_dim, std, out_std),
+  }
+  return layers.stacked(block, config.num_layers)
+
+
+def pre_ln_block(x: jax.Array, params: dict, config: Any, mask: jax.Array, rng: jax.Array | None,
+                 layout: layers.Layout = layers.Layout.TRAINING, kv: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+  """One GPT-2-style pre-LN block (ln_1 -> self-attention -> residual; ln_2 -> tanh-GELU MLP -> residual), dropout
+  on each residual branch when `rng` is given; returns (output, kv). params: ln_1, attn, ln_2, mlp (CPM, M6);
+  config: compute_dtype, dropout_rate, layer_norm_eps, attention_impl. With `kv` (this layer's decode cache) the
+  new keys and values are written at cache_index."""
+  dtype = config.compute_dtype
+  rate = config.dropout_rate if rng is not None else 0.0
+  rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
+  h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
+  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index)
+  x = x + layers.dropout(attn, rate, rngs[0])
+  h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
+  h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1], layout=layout)
+  x = x + layers.dropout(h, rate, rngs[2])
+  return partitioning.constrain(x, ("batch", "length", "act_embed")), kv
+
+
+def pre_ln_stack(blocks: dict, x: jax.Array, config: Any, mask: jax.Array,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+  """`pre_ln_block` over blocks stacked on a leading `layers` axis (the training layout), rematerialised and
+  scanned as config.remat_policy / scan_layers say; with dropout_rng, dropout on the input embeddings x and in
+  every block. Returns the last block's output (before any final norm)."""
+  if dropout_rng is not None:
+    dropout_rng, embed_rng = jax.random.split(dropout_rng)
+    x = layers.dropout(x, config.dropout_rate, embed_rng)
+
+  def body(x, layer_inputs):
+    layer_params, index = layer_inputs
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
+    return pre_ln_block(x, layer_params, config, mask, rng)[0], None
+
+  x, _ = run_layers(body, x, (blocks, jnp.arange(config.num_layers)), config.num_layers,
+                    remat_policy=config.remat_policy, scan=config.scan_layers)
+  return x
 
 
 def tied_logits(wte: jax.Array, hidden: jax.Array, dtype) -> jax.Array:
@@ -172,3 +225,16 @@ def updated_cache(cache: dict, new_kv: Sequence[tuple[jax.Array, jax.Array]], kv
   k, v = zip(*new_kv)
   return {**cache, "k": k, "v": v, "segment_ids": kv_segments, "positions": kv_positions,
           "index": cache["index"] + length}
+
+
+def cached_pre_ln_stack(blocks: Sequence[dict], x: jax.Array, config: Any, cache: dict, mask: jax.Array,
+                        kv_segments: jax.Array, kv_positions: jax.Array) -> tuple[jax.Array, dict]:
+  """`pre_ln_block` over each layer's decode-layout block and cache for positions x [batch, t, embed] appended at
+  cache["index"] (mask, kv_segments, kv_positions as `cached_self_mask` gives them); returns (the last block's
+  output, before any final norm; the updated cache)."""
+  def body(x, layer_inputs):
+    layer_params, kv = layer_inputs
+    return pre_ln_block(x, layer_params, config, mask, None, layers.Layout.DECODE, kv, cache["index"])
+
+  x, new_kv = run_layers(body, x, tuple(zip(blocks, zip(cache["k"], cache["v"]))), config.num_layers, per_layer=True)
+  return x, updated_cache(cache, new_kv, kv_segments, kv_positions, x.shape[1])

@@ -1,4 +1,4 @@
-r"""Evaluates a CPM, PLUG or KG (CPM-KM) checkpoint on a task configured in gin_configs/tasks/<task>.gin.
+r"""Evaluates a CPM, PLUG, KG (CPM-KM) or M6 checkpoint on a task configured in gin_configs/tasks/<task>.gin.
 
   python experiments/evaluate.py --checkpoint=/tmp/cpm_params --task=review_sentiment_zero_shot \
       --data_dir=/tmp/tfds --output=/tmp/eval/review_sentiment.json
@@ -10,13 +10,15 @@ r"""Evaluates a CPM, PLUG or KG (CPM-KM) checkpoint on a task configured in gin_
   python experiments/evaluate.py --checkpoint=/tmp/kg_umls --task=link_prediction --data_dir=/tmp/tfds
   python experiments/evaluate.py --checkpoint=/tmp/kg_umls --task=kg_query --input_file=queries.jsonl \
       --print_predictions
+  python experiments/evaluate.py --checkpoint=/tmp/m6_demo --task=shapes_vqa --data_dir=/tmp/tfds
 
 --checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
 workdir (its latest checkpoint); either records the model family, config and tokenizer. CPM-LM runs every
 task; PLUG runs generation tasks (prompts '{source}[SEP]{second source}') and, fine-tuned with a classification
 head, ClassificationTask; KG models run LinkPredictionTask (filtered MRR / Hits@k) and KGQueryTask (top-k tails of
-a head and relation, with scores and entity names). Prints a table of the metrics; --output gets metrics +
-per-example predictions as JSON, --predictions one JSON line per example.
+a head and relation, with scores and entity names); M6 runs ImageTextTask (captions and answers about each example's
+image; `ImageTextTask.with_image = False` for the text-only baseline) and the text tasks. Prints a table of the
+metrics; --output gets metrics + per-example predictions as JSON, --predictions one JSON line per example.
 """
 
 from __future__ import annotations

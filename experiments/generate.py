@@ -1,11 +1,14 @@
-r"""Generates text with a CPM checkpoint (continuations of prompts) or a PLUG one (the decoder's output for an
-encoder input such as 'answer[SEP]context'); sampling or beam search, on device.
+r"""Generates text with a CPM checkpoint (continuations of prompts), a PLUG one (the decoder's output for an
+encoder input such as 'answer[SEP]context') or an M6 one (text about an image: --image per prompt, --prompt=''
+captions it; without --image, text from the prompt alone); sampling or beam search, on device.
 
   python experiments/generate.py --checkpoint=/tmp/cpm_params --prompt='今天天气' --top_k=20 --top_p=0.9
   python experiments/generate.py --checkpoint=/tmp/cpm_params --input_file=prompts.jsonl --output=out.jsonl \
       --beam_size=5
   python experiments/generate.py --checkpoint=/tmp/plug_qg --prompt='北京[SEP]中国的首都是北京。' --top_k=20 \
       --temperature=0.9
+  python experiments/generate.py --checkpoint=/tmp/m6_demo --image=scene.png --prompt='' --image=scene.png \
+      --prompt='图中有几个三角形？' --greedy --max_new_tokens=40
 
 --checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
 workdir; its model family, config and tokenizer are read from it. Without --output each prompt and its
@@ -17,6 +20,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from cpm_jax import decoding, gin_setup, logging_setup, partitioning
+from cpm_jax.data import images
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -26,6 +30,10 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer (CPM: SentencePie
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 _INPUT_FILE = flags.DEFINE_string("input_file", None, "jsonl with one prompt per line in field --prompt_field.")
 _PROMPT_FIELD = flags.DEFINE_string("prompt_field", "prompt", "Field of --input_file lines holding the prompt.")
+_IMAGE = flags.DEFINE_multi_string("image", [], "Image-text models (M6): an image file for each --prompt, in order; "
+                                   "the generation is about the image.")
+_IMAGE_FIELD = flags.DEFINE_string("image_field", None, "Field of --input_file lines holding an image file path "
+                                   "(image-text models), as --image.")
 _OUTPUT = flags.DEFINE_string("output", None, "jsonl output; default: print to stdout.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most (stops at <eod>).")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding instead of sampling.")
@@ -56,16 +64,27 @@ def decoding_config() -> decoding.DecodingConfig:
                                  seed=_SEED.value)
 
 
-def read_prompts() -> list[str]:
-  prompts = list(_PROMPT.value)
+def read_prompts() -> tuple[list[str], list[str]]:
+  """(the prompts, the image file of each, or none without --image / --image_field)."""
+  prompts, image_files = list(_PROMPT.value), list(_IMAGE.value)
+  if image_files and len(image_files) != len(prompts):
+    raise app.UsageError(f"{len(image_files)} --image for {len(prompts)} --prompt: give one image per prompt.")
   if _INPUT_FILE.value:
+    fields = {_PROMPT_FIELD.value: "--prompt_field"}
+    if _IMAGE_FIELD.value:
+      fields[_IMAGE_FIELD.value] = "--image_field"
     for example in tasks.read_jsonl(_INPUT_FILE.value):
-      if _PROMPT_FIELD.value not in example:
-        raise ValueError(f"{example[tasks.WHERE]}: no field {_PROMPT_FIELD.value!r} (--prompt_field).")
+      for field, flag in fields.items():
+        if field not in example:
+          raise ValueError(f"{example[tasks.WHERE]}: no field {field!r} ({flag}).")
       prompts.append(str(example[_PROMPT_FIELD.value]))
+      if _IMAGE_FIELD.value:
+        image_files.append(str(example[_IMAGE_FIELD.value]))
   if not prompts:
     raise app.UsageError("Give --prompt or --input_file.")
-  return prompts
+  if image_files and len(image_files) != len(prompts):
+    raise app.UsageError("--image and --image_field give images for some prompts only: give one for each.")
+  return prompts, image_files
 
 
 def main(argv):
@@ -73,7 +92,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging_setup.quiet_library_logs()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
-  prompts = read_prompts()
+  prompts, image_files = read_prompts()
+  pixels = [images.read_file(path) for path in image_files]
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
   with gin_setup.exit_on_config_error("generate.py"):  # a MeshConfig the devices cannot form
     mesh = partitioning.make_mesh(partitioning.MeshConfig())
@@ -81,13 +101,17 @@ def main(argv):
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
                                    strict=_STRICT.value)
-  outputs = model.generate_text(prompts)
+  outputs = model.describe_text(pixels, prompts) if pixels else model.generate_text(prompts)
+  records = [{"prompt": p, "generated": g} for p, g in zip(prompts, outputs)]
+  for record, path in zip(records, image_files):
+    record["image"] = path
   if _OUTPUT.value:
-    report.write_jsonl(_OUTPUT.value, [{"prompt": p, "generated": g} for p, g in zip(prompts, outputs)])
+    report.write_jsonl(_OUTPUT.value, records)
   else:
     separator = "" if model.continues_prompt else "\n=> "
-    for prompt, generated in zip(prompts, outputs):
-      print(f"{prompt}{separator}{generated}\n")
+    for record in records:
+      image = f"[{record['image']}] " if "image" in record else ""
+      print(f"{image}{record['prompt']}{separator}{record['generated']}\n")
 
 
 if __name__ == "__main__":

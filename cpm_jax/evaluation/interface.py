@@ -18,6 +18,8 @@ class LanguageModel:
   classify(texts: one tuple of text fields per example) -> class logits [n, classes], or None for a model
   without a classification head. A model that cannot score or generate raises a ValueError saying so.
   continues_prompt: whether generations continue the prompt's text (CPM) or answer it (PLUG's decoder).
+  describe(images: one stored uint8 image [h, w, c] per prompt, prompt ids) -> new ids about each image (image-text
+  models such as M6; None for text-only models).
   """
 
   tokenizer: Any
@@ -26,10 +28,18 @@ class LanguageModel:
   classify: Callable[[Sequence[Sequence[str]]], np.ndarray] | None = None
   labels: Sequence[str] = ()  # what classify's classes mean (as the checkpoint records them)
   continues_prompt: bool = True
+  describe: Callable[[Sequence[np.ndarray], Sequence[Sequence[int]]], list[list[int]]] | None = None
 
   def generate_text(self, prompts: Sequence[str]) -> list[str]:
     """Decoded continuations of text prompts."""
     return [self.tokenizer.decode(ids) for ids in self.generate([self.tokenizer.encode(p) for p in prompts])]
+
+  def describe_text(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[str]:
+    """Decoded generations about each image from its text prompt ("" captions it); image-text models only."""
+    if self.describe is None:
+      raise ValueError("This model reads no images (describe is None): generating from an image needs an "
+                       "image-text model such as M6.")
+    return [self.tokenizer.decode(ids) for ids in self.describe(images, [self.tokenizer.encode(p) for p in prompts])]
 
 
 def unsupported(what: str, model: str) -> Callable:

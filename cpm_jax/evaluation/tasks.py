@@ -258,10 +258,15 @@ class GenerationTask(Task):
   def render(self, example, index):
     return fill(self.prompt_template, example, index) + self._references(example, index)[0]
 
+  def generate(self, model: LanguageModel, examples: Sequence[dict], prompts: list[list[int]]) -> list[list[int]]:
+    """The model's generations (token ids) for the examples' encoded prompts (image tasks add the images)."""
+    del examples
+    return model.generate(prompts)
+
   def evaluate(self, model, examples, demonstrations=()):
     prompts = [self.prefix(i, demonstrations) + fill(self.prompt_template, e, i) for i, e in enumerate(examples)]
     references = [self._references(e, i) for i, e in enumerate(examples)]
-    outputs = [model.tokenizer.decode(ids) for ids in model.generate(_encode_all(model, prompts))]
+    outputs = [model.tokenizer.decode(ids) for ids in self.generate(model, examples, _encode_all(model, prompts))]
     if self.stop_at:
       outputs = [output.split(self.stop_at, 1)[0] for output in outputs]
     results = metrics.generation_metrics(outputs, references, self.metrics)

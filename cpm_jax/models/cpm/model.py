@@ -17,13 +17,11 @@ Cached decoding (`cached_hidden_states`) takes `transformer.DecodeParams` (cpm_j
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import gin
 import jax
 
 from cpm_jax import layers, objectives, partitioning, transformer
-from cpm_jax.layers import Layout
 
 
 @gin.configurable
@@ -49,39 +47,18 @@ class CPMConfig(transformer.TransformerConfig):
 
 def param_specs(config: CPMConfig) -> dict:
   std = config.init_stddev
-  out_std = std / math.sqrt(2 * config.num_layers)
-  block = {
-      "ln_1": layers.layer_norm_specs(config.embed_dim),
-      "attn": layers.attention_specs(config.embed_dim, config.num_heads, config.head_dim, std, out_std),
-      "ln_2": layers.layer_norm_specs(config.embed_dim),
-      "mlp": layers.mlp_specs(config.embed_dim, config.ffn_dim, std, out_std),
-  }
   return {
       "embed": {
           "wte": layers.ParamSpec((config.vocab_size, config.embed_dim), ("vocab", "embed"), layers.normal(std)),
           "wpe": layers.ParamSpec((config.max_positions, config.embed_dim), ("positions", "embed"),
                                   layers.normal(std)),
       },
-      "blocks": layers.stacked(block, config.num_layers),
+      "blocks": transformer.pre_ln_block_specs(config),
       "ln_f": layers.layer_norm_specs(config.embed_dim),
   }
 
 
 # ---- forward -----------------------------------------------------------------------------------
-
-def _block(x, params, config: CPMConfig, mask, rng, layout: Layout = Layout.TRAINING, kv=None, cache_index=None):
-  """One pre-LN block; with `kv` (this layer's decode cache) the new keys and values are written at cache_index."""
-  dtype = config.compute_dtype
-  rate = config.dropout_rate if rng is not None else 0.0
-  rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
-  h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
-  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index)
-  x = x + layers.dropout(attn, rate, rngs[0])
-  h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
-  h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1], layout=layout)
-  x = x + layers.dropout(h, rate, rngs[2])
-  return partitioning.constrain(x, ("batch", "length", "act_embed")), kv
-
 
 def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: CPMConfig) -> jax.Array:
   x = params["embed"]["wte"][tokens] + params["embed"]["wpe"][positions]
@@ -101,19 +78,8 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
   rows. segment_ids: document id per token, 0 = padding (default all 1). dropout_rng: enables dropout.
   """
   positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids)
-  x = embed(params, tokens, positions, config)
-  if dropout_rng is not None:
-    dropout_rng, embed_rng = jax.random.split(dropout_rng)
-    x = layers.dropout(x, config.dropout_rate, embed_rng)
   mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
-
-  def body(x, layer_inputs):
-    layer_params, index = layer_inputs
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-    return _block(x, layer_params, config, mask, rng)[0], None
-
-  x, _ = transformer.run_layers(body, x, (params["blocks"], jax.numpy.arange(config.num_layers)), config.num_layers,
-                                remat_policy=config.remat_policy, scan=config.scan_layers)
+  x = transformer.pre_ln_stack(params["blocks"], embed(params, tokens, positions, config), config, mask, dropout_rng)
   return layers.layer_norm(x, params["ln_f"], config.layer_norm_eps)
 
 
@@ -125,15 +91,8 @@ def cached_hidden_states(params: transformer.DecodeParams, tokens: jax.Array, co
   tree = params.tree
   x = embed(tree, tokens, positions, config)
   mask, kv_segments, kv_positions = transformer.cached_self_mask(cache, segment_ids, positions)
-
-  def body(x, layer_inputs):
-    layer_params, kv = layer_inputs
-    return _block(x, layer_params, config, mask, None, Layout.DECODE, kv, cache["index"])
-
-  x, new_kv = transformer.run_layers(body, x, tuple(zip(tree["blocks"], zip(cache["k"], cache["v"]))),
-                                     config.num_layers, per_layer=True)
-  x = layers.layer_norm(x, tree["ln_f"], config.layer_norm_eps)
-  return x, transformer.updated_cache(cache, new_kv, kv_segments, kv_positions, tokens.shape[1])
+  x, cache = transformer.cached_pre_ln_stack(tree["blocks"], x, config, cache, mask, kv_segments, kv_positions)
+  return layers.layer_norm(x, tree["ln_f"], config.layer_norm_eps), cache
 
 
 def forward(params: dict, tokens: jax.Array, config: CPMConfig, **kwargs) -> jax.Array:

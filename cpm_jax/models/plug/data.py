@@ -26,17 +26,13 @@ import gin
 import grain
 import numpy as np
 
-from cpm_jax.data import processes
+from cpm_jax.data import processes, sources
 from cpm_jax.data.splits import SplitData
 from cpm_jax.model_fit import Requirement
 from cpm_jax.models.plug import objectives
 from cpm_jax.tokenization import BertTokenizer
 
 _SENTENCE_END = re.compile(r"(?<=[。！？!?；;])")
-
-
-def _text(value: Any) -> str:
-  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -97,7 +93,7 @@ def structbert_example(index_and_text: tuple[int, str], rng: np.random.Generator
   first, second = halves(text, rng)
   other_index = int(rng.integers(len(documents) - 1))
   other_index += other_index >= index  # any document but this one
-  other = halves(_text(documents[other_index]["text"]), rng)[int(rng.integers(2))]
+  other = halves(sources.as_text(documents[other_index]["text"]), rng)[int(rng.integers(2))]
   a, b, label = objectives.sentence_relation(rng, first, second, other)
   encoded = tokenizer.encode(a, b, max_length=seq_len)
   ids = np.asarray(encoded["input_ids"], np.int32)
@@ -140,11 +136,11 @@ def palm_example(index_and_text: tuple[int, str], rng: np.random.Generator, *, t
 def seq2seq_example(example: Mapping[str, Any], *, tokenizer: BertTokenizer, seq_len: int, target_len: int,
                     source_fields: Sequence[str], target_field: str) -> dict[str, np.ndarray]:
   """Fine-tuning for generation: the source fields joined by [SEP] (e.g. answer [SEP] context) -> target."""
-  parts = [_text(example[field]) for field in source_fields]
+  parts = [sources.as_text(example[field]) for field in source_fields]
   encoded = tokenizer.encode(parts[0], "[SEP]".join(parts[1:]) if len(parts) > 1 else None, max_length=seq_len)
   features = _encoder_features(encoded["input_ids"], encoded["token_type_ids"], seq_len)
   features.update(targets=np.zeros(seq_len, np.int32), weights=np.zeros(seq_len, np.float32))
-  target = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(_text(example[target_field])))
+  target = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(sources.as_text(example[target_field])))
   features.update(_decoder_features(target, tokenizer, target_len))
   return features
 
@@ -153,9 +149,9 @@ def classification_example(example: Mapping[str, Any], *, tokenizer: BertTokeniz
                            text_fields: Sequence[str], label_field: str,
                            label_ids: Mapping[str, int]) -> dict[str, np.ndarray]:
   """[CLS] text [SEP] (text_b [SEP]) -> label id (label_ids maps the label's string form)."""
-  texts = [_text(example[field]) for field in text_fields]
+  texts = [sources.as_text(example[field]) for field in text_fields]
   encoded = tokenizer.encode(texts[0], texts[1] if len(texts) > 1 else None, max_length=seq_len)
-  label = _text(example[label_field])
+  label = sources.as_text(example[label_field])
   if label not in label_ids:
     raise ValueError(f"Label {label!r} (field {label_field!r}) is not one of the configured labels "
                      f"{sorted(label_ids)}.")
@@ -171,7 +167,7 @@ def _indexed(source: Sequence[Any], field: str | None) -> grain.MapDataset:
   dataset = grain.MapDataset.source(source)
   if field is None:
     return dataset
-  return grain.MapDataset.range(len(source)).map(lambda i: (i, _text(source[i][field])))
+  return grain.MapDataset.range(len(source)).map(lambda i: (i, sources.as_text(source[i][field])))
 
 
 @dataclasses.dataclass(frozen=True)
