@@ -249,7 +249,7 @@ def eval_step(params: Any, batch: dict, *, model: Model) -> dict:
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   """The leading (batch) axis split over the batch mesh axes, any further axes whole: one sharding that fits
   batch leaves of every rank ([batch] labels, [batch, length] tokens, ...)."""
-  return NamedSharding(mesh, partitioning.logical_to_spec(("batch",), rules))
+  return NamedSharding(mesh, partitioning.logical_to_spec(("batch",), rules, mesh.axis_names))
 
 
 def global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:

@@ -47,10 +47,16 @@ def test_megatron_layout_rules():
   assert partitioning.logical_to_spec(("embed", "qkv", "heads", "kv"), rules) == jax.sharding.PartitionSpec(
       "fsdp", None, "tensor", None)
   assert partitioning.logical_to_spec(("mlp", "embed"), rules) == jax.sharding.PartitionSpec("tensor", "fsdp")
-  assert partitioning.logical_to_spec(("batch", "length"), rules) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert partitioning.logical_to_spec(("batch", "length"), rules) == jax.sharding.PartitionSpec(
+      ("data", "fsdp", "stage"), None)
+  # On a mesh without pipeline stages, `stage` drops out of every rule.
+  plain = partitioning.MESH_AXES
+  assert partitioning.logical_to_spec(("batch", "length"), rules, plain) == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None)
+  assert partitioning.logical_to_spec(("layers", "embed"), rules, plain) == jax.sharding.PartitionSpec(None, "fsdp")
   # A merged [batch * heads] dimension (the decode cache) takes batch's mesh axes, then the heads'.
-  assert partitioning.logical_to_spec(("batch*act_heads", None, "cache_length"), rules) == jax.sharding.PartitionSpec(
-      ("data", "fsdp", "tensor"), None, None)
+  assert partitioning.logical_to_spec(("batch*act_heads", None, "cache_length"), rules, plain) == \
+      jax.sharding.PartitionSpec(("data", "fsdp", "tensor"), None, None)
   with pytest.raises(KeyError, match="'nonsense' has no rule"):
     partitioning.logical_to_spec(("batch*nonsense",), rules)
 

@@ -43,6 +43,8 @@ class CPMConfig(transformer.TransformerConfig):
   remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
   attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
+  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
 
 def param_specs(config: CPMConfig) -> dict:

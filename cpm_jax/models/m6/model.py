@@ -53,6 +53,8 @@ class M6Config(transformer.TransformerConfig):
   param_dtype: str = "float32"
   remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
+  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
   attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
 
   def __post_init__(self):

@@ -29,7 +29,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, objectives, partitioning, transformer
+from cpm_jax import layers, objectives, partitioning, pipeline_parallel, transformer
 from cpm_jax.layers import Layout
 from cpm_jax.models.plug import objectives as plug_objectives
 
@@ -60,6 +60,8 @@ class PlugConfig(transformer.TransformerConfig):
   remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
   attention_impl: str = "xla"  # "xla", "jax" or "cudnn"
+  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel), for each stack
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
   @property
   def has_pooler(self) -> bool:
@@ -108,6 +110,11 @@ def param_specs(config: PlugConfig) -> dict:
   if config.num_classes:
     specs["classifier"] = _dense_specs(e, config.num_classes, ("embed", "classes"), std)
   return specs
+
+
+def _blocks_axes(config: PlugConfig, stack: str) -> dict:
+  """Logical axes of the stacked blocks of `stack` ("encoder" or "decoder")."""
+  return layers.logical_axes(param_specs(config)[stack]["blocks"])
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -167,14 +174,11 @@ def encode(params: dict, tokens: jax.Array, config: PlugConfig, *, token_types=N
   x = embed(params, tokens, token_types, positions, config, rngs[0])
   mask = layers.attention_mask(segment_ids, segment_ids, None, None)
 
-  def body(x, layer):
-    layer_params, index = layer
-    rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
-    return _encoder_block(x, layer_params, config, mask, rng), None
+  def layer(x, mask, layer_params, rng):
+    return _encoder_block(x, layer_params, config, mask, rng)
 
-  x, _ = transformer.run_layers(body, x, (params["encoder"]["blocks"], jnp.arange(config.num_encoder_layers)),
-                                config.num_encoder_layers, remat_policy=config.remat_policy,
-                                scan=config.scan_layers)
+  x = pipeline_parallel.run_stack(layer, x, mask, params["encoder"]["blocks"], _blocks_axes(config, "encoder"), config,
+                                  rngs[1], "PLUG encoder")
   if config.encoder_pre_ln:
     x = layers.layer_norm(x, params["encoder"]["ln_f"], config.layer_norm_eps)
   return x
@@ -263,14 +267,12 @@ def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidde
   self_mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
   cross_mask = layers.attention_mask(segment_ids, encoder_segment_ids, None, None)
 
-  def body(x, layer):
-    layer_params, index = layer
-    rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
-    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, encoder_hidden, None, None)[0], None
+  def layer(x, side, layer_params, rng):
+    self_mask, cross_mask, encoder_hidden = side
+    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, encoder_hidden, None, None)[0]
 
-  n = config.num_decoder_layers
-  x, _ = transformer.run_layers(body, x, (params["decoder"]["blocks"], jnp.arange(n)), n,
-                                remat_policy=config.remat_policy, scan=config.scan_layers)
+  x = pipeline_parallel.run_stack(layer, x, (self_mask, cross_mask, encoder_hidden), params["decoder"]["blocks"],
+                                  _blocks_axes(config, "decoder"), config, rngs[1], "PLUG decoder")
   return layers.layer_norm(x, params["decoder"]["ln_f"], config.layer_norm_eps)
 
 
