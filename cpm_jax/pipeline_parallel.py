@@ -218,8 +218,12 @@ def _pipeline(layer: Layer, x, side, blocks, blocks_axes, indices, config, rng, 
     h = jnp.where(valid.reshape(-1, *(1,) * first.ndim), h, jnp.zeros_like(h))  # bubbles compute on zeros
     h = constrain(h, *stage_spec(h))
 
-    def per_stage(tree_leaf):
-      return jax.vmap(lambda a, r: a[r], in_axes=(1, 0))(tree_leaf, repeat)
+    def per_stage(leaf):
+      """[repeats, stages, ...] -> each stage's chunk of its current repeat, [stages, ...]. One repeat: the same
+      chunk every iteration (loop-invariant, so the backward pass keeps it once, not per iteration)."""
+      if repeats == 1:
+        return leaf[0]
+      return jax.vmap(lambda a, r: a[r], in_axes=(1, 0), spmd_axis_name=STAGE_AXIS)(leaf, repeat)
 
     params = jax.tree.map(per_stage, chunks)
     layer_ids = per_stage(chunk_indices)
