@@ -21,7 +21,7 @@ import dataclasses
 import gin
 import jax
 
-from cpm_jax import layers, objectives, partitioning, transformer
+from cpm_jax import layers, objectives, partitioning, training, transformer
 
 
 @gin.configurable
@@ -121,6 +121,13 @@ class CPMLanguageModel:
     logits = forward(params, batch["inputs"], self.config, positions=batch.get("positions"),
                      segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
     return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """LMData's batches: inputs, targets, weights, segment_ids, positions, each [batch, seq_len]."""
+    del target_len
+    tokens = ((seq_len,), "int32")
+    return training.abstract_batch(batch_size, {"inputs": tokens, "targets": tokens, "weights": ((seq_len,), "float32"),
+                                                "segment_ids": tokens, "positions": tokens})
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params (blocks + tied logits head) + attention scores.

@@ -29,7 +29,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, objectives, partitioning, pipeline_parallel, transformer
+from cpm_jax import layers, objectives, partitioning, pipeline_parallel, training, transformer
 from cpm_jax.layers import Layout
 from cpm_jax.models.plug import objectives as plug_objectives
 
@@ -311,6 +311,16 @@ def _encoder_inputs(params: dict, batch: dict, config: PlugConfig, dropout_rng) 
                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
 
 
+def _encoder_batch(seq_len: int) -> dict:
+  """The encoder fields of PLUG's batches (cpm_jax.models.plug.data), per example."""
+  tokens = ((seq_len,), "int32")
+  return {"inputs": tokens, "token_types": tokens, "segment_ids": tokens, "positions": tokens}
+
+
+def _masked_lm_batch(seq_len: int) -> dict:
+  return {"targets": ((seq_len,), "int32"), "weights": ((seq_len,), "float32")}
+
+
 def _matmul_params(config: PlugConfig) -> tuple[int, int]:
   """(encoder, decoder) matmul parameters per token, output heads included."""
   e, f = config.embed_dim, config.ffn_dim
@@ -339,6 +349,12 @@ class StructBertModel:
                                       relation_logits(params, hidden, self.config), batch["relation_labels"],
                                       batch["relation_weights"])
 
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """StructBertData's batches."""
+    del target_len
+    return training.abstract_batch(batch_size, {**_encoder_batch(seq_len), **_masked_lm_batch(seq_len),
+                                                "relation_labels": ((), "int32"), "relation_weights": ((), "float32")})
+
   def flops_per_token(self, seq_len: int) -> float:
     """6 x matmul params + attention (12 x layers x embed x seq_len), per encoder token."""
     return 6.0 * _matmul_params(self.config)[0] + 12.0 * self.config.num_encoder_layers * self.config.embed_dim * seq_len
@@ -364,6 +380,14 @@ class Seq2SeqModel:
     return plug_objectives.palm_loss(mlm_logits(params, hidden, self.config), batch["targets"], batch["weights"],
                                 decoder_logits(params, decoded, self.config), batch["decoder_targets"],
                                 batch["decoder_weights"])
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """PalmData / Seq2SeqData's batches: the encoder's seq_len positions and the decoder's target_len (default
+    seq_len / 4, PALM's 80/20 split)."""
+    target = ((target_len or max(seq_len // 4, 1),), "int32")
+    return training.abstract_batch(batch_size, {
+        **_encoder_batch(seq_len), **_masked_lm_batch(seq_len), "decoder_inputs": target, "decoder_targets": target,
+        "decoder_weights": (target[0], "float32"), "decoder_segment_ids": target, "decoder_positions": target})
 
   def flops_per_token(self, seq_len: int) -> float:
     """Per encoder token, counting one decoder token per encoder token (an upper bound for PALM's 80/20)."""
@@ -393,6 +417,12 @@ class ClassifierModel:
 
   def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
     return objectives.lm_loss(self.logits(params, batch, dropout_rng), batch["labels"], batch["label_weights"])
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """ClassificationData's batches."""
+    del target_len
+    return training.abstract_batch(batch_size, {**_encoder_batch(seq_len), "labels": ((), "int32"),
+                                                "label_weights": ((), "float32")})
 
   def flops_per_token(self, seq_len: int) -> float:
     c = self.config
