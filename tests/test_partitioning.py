@@ -22,6 +22,7 @@ MESHES = [
     dict(data=1, fsdp=1, tensor=8),
     dict(data=2, fsdp=2, tensor=2),
     dict(data=2, fsdp=1, tensor=4),
+    dict(data=2, fsdp=1, tensor=2, extra_axes={"stage": 2}),  # a 2-stage pipeline (TINY's 2 layers, 1 per stage)
 ]
 
 
@@ -171,7 +172,9 @@ MODELS = {"cpm": (cpm.CPMLanguageModel(TINY), _batch, MESHES),
 
 
 def _train_three_steps(mesh_sizes, family="cpm"):
-  mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes), devices=jax.devices()[:np.prod(list(mesh_sizes.values()))])
+  config = partitioning.MeshConfig(**mesh_sizes)
+  devices = math.prod([config.data, config.fsdp, config.tensor, *config.extra_axes.values()])
+  mesh = partitioning.make_mesh(config, devices=jax.devices()[:devices])
   model, make_batch, _ = MODELS[family]
   optimizer = training.make_optimizer(training.learning_rate_schedule(1e-2, 1, 10))
   steps = training.make_sharded_steps(model, optimizer, mesh)
