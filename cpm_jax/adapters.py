@@ -167,6 +167,9 @@ class AdaptedModel:
   def flops_per_token(self, seq_len: int) -> float:
     return self.model.flops_per_token(seq_len) * 4 / 6
 
+  def with_config(self, config) -> AdaptedModel:
+    return dataclasses.replace(self, model=self.model.with_config(config))
+
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
     return self.model.example_batch(batch_size, seq_len, target_len)
 

@@ -33,8 +33,9 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from cpm_jax import layers, partitioning, pipeline_parallel, training, transformer
 
@@ -167,17 +168,18 @@ class Estimate:
 
 # ---- bytes of arrays on a layout -----------------------------------------------------------------
 
+def _itemsize(dtype) -> int:
+  """Bytes per element; a PRNG key (e.g. dropout's, among the residuals) is its two uint32 words."""
+  return 8 if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) else jnp.dtype(dtype).itemsize
+
+
 def _abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
   return AbstractMesh(tuple(sizes[name] for name in MESH_AXES), MESH_AXES)
 
 
 def _shard_bytes(abstract: Any, shardings: Any) -> float:
-  return float(sum(math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  return float(sum(math.prod(sharding.shard_shape(leaf.shape)) * _itemsize(leaf.dtype)
                    for leaf, sharding in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))))
-
-
-def _tree_bytes(tree: Any) -> float:
-  return float(sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
 
 
 # ---- activations, traced -------------------------------------------------------------------------
@@ -220,19 +222,20 @@ def _residuals(model: Any, params: Any, batch: dict) -> list:
   return jax.tree.leaves(jax.eval_shape(vjp, params, batch))
 
 
-def _kept_bytes(model, params, seq_len: int, target_len: int, param_dtype) -> Linear:
+def _kept_bytes(model, params, seq_len: int, target_len: int) -> Linear:
   """The bytes the vjp keeps as a Linear of the rows, from traces at 1 and 2 rows: residuals that grow with the rows,
   plus those that do not and are not params (in another dtype than the params': weights cast for compute, kept per
   layer)."""
   small = _residuals(model, params, model.example_batch(1, seq_len, target_len))
   large = _residuals(model, params, model.example_batch(2, seq_len, target_len))
+  param_kinds = {(leaf.shape, jnp.dtype(leaf.dtype)) for leaf in jax.tree.leaves(params)}
   per_row = constant = 0.0
   for a, b in zip(small, large):
-    size_a, size_b = (math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (a, b))
+    size_a, size_b = (math.prod(x.shape) * _itemsize(x.dtype) for x in (a, b))
     if size_a != size_b:
       per_row += size_b - size_a
       constant += 2 * size_a - size_b
-    elif jnp.dtype(a.dtype) != jnp.dtype(param_dtype):
+    elif (a.shape, a.dtype) not in param_kinds:
       constant += size_a
   return Linear(constant, per_row)
 
@@ -253,7 +256,7 @@ def activation_profile(model: Any, tensor: int, seq_len: int, target_len: int = 
       axes, is_leaf=partitioning.is_logical_axes)) if leaf_axes[:1] == ("layers",)})
 
   def traced(keep: dict[int, int], traced_model) -> Linear:
-    return _kept_bytes(traced_model, _with_layers(params, axes, keep), seq_len, target_len, param_dtype)
+    return _kept_bytes(traced_model, _with_layers(params, axes, keep), seq_len, target_len)
 
   def profile(traced_model) -> tuple[Linear, dict[int, Linear]]:
     outside = traced({depth: 0 for depth in depths}, traced_model)
@@ -267,7 +270,7 @@ def activation_profile(model: Any, tensor: int, seq_len: int, target_len: int = 
   if not depths or config.remat_policy == "none":
     working = per_layer
   else:
-    working = profile(dataclasses.replace(model, config=dataclasses.replace(config, remat_policy="none")))[1]
+    working = profile(model.with_config(dataclasses.replace(config, remat_policy="none")))[1]
   return ActivationProfile(outside, per_layer, working)
 
 
@@ -280,7 +283,7 @@ def _axis_bytes(mesh: AbstractMesh, abstract: Any, shardings: Any, axis: str) ->
     entries = [entry for entry in sharding.spec if entry is not None]
     names = {name for entry in entries for name in ((entry,) if isinstance(entry, str) else entry)}
     if axis in names:
-      total += math.prod(sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+      total += math.prod(sharding.shard_shape(leaf.shape)) * _itemsize(leaf.dtype)
   return total
 
 
@@ -326,7 +329,8 @@ def estimate(model: Any, optimizer: optax.GradientTransformation, layout: Layout
   batch = model.example_batch(global_batch, seq_len, target_len)
   batch_sharding = NamedSharding(mesh, partitioning.logical_to_spec(("batch",), None, MESH_AXES))
   batch_bytes = _shard_bytes(batch, jax.tree.map(lambda _: batch_sharding, batch))
-  gradients = params
+  gradients = _shard_bytes(training.split_trainable(model, abstract.params)[0],
+                           training.split_trainable(model, shardings.params)[0])  # the trainable params'
 
   config = model.config
   stacks_rows = rows / (layout.data * layout.fsdp)  # a stage's rows (every microbatch)
@@ -348,9 +352,9 @@ def estimate(model: Any, optimizer: optax.GradientTransformation, layout: Layout
       layer_rows = stacks_rows / schedule.microbatches
       activations += schedule.iterations * chunk * per_layer(layer_rows)
     working = max(working, profile.layer_working_set[depth](layer_rows) - per_layer(layer_rows))
-  # The optimizer's update is params-sized; the backward pass holds every gradient, the activations and one
-  # layer's recomputation at once.
-  temporaries = max(working, params - activations)
+  # The optimizer's update is the size of the trained params; the backward pass holds every gradient, the
+  # activations and one layer's recomputation at once.
+  temporaries = max(working, gradients - activations)
 
   # FLOPs: the model's count, the recomputed forward, the bubbles' work.
   tokens = global_batch * seq_len
@@ -484,3 +488,51 @@ def format_table(estimates: Sequence[Estimate], limit: int | None = None) -> str
   lines = ["  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in
                      enumerate(zip(row, widths))) for row in rows]
   return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def recommendation(best: Estimate, model: Any) -> str:
+  """The gin bindings that select `best`'s layout in experiments/train.py, one per line."""
+  config_name = type(model.config).__name__
+  return "\n".join([*best.layout.gin_bindings(), *best.layout.model_bindings(config_name)])
+
+
+def plan_table(model: Any, device: str, devices: int, *, global_batch: int, seq_len: int, target_len: int = 0,
+               hosts: int | None = None, optimizer: optax.GradientTransformation | None = None,
+               limit: int | None = 12) -> str:
+  """The planner's answer as text: the table of candidate layouts of `devices` devices of kind `device` (a name in
+  DEVICES) for training `model` (any family's training model, e.g. `cpm.CPMLanguageModel(config)`), the recommended
+  layout first, then the gin bindings that select it. hosts: how many hosts the devices span (default: the
+  device's devices_per_host each). optimizer: default `training.make_optimizer()` (AdamW, fp32 moments)."""
+  if device not in DEVICES:
+    raise ValueError(f"device {device!r} is none of {sorted(DEVICES)}.")
+  kind = DEVICES[device]
+  per_host = devices // hosts if hosts else min(kind.devices_per_host, devices)
+  estimates = plan(model, optimizer or training.make_optimizer(), kind, devices, global_batch=global_batch,
+                   seq_len=seq_len, target_len=target_len, devices_per_host=per_host)
+  if not estimates:
+    raise ValueError(f"no layout of {devices} devices splits the model and the global batch {global_batch}.")
+  title = (f"{type(model).__name__}: global batch {global_batch} x {seq_len} tokens on {devices} x {device} "
+           f"({per_host} per host); GiB and GB per device per step")
+  verdict = "fits" if estimates[0].fits else "does NOT fit (nothing does)"
+  return "\n".join([title, format_table(estimates, limit), "",
+                    f"Recommended ({verdict}):", recommendation(estimates[0], model)])
+
+
+def xla_memory(model: Any, optimizer: optax.GradientTransformation, layout: Layout, *, global_batch: int,
+               seq_len: int, target_len: int = 0) -> tuple[float, float]:
+  """(argument bytes, temporary bytes) per device of the real train step compiled ahead of time for `layout` on
+  this process's first devices (abstract inputs: nothing is allocated): XLA's own figures for `estimate`'s
+  `arguments` and `temporary_total`. The model's config must run the layout's pipeline schedule."""
+  if layout.devices > jax.device_count():
+    raise ValueError(f"{layout.describe()} needs {layout.devices} devices; this process has {jax.device_count()}.")
+  config = model.config
+  if layout.stage > 1 and (config.pipeline_microbatches, config.pipeline_repeats) != (
+      layout.pipeline_microbatches, layout.pipeline_repeats):
+    raise ValueError(f"{layout.describe()}: the model's config has pipeline_microbatches="
+                     f"{config.pipeline_microbatches}, pipeline_repeats={config.pipeline_repeats}; set the layout's.")
+  devices = np.asarray(jax.devices()[:layout.devices]).reshape([layout.sizes[name] for name in MESH_AXES])
+  mesh = Mesh(devices, MESH_AXES)
+  steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=layout.accumulation)
+  compiled = steps.train.lower(steps.abstract_state, model.example_batch(global_batch, seq_len, target_len)).compile()
+  analysis = compiled.memory_analysis()
+  return float(analysis.argument_size_in_bytes), float(analysis.temp_size_in_bytes)

@@ -30,6 +30,7 @@ class Model(Protocol):
   # The batch `loss` reads, as ShapeDtypeStructs (`abstract_batch`): what the planner and ahead-of-time compiles
   # feed it. target_len: the decoder length of encoder-decoder models (0: their default).
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict: ...
+  def with_config(self, config: Any) -> Model: ...  # the same model with another config
 
 
 def abstract_batch(batch_size: int, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:

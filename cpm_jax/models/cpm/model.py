@@ -122,6 +122,10 @@ class CPMLanguageModel:
                      segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
     return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
 
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
     """LMData's batches: inputs, targets, weights, segment_ids, positions, each [batch, seq_len]."""
     del target_len

@@ -83,6 +83,10 @@ class KGEmbeddingModel:
             "correct_sum": (correct * weights).sum()}
     return (sums["loss_sum"] + sums["z_loss_sum"]) / jnp.maximum(weight_sum, 1.0), sums
 
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
     """KGData's batches of triples (seq_len and target_len do not apply)."""
     del seq_len, target_len

@@ -349,6 +349,10 @@ class StructBertModel:
                                       relation_logits(params, hidden, self.config), batch["relation_labels"],
                                       batch["relation_weights"])
 
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
     """StructBertData's batches."""
     del target_len
@@ -380,6 +384,10 @@ class Seq2SeqModel:
     return plug_objectives.palm_loss(mlm_logits(params, hidden, self.config), batch["targets"], batch["weights"],
                                 decoder_logits(params, decoded, self.config), batch["decoder_targets"],
                                 batch["decoder_weights"])
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
 
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
     """PalmData / Seq2SeqData's batches: the encoder's seq_len positions and the decoder's target_len (default
@@ -417,6 +425,10 @@ class ClassifierModel:
 
   def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
     return objectives.lm_loss(self.logits(params, batch, dropout_rng), batch["labels"], batch["label_weights"])
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
 
   def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
     """ClassificationData's batches."""
