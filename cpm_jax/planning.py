@@ -375,8 +375,10 @@ def estimate(model: Any, optimizer: optax.GradientTransformation, layout: Layout
 
   add(_collective(gradients / layout.data, layout.data, layout.hosts_of("data"), 2))  # ring all-reduce
   fsdp_bytes = _axis_bytes(mesh, abstract.params, shardings.params, "fsdp")
-  fsdp_passes = 2 if schedule is not None else 3  # all-gathers (forward, backward) + reduce-scatter of gradients
-  add(_collective(fsdp_bytes, layout.fsdp, layout.hosts_of("fsdp"), fsdp_passes))
+  # All-gathers (forward, backward; a pipeline gathers once for both) + reduce-scatter of the gradients, in every
+  # accumulation microbatch, as are the activations' collectives below.
+  fsdp_passes = 2 if schedule is not None else 3
+  add(_collective(fsdp_bytes, layout.fsdp, layout.hosts_of("fsdp"), fsdp_passes * layout.accumulation))
   compute_bytes = jnp.dtype(config.dtype).itemsize if profile.per_layer else 0
   if layout.tensor > 1 and profile.per_layer:
     kernels = _tensor_kernels(layers.logical_axes(model.param_specs()), partitioning.logical_axis_rules(), MESH_AXES)
@@ -384,13 +386,14 @@ def estimate(model: Any, optimizer: optax.GradientTransformation, layout: Layout
     activation = config.embed_dim * seq_len * compute_bytes / layout.tensor
     factor = schedule.iterations / (schedule.microbatches * schedule.repeats) if schedule else 1.0
     all_reduces = (kernels[True] * depth_total * factor * stacks_rows + 2 * kernels[False] * outside_rows)
-    add(_collective(activation * all_reduces, layout.tensor, 1, 2))
+    add(_collective(activation * all_reduces * layout.accumulation, layout.tensor, 1, 2))
   if schedule is not None:
     activation = config.embed_dim * seq_len * compute_bytes
     sends = 2 * schedule.iterations * (stacks_rows / schedule.microbatches) * activation * len(profile.per_layer)
     sends += 2 * (layout.stage - 1) / layout.stage * stacks_rows * activation  # the stack's input gathered over stage
     if schedule.repeats > 1:
       sends += 2 * (layout.stage - 1) / layout.stage * _axis_bytes(mesh, abstract.params, shardings.params, "stage")
+    sends *= layout.accumulation
     add((sends, 0.0) if layout.hosts_of("stage") == 1 else (0.0, sends))
 
   step = flops / (device.peak_flops * efficiency) + ici / device.ici_bandwidth + dcn / device.dcn_bandwidth
@@ -536,3 +539,20 @@ def xla_memory(model: Any, optimizer: optax.GradientTransformation, layout: Layo
   compiled = steps.train.lower(steps.abstract_state, model.example_batch(global_batch, seq_len, target_len)).compile()
   analysis = compiled.memory_analysis()
   return float(analysis.argument_size_in_bytes), float(analysis.temp_size_in_bytes)
+
+
+def scaling_table(model: Any, device: str, counts: Sequence[int], *, global_batch: int, seq_len: int,
+                  target_len: int = 0, optimizer: optax.GradientTransformation | None = None) -> str:
+  """The recommended layout of each device count in `counts` for one global batch (strong scaling), its tokens/s
+  and its speed-up over the first count (the ideal is the ratio of the counts)."""
+  rows = [("devices", "recommended layout", "fits", "tokens/s", "speed-up", "ideal")]
+  first = None
+  for count in counts:
+    best = plan(model, optimizer or training.make_optimizer(), DEVICES[device], count, global_batch=global_batch,
+                seq_len=seq_len, target_len=target_len)[0]
+    first = first or (count, best.tokens_per_second)
+    rows.append((str(count), best.layout.describe(), "yes" if best.fits else "no", f"{best.tokens_per_second:,.0f}",
+                 f"{best.tokens_per_second / first[1]:.1f}x", f"{count / first[0]:.0f}x"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(cell.ljust(width) if i == 1 else cell.rjust(width) for i, (cell, width) in
+                             enumerate(zip(row, widths))) for row in rows)
