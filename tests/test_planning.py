@@ -80,3 +80,14 @@ def test_cpm_large_lora_fits_one_24gb_gpu_where_full_training_does_not(clean_gin
   assert not full.fits and full.optimizer > 2 * full.params - 1e6  # Adam's two fp32 moments of every param
   assert tuned.fits and tuned.params == pytest.approx(full.params / 2, rel=0.01)  # the bf16 base
   assert tuned.optimizer < 0.01 * full.optimizer and tuned.gradients < 0.01 * full.gradients
+
+
+def test_remat_policies_show_in_the_activation_memory():
+  """Per remat policy (CPMConfig.remat_policy), what the backward pass keeps: full remat keeps the least, none the
+  most; the FLOPs count the recomputed forward."""
+  device, layout = planning.DEVICES["A100-80GB"], planning.Layout(data=8)
+  by_policy = {policy: planning.estimate(cpm.CPMLanguageModel(dataclasses.replace(TINY, remat_policy=policy)),
+                                         OPTIMIZER, layout, device, global_batch=16, seq_len=64)
+               for policy in ("none", "dots", "full")}
+  assert by_policy["full"].activations < by_policy["dots"].activations < by_policy["none"].activations
+  assert by_policy["full"].flops == pytest.approx(by_policy["none"].flops * 4 / 3)
