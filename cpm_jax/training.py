@@ -158,10 +158,16 @@ def _init_state(model: Model, optimizer: optax.GradientTransformation, seed: int
                     consecutive_bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
 
 
+@functools.lru_cache(maxsize=16)
+def abstract_state(model: Model, optimizer: optax.GradientTransformation) -> TrainState:
+  """The train state's ShapeDtypeStructs (no allocation); cached, as the planner asks once per candidate mesh."""
+  return jax.eval_shape(functools.partial(_init_state, model, optimizer), 0)
+
+
 def state_shardings(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules=None) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings): params by the logical-axis rules, optimizer moments like params."""
-  abstract = jax.eval_shape(functools.partial(_init_state, model, optimizer), 0)
+  abstract = abstract_state(model, optimizer)
   specs = model.param_specs()
   param_shardings = partitioning.tree_shardings(layers.logical_axes(specs), mesh, abstract.params, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
