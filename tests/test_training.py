@@ -233,7 +233,8 @@ def test_loop_logs_the_pipeline_bubble_and_the_data_wait(tmp_path, caplog):
   texts = [("人民日报" * (3 + i % 5)) + "。" for i in range(64)]
   stages = partitioning.MeshConfig(data=2, tensor=2, extra_axes={"stage": 2})
   train_loop.train(str(tmp_path), model=cpm.CPMLanguageModel(dataclasses.replace(TINY, pipeline_microbatches=2)),
-                   data=_SlowData(texts), mesh_config=stages, num_steps=4, log_every=2, eval_every=1000, eval_max_batches=1, peak_flops=1e12)
+                   data=_SlowData(texts), mesh_config=stages, num_steps=4, log_every=2, eval_every=1000,
+                   eval_max_batches=1, peak_flops=1e12)
   assert "Pipeline: 2 stages (GPipe), 2 microbatches: 3 iterations, bubble 33.3%" in caplog.text
   waits = [int(line.split("data wait ")[1].split("%")[0]) for line in caplog.text.splitlines() if "data wait" in line]
   assert len(waits) == 2 and waits[1] > 0, waits  # the second window has no compilation in it
