@@ -71,7 +71,7 @@ def clean_gin():
 
 def test_rules_from_gin_extend_or_replace_the_table(clean_gin):
   gin_setup.parse([], ['logical_axis_rules.extra_rules = [("act_.*", None), ("vocab", ["tensor", "fsdp"])]'])
-  assert partitioning.logical_to_spec(("batch", "length", "act_heads")) == P(("data", "fsdp"), None, None)
+  assert partitioning.logical_to_spec(("batch", "length", "act_heads")) == P(("data", "fsdp", "stage"), None, None)
   assert partitioning.logical_to_spec(("vocab", "embed")) == P(("tensor", "fsdp"), None)  # fsdp taken by vocab
   assert partitioning.logical_to_spec(("mlp", "embed")) == P("tensor", "fsdp")  # the rest of the table as before
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=2, tensor=4))
