@@ -25,11 +25,14 @@ MASK_VALUE = -1e9
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-  """Declaration of one parameter: its shape, logical axis names and initializer."""
+  """Declaration of one parameter: its shape, logical axis names and initializer; whether it trains (a frozen param
+  gets no gradient and no optimizer state, e.g. a base model under adapters) and its dtype (None: the model's)."""
 
   shape: tuple[int, ...]
   axes: tuple[str | None, ...]
   init: Initializer
+  trainable: bool = True
+  dtype: str | None = None
 
   def __post_init__(self):
     if len(self.shape) != len(self.axes):
@@ -74,7 +77,7 @@ def init_from_specs(specs: Any, key: jax.Array, dtype=jnp.float32) -> Any:
   """Initial values for a tree of ParamSpecs, one independent key per leaf (by tree position)."""
   leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
   keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [s.init(k, s.shape, dtype) for s, k in zip(leaves, keys)])
+  return jax.tree.unflatten(treedef, [s.init(k, s.shape, jnp.dtype(s.dtype or dtype)) for s, k in zip(leaves, keys)])
 
 
 def logical_axes(specs: Any) -> Any:
@@ -82,8 +85,14 @@ def logical_axes(specs: Any) -> Any:
 
 
 def abstract_params(specs: Any, dtype=jnp.float32) -> Any:
-  """ShapeDtypeStructs of the params a tree of specs declares (no allocation), all of `dtype`."""
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), specs, is_leaf=is_spec)
+  """ShapeDtypeStructs of the params a tree of specs declares (no allocation), of `dtype` unless a spec has its
+  own."""
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(s.dtype or dtype)), specs, is_leaf=is_spec)
+
+
+def trainable(specs: Any) -> Any:
+  """The tree of each spec's `trainable`."""
+  return jax.tree.map(lambda s: s.trainable, specs, is_leaf=is_spec)
 
 
 def count_params(tree: Any) -> int:
@@ -250,11 +259,23 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
   x = x.astype(dtype).reshape(*lead, -1)
   if layout is Layout.TRAINING:
     kernel = params[f"{name}_kernel"].astype(dtype)
-    return jax.lax.dot_general(x, kernel.reshape(-1, *bias.shape), (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    out = jax.lax.dot_general(x, kernel.reshape(-1, *bias.shape), (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    if f"{name}_lora_a" in params:  # a low-rank update beside the kernel (cpm_jax.adapters)
+      out = out + low_rank_update(x, params, name, dtype).reshape(out.shape)
+    return out
   out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
   if bias.ndim == 3:  # fused [n, heads, head_dim] outputs, stored heads first
     out = jnp.swapaxes(out.reshape(*lead, bias.shape[1], bias.shape[0], bias.shape[2]), -3, -2)
   return out.reshape(*lead, *bias.shape) + bias
+
+
+def low_rank_update(x: jax.Array, params: dict, name: str, dtype) -> jax.Array:
+  """LoRA's scale x (x A) B for the kernel `name`: `{name}_lora_a` [*in, rank], `{name}_lora_b` [rank, *out] and the
+  scalar `{name}_lora_scale` (alpha / rank); x [..., in] with its input dims merged. Returns [..., out] merged."""
+  a, b = params[f"{name}_lora_a"].astype(dtype), params[f"{name}_lora_b"].astype(dtype)
+  rank = a.shape[-1]
+  low = jnp.dot(x, a.reshape(-1, rank))
+  return jnp.dot(low, b.reshape(rank, -1)) * params[f"{name}_lora_scale"].astype(dtype)
 
 
 def decode_block(block: dict) -> dict:
@@ -314,11 +335,23 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
   qkv = project_qkv(x, params, dtype, layout)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   if kv is None:
+    if "prefix_k" in params:  # trainable keys and values every query sees first (cpm_jax.adapters)
+      k, v, mask = with_prefix(k, v, mask, params["prefix_k"], params["prefix_v"])
     return project_out(dot_product_attention(q, k, v, mask, implementation), params, dtype, layout), None
   kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
              for cached, new in zip(kv, (k, v)))
   out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
   return project_out(out, params, dtype, layout), kv
+
+
+def with_prefix(k: jax.Array, v: jax.Array, mask: jax.Array, prefix_k: jax.Array, prefix_v: jax.Array):
+  """Keys and values [b, t, heads, d] with the prefix [p, heads, d] in front (P-tuning v2), and the mask [b, 1, q, t]
+  widened so that every query that sees any key also sees the prefix."""
+  batch = k.shape[0]
+  k, v = (jnp.concatenate([jnp.broadcast_to(p.astype(a.dtype), (batch, *p.shape)), a], axis=1)
+          for p, a in ((prefix_k, k), (prefix_v, v)))
+  visible = jnp.broadcast_to(mask.any(-1, keepdims=True), (*mask.shape[:3], prefix_k.shape[0]))
+  return k, v, jnp.concatenate([visible, mask], axis=-1)
 
 
 def project_out(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAINING) -> jax.Array:

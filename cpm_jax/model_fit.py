@@ -72,7 +72,7 @@ def fit(model: Any, data: Any) -> Any:
                         f"{requirement.needed}{unbound}.")
   if not changes:
     return model
-  return dataclasses.replace(model, config=dataclasses.replace(config, **changes))
+  return model.with_config(dataclasses.replace(config, **changes))
 
 
 class BatchCheck:

@@ -38,15 +38,17 @@ Rules = Sequence[tuple[str, Any]]
 # Logical name -> mesh axis (or tuple of mesh axes, or None for replicated).
 # Params: vocab/heads/mlp split over `tensor` (Megatron), embed over `fsdp` (ZeRO-3).
 # Activations use their own names so that `batch` can take `fsdp` without clashing with params.
+# Pipeline stages (a `stage` mesh axis, cpm_jax.pipeline_parallel) hold their layers, and outside the pipeline the
+# batch is split over them too; on a mesh without `stage` those entries do nothing.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "stage")),
     ("length", None),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
-    ("layers", None),
+    ("layers", "stage"),
     ("positions", None),
     ("qkv", None),
     ("token_types", None),
@@ -199,8 +201,10 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
   return Mesh(device_array(config, devices), config.axis_names)
 
 
-def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array.
+def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None,
+                    mesh_axes: Sequence[str] | None = None) -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once per array. With `mesh_axes` (a
+  mesh's axis names), rules' mesh axes that the mesh lacks are left out (e.g. `stage` on a mesh without stages).
 
   A dimension that merges several logical axes, major first, is named by joining them with "*" (e.g.
   "batch*act_heads" for [batch * heads]); it is split over their mesh axes in that order.
@@ -212,13 +216,13 @@ def logical_to_spec(axes: LogicalAxes, rules: Rules | None = None) -> PartitionS
     if name is None:
       spec.append(None)
       continue
-    mesh_axes = ()
+    targets = ()
     for part in name.split("*"):
       target = _rule_for(part, rules)
-      mesh_axes += () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-    mesh_axes = tuple(axis for axis in mesh_axes if axis not in used)
-    used.update(mesh_axes)
-    spec.append(None if not mesh_axes else (mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes))
+      targets += () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    targets = tuple(axis for axis in targets if axis not in used and (mesh_axes is None or axis in mesh_axes))
+    used.update(targets)
+    spec.append(None if not targets else (targets[0] if len(targets) == 1 else targets))
   return PartitionSpec(*spec)
 
 
@@ -245,7 +249,7 @@ def tree_shardings(logical_tree: Any, mesh: Mesh, shapes: Any = None,
   Raises a ValueError naming the parameter path, dimension, logical and mesh axis when a
   dimension is not divisible by the mesh axes it is split over.
   """
-  specs = jax.tree.map(lambda axes: logical_to_spec(axes, rules), logical_tree,
+  specs = jax.tree.map(lambda axes: logical_to_spec(axes, rules, mesh.axis_names), logical_tree,
                        is_leaf=is_logical_axes)
   if shapes is not None:
     flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))[0]
@@ -294,7 +298,7 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
   if active is None:
     return x
   mesh, rules = active
-  spec = logical_to_spec(axes, rules)
+  spec = logical_to_spec(axes, rules, mesh.axis_names)
   # Skip splits the shape cannot take (e.g. batch 1 while decoding on a data=8 mesh).
   spec = PartitionSpec(*(entry if x.shape[dim] % _axes_size(mesh, entry) == 0 else None
                          for dim, entry in enumerate(spec)))
@@ -304,3 +308,9 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
 def active_mesh() -> Mesh | None:
   active = _ACTIVE.get()
   return None if active is None else active[0]
+
+
+def active_rules() -> tuple:
+  """The rules `activate` put in force (the gin rules outside it)."""
+  active = _ACTIVE.get()
+  return logical_axis_rules() if active is None else active[1]

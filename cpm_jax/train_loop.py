@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from cpm_jax import checkpointing, flops, layers, model_fit, partitioning, training
+from cpm_jax import checkpointing, flops, layers, model_fit, partitioning, pipeline_parallel, training
 from cpm_jax.gin_setup import ConfigError
 from cpm_jax.models import registry
 
@@ -43,6 +43,7 @@ class MetricsLog:
     self._flops_per_step = flops_per_step
     self._peak_flops = peak_flops
     self._last = (start_step, time.perf_counter())  # throughput is measured from here
+    self._data_wait = 0.0  # seconds spent waiting for batches since then
 
   def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
     if self._writer is not None:
@@ -53,6 +54,11 @@ class MetricsLog:
   def restart(self, step: int) -> None:
     """Measures throughput from now on (after evaluation or checkpoint waits)."""
     self._last = (step, time.perf_counter())
+    self._data_wait = 0.0
+
+  def waited_for_data(self, seconds: float) -> None:
+    """Counts time the host spent blocked on the data iterator (logged as a fraction of the step time)."""
+    self._data_wait += seconds
 
   def train(self, step: int, metrics: dict[str, float], tokens_per_step: float) -> None:
     """Logs a step's metrics with throughput since the previous call (the first includes compilation)."""
@@ -63,11 +69,12 @@ class MetricsLog:
     steps_per_second = (step - last_step) / seconds
     metrics = dict(metrics, tokens_per_second=steps_per_second * tokens_per_step,
                    mfu=steps_per_second * self._flops_per_step / self._peak_flops,
-                   steps_per_second=steps_per_second)
+                   steps_per_second=steps_per_second, data_wait_fraction=min(self._data_wait / seconds, 1.0))
+    self._data_wait = 0.0
     eta = (self._total_steps - step) / max(steps_per_second, 1e-9)
-    logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  MFU %.1f%%  ETA %s%s", step, self._total_steps,
-                 metrics["loss"], metrics["learning_rate"], metrics["tokens_per_second"], 100 * metrics["mfu"],
-                 time.strftime("%H:%M:%S", time.gmtime(eta)),
+    logging.info("step %d/%d  loss %.4f  lr %.2e  %.0f tokens/s  MFU %.1f%%  data wait %.0f%%  ETA %s%s", step,
+                 self._total_steps, metrics["loss"], metrics["learning_rate"], metrics["tokens_per_second"],
+                 100 * metrics["mfu"], 100 * metrics["data_wait_fraction"], time.strftime("%H:%M:%S", time.gmtime(eta)),
                  f"  skipped {int(metrics['skipped_steps'])}" if metrics["skipped_steps"] else "")
     self.scalars(step, metrics, "train")
 
@@ -218,6 +225,10 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   logging.info("MFU counts %.4g FLOPs per step: %.4g per token (6 x matmul params + attention, "
                "%s.flops_per_token) x %d tokens.", flops_per_token * tokens_per_step, flops_per_token,
                type(model).__name__, tokens_per_step)
+  pipeline = pipeline_parallel.schedule(model.config, pipeline_parallel.mesh_stages(mesh))
+  if pipeline is not None:
+    logging.info("Pipeline: %s (the bubble: stages idle that fraction of the pipelined stacks' time).",
+                 pipeline.describe())
   step = int(state.step)
   log = MetricsLog(workdir, step, num_steps, flops_per_token * tokens_per_step, peak_flops)
   schedule = training.learning_rate_schedule()
@@ -241,7 +252,9 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
 
   with checkpointing.PreemptionGuard() as preemption:
     while step < num_steps:
+      waiting = time.perf_counter()
       batch = next(train_iterator)
+      log.waited_for_data(time.perf_counter() - waiting)
       check_batch(batch, f"the training batch of step {step + 1}")
       state, metrics = steps.train(state, training.global_batch(batch, mesh))
       step += 1

@@ -27,6 +27,15 @@ class Model(Protocol):
   def param_specs(self) -> Any: ...
   def loss(self, params: Any, batch: dict, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]: ...
   def flops_per_token(self, seq_len: int) -> float: ...
+  # The batch `loss` reads, as ShapeDtypeStructs (`abstract_batch`): what the planner and ahead-of-time compiles
+  # feed it. target_len: the decoder length of encoder-decoder models (0: their default).
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict: ...
+  def with_config(self, config: Any) -> Model: ...  # the same model with another config
+
+
+def abstract_batch(batch_size: int, fields: dict[str, tuple[tuple[int, ...], Any]]) -> dict:
+  """ShapeDtypeStructs of a batch: each field's (per-example shape, dtype) behind a leading batch axis."""
+  return {name: jax.ShapeDtypeStruct((batch_size, *shape), jnp.dtype(dtype)) for name, (shape, dtype) in fields.items()}
 
 
 @flax.struct.dataclass
@@ -121,26 +130,49 @@ def make_optimizer(schedule: optax.Schedule | None = None, weight_decay: float =
   return optax.chain(*chain)
 
 
+# ---- trainable and frozen params -----------------------------------------------------------------
+
+def split_trainable(model: Model, tree: Any) -> tuple[Any, Any]:
+  """(trainable, frozen): a params-shaped tree (params, gradients, shardings) cut by the model's specs'
+  `trainable`, each part holding None where the other has leaves. Frozen params get no gradient and no optimizer
+  state; a model whose params all train has frozen = all None."""
+  mask = layers.trainable(model.param_specs())
+  return (jax.tree.map(lambda leaf, trains: leaf if trains else None, tree, mask),
+          jax.tree.map(lambda leaf, trains: None if trains else leaf, tree, mask))
+
+
+def join_trainable(trainable: Any, frozen: Any) -> Any:
+  """The params tree `split_trainable` cut."""
+  return jax.tree.map(lambda leaf, other: other if leaf is None else leaf, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
 # ---- state creation ------------------------------------------------------------------------------
 
 def _init_state(model: Model, optimizer: optax.GradientTransformation, seed: int, params: Any = None) -> TrainState:
   init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
   if params is None:
     params = layers.init_from_specs(model.param_specs(), init_key)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    rng=state_key, consecutive_bad_steps=jnp.zeros((), jnp.int32),
-                    skipped_steps=jnp.zeros((), jnp.int32))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(split_trainable(model, params)[0]), rng=state_key,
+                    consecutive_bad_steps=jnp.zeros((), jnp.int32), skipped_steps=jnp.zeros((), jnp.int32))
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_state(model: Model, optimizer: optax.GradientTransformation) -> TrainState:
+  """The train state's ShapeDtypeStructs (no allocation); cached, as the planner asks once per candidate mesh."""
+  return jax.eval_shape(functools.partial(_init_state, model, optimizer), 0)
 
 
 def state_shardings(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules=None) -> tuple[TrainState, TrainState]:
   """(abstract state, shardings): params by the logical-axis rules, optimizer moments like params."""
-  abstract = jax.eval_shape(functools.partial(_init_state, model, optimizer), 0)
+  abstract = abstract_state(model, optimizer)
   specs = model.param_specs()
   param_shardings = partitioning.tree_shardings(layers.logical_axes(specs), mesh, abstract.params, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
   opt_shardings = optax.tree_map_params(
-      optimizer, lambda _, sharding: sharding, abstract.opt_state, param_shardings,
+      optimizer, lambda _, sharding: sharding, abstract.opt_state, split_trainable(model, param_shardings)[0],
       transform_non_params=lambda _: replicated, is_leaf=lambda x: isinstance(x, NamedSharding))
   shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated,
                          consecutive_bad_steps=replicated, skipped_steps=replicated)
@@ -172,9 +204,12 @@ def _split_microbatches(batch: dict, num_microbatches: int) -> dict:
 
 
 def _loss_and_grad_sums(model: Model, params, batch: dict, rng, num_microbatches: int):
-  """Sums of (loss, gradient, metrics) over microbatches; dividing by the weight sum gives the mean."""
+  """Sums of (loss, gradient of the trainable params, metrics) over microbatches; dividing by the weight sum gives
+  the mean."""
+  params, frozen = split_trainable(model, params)
+
   def sum_loss(p, b, r):
-    _, sums = model.loss(p, b, r)
+    _, sums = model.loss(join_trainable(p, frozen), b, r)
     return sums["loss_sum"] + sums["z_loss_sum"], sums
 
   grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
@@ -215,8 +250,9 @@ def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(params, opt_state):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    trained, frozen = split_trainable(model, params)
+    updates, opt_state = optimizer.update(grads, opt_state, trained)
+    return join_trainable(optax.apply_updates(trained, updates), frozen), opt_state
 
   # A branch, not a select between old and new state: skipping costs nothing and applying reads the state once.
   new_params, new_opt_state = jax.lax.cond(finite, apply, lambda params, opt_state: (params, opt_state),
@@ -249,7 +285,7 @@ def eval_step(params: Any, batch: dict, *, model: Model) -> dict:
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
   """The leading (batch) axis split over the batch mesh axes, any further axes whole: one sharding that fits
   batch leaves of every rank ([batch] labels, [batch, length] tokens, ...)."""
-  return NamedSharding(mesh, partitioning.logical_to_spec(("batch",), rules))
+  return NamedSharding(mesh, partitioning.logical_to_spec(("batch",), rules, mesh.axis_names))
 
 
 def global_batch(local_batch: dict, mesh: Mesh, rules=None) -> dict:

@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, partitioning
+from cpm_jax import layers, partitioning, pipeline_parallel  # pipeline_parallel runs stacks with run_layers
 
 REMAT_POLICIES = {
     "none": None,
@@ -27,7 +27,7 @@ REMAT_POLICIES = {
 ATTENTION_IMPLEMENTATIONS = ("xla", "jax", "cudnn")
 # Config fields that say how a model runs, not what it computes: a checkpoint may be used with other values.
 EXECUTION_FIELDS = ("dropout_rate", "init_stddev", "dtype", "param_dtype", "remat_policy", "scan_layers",
-                    "attention_impl")
+                    "attention_impl", "pipeline_microbatches", "pipeline_repeats")
 
 
 def check_options(config: Any) -> None:
@@ -125,20 +125,18 @@ def pre_ln_block(x: jax.Array, params: dict, config: Any, mask: jax.Array, rng: 
 def pre_ln_stack(blocks: dict, x: jax.Array, config: Any, mask: jax.Array,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
   """`pre_ln_block` over blocks stacked on a leading `layers` axis (the training layout), rematerialised and
-  scanned as config.remat_policy / scan_layers say; with dropout_rng, dropout on the input embeddings x and in
-  every block. Returns the last block's output (before any final norm)."""
+  scanned as config.remat_policy / scan_layers say, pipelined on a mesh with a `stage` axis
+  (cpm_jax.pipeline_parallel: config.pipeline_microbatches / pipeline_repeats); with dropout_rng, dropout on the
+  input embeddings x and in every block. Returns the last block's output (before any final norm)."""
   if dropout_rng is not None:
     dropout_rng, embed_rng = jax.random.split(dropout_rng)
     x = layers.dropout(x, config.dropout_rate, embed_rng)
 
-  def body(x, layer_inputs):
-    layer_params, index = layer_inputs
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, index)
-    return pre_ln_block(x, layer_params, config, mask, rng)[0], None
+  def layer(x, mask, layer_params, rng):
+    return pre_ln_block(x, layer_params, config, mask, rng)[0]
 
-  x, _ = run_layers(body, x, (blocks, jnp.arange(config.num_layers)), config.num_layers,
-                    remat_policy=config.remat_policy, scan=config.scan_layers)
-  return x
+  return pipeline_parallel.run_stack(layer, x, mask, blocks, layers.logical_axes(pre_ln_block_specs(config)), config,
+                                     dropout_rng)
 
 
 def tied_logits(wte: jax.Array, hidden: jax.Array, dtype) -> jax.Array:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
-from cpm_jax import gin_setup, logging_setup, train_loop
+from cpm_jax import adapters, gin_setup, logging_setup, train_loop  # noqa: F401  (adapters: AdaptedModel for gin)
 from cpm_jax.models import registry  # noqa: F401  (every family's gin configurables: models, data)
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (paths, or relative to gin_configs/).")

@@ -247,7 +247,7 @@ def test_load_cpm_from_a_training_workdir(params, tmp_path, cpm_vocab_path):
   assert loaded.config == CONFIG and loaded.family.name == "cpm"
   assert model_lib.load_tokenizer(loaded).eod_id == 7
   assert loaded.params["blocks"]["attn"]["qkv_kernel"].sharding.spec == partitioning.logical_to_spec(
-      cpm.logical_axes(CONFIG)["blocks"]["attn"]["qkv_kernel"])
+      cpm.logical_axes(CONFIG)["blocks"]["attn"]["qkv_kernel"], None, mesh.axis_names)
   jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
 
 

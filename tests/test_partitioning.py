@@ -22,6 +22,7 @@ MESHES = [
     dict(data=1, fsdp=1, tensor=8),
     dict(data=2, fsdp=2, tensor=2),
     dict(data=2, fsdp=1, tensor=4),
+    dict(data=2, fsdp=1, tensor=2, extra_axes={"stage": 2}),  # a 2-stage pipeline (TINY's 2 layers, 1 per stage)
 ]
 
 
@@ -47,10 +48,16 @@ def test_megatron_layout_rules():
   assert partitioning.logical_to_spec(("embed", "qkv", "heads", "kv"), rules) == jax.sharding.PartitionSpec(
       "fsdp", None, "tensor", None)
   assert partitioning.logical_to_spec(("mlp", "embed"), rules) == jax.sharding.PartitionSpec("tensor", "fsdp")
-  assert partitioning.logical_to_spec(("batch", "length"), rules) == jax.sharding.PartitionSpec(("data", "fsdp"), None)
+  assert partitioning.logical_to_spec(("batch", "length"), rules) == jax.sharding.PartitionSpec(
+      ("data", "fsdp", "stage"), None)
+  # On a mesh without pipeline stages, `stage` drops out of every rule.
+  plain = partitioning.MESH_AXES
+  assert partitioning.logical_to_spec(("batch", "length"), rules, plain) == jax.sharding.PartitionSpec(
+      ("data", "fsdp"), None)
+  assert partitioning.logical_to_spec(("layers", "embed"), rules, plain) == jax.sharding.PartitionSpec(None, "fsdp")
   # A merged [batch * heads] dimension (the decode cache) takes batch's mesh axes, then the heads'.
-  assert partitioning.logical_to_spec(("batch*act_heads", None, "cache_length"), rules) == jax.sharding.PartitionSpec(
-      ("data", "fsdp", "tensor"), None, None)
+  assert partitioning.logical_to_spec(("batch*act_heads", None, "cache_length"), rules, plain) == \
+      jax.sharding.PartitionSpec(("data", "fsdp", "tensor"), None, None)
   with pytest.raises(KeyError, match="'nonsense' has no rule"):
     partitioning.logical_to_spec(("batch*nonsense",), rules)
 
@@ -64,7 +71,7 @@ def clean_gin():
 
 def test_rules_from_gin_extend_or_replace_the_table(clean_gin):
   gin_setup.parse([], ['logical_axis_rules.extra_rules = [("act_.*", None), ("vocab", ["tensor", "fsdp"])]'])
-  assert partitioning.logical_to_spec(("batch", "length", "act_heads")) == P(("data", "fsdp"), None, None)
+  assert partitioning.logical_to_spec(("batch", "length", "act_heads")) == P(("data", "fsdp", "stage"), None, None)
   assert partitioning.logical_to_spec(("vocab", "embed")) == P(("tensor", "fsdp"), None)  # fsdp taken by vocab
   assert partitioning.logical_to_spec(("mlp", "embed")) == P("tensor", "fsdp")  # the rest of the table as before
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=2, tensor=4))
@@ -165,7 +172,9 @@ MODELS = {"cpm": (cpm.CPMLanguageModel(TINY), _batch, MESHES),
 
 
 def _train_three_steps(mesh_sizes, family="cpm"):
-  mesh = partitioning.make_mesh(partitioning.MeshConfig(**mesh_sizes), devices=jax.devices()[:np.prod(list(mesh_sizes.values()))])
+  config = partitioning.MeshConfig(**mesh_sizes)
+  devices = math.prod([config.data, config.fsdp, config.tensor, *config.extra_axes.values()])
+  mesh = partitioning.make_mesh(config, devices=jax.devices()[:devices])
   model, make_batch, _ = MODELS[family]
   optimizer = training.make_optimizer(training.learning_rate_schedule(1e-2, 1, 10))
   steps = training.make_sharded_steps(model, optimizer, mesh)

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import time
 
 import gin
 import jax
@@ -204,3 +205,36 @@ def test_gin_errors_name_the_culprit(tmp_path, monkeypatch):
   with pytest.raises(SystemExit, match=r"^train.py: MeshConfig.dcn\['tensor'\]=3 must be positive"):
     with gin_setup.exit_on_config_error("train.py"):
       partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))
+
+
+class _SlowData(_ListData):
+  """_ListData whose batches take `delay` seconds each to arrive."""
+
+  delay = 0.2
+
+  def train_iterator(self, seed):
+    batches = super().train_iterator(seed)
+
+    class Slow:
+      def __next__(self):
+        time.sleep(_SlowData.delay)
+        return next(batches)
+
+      def __getattr__(self, name):  # get_state / set_state for checkpoints
+        return getattr(batches, name)
+    return Slow()
+
+
+def test_loop_logs_the_pipeline_bubble_and_the_data_wait(tmp_path, caplog):
+  """On a stage mesh the log states the schedule and its bubble; each progress line the fraction of the time spent
+  waiting for data (here batches that take 0.2 s to arrive)."""
+  gin.clear_config()
+  caplog.set_level("INFO")
+  texts = [("人民日报" * (3 + i % 5)) + "。" for i in range(64)]
+  stages = partitioning.MeshConfig(data=2, tensor=2, extra_axes={"stage": 2})
+  train_loop.train(str(tmp_path), model=cpm.CPMLanguageModel(dataclasses.replace(TINY, pipeline_microbatches=2)),
+                   data=_SlowData(texts), mesh_config=stages, num_steps=4, log_every=2, eval_every=1000,
+                   eval_max_batches=1, peak_flops=1e12)
+  assert "Pipeline: 2 stages (GPipe), 2 microbatches: 3 iterations, bubble 33.3%" in caplog.text
+  waits = [int(line.split("data wait ")[1].split("%")[0]) for line in caplog.text.splitlines() if "data wait" in line]
+  assert len(waits) == 2 and waits[1] > 0, waits  # the second window has no compilation in it

@@ -21,7 +21,7 @@ import dataclasses
 import gin
 import jax
 
-from cpm_jax import layers, objectives, partitioning, transformer
+from cpm_jax import layers, objectives, partitioning, training, transformer
 
 
 @gin.configurable
@@ -43,6 +43,8 @@ class CPMConfig(transformer.TransformerConfig):
   remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
   attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
+  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
 
 def param_specs(config: CPMConfig) -> dict:
@@ -119,6 +121,17 @@ class CPMLanguageModel:
     logits = forward(params, batch["inputs"], self.config, positions=batch.get("positions"),
                      segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
     return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """LMData's batches: inputs, targets, weights, segment_ids, positions, each [batch, seq_len]."""
+    del target_len
+    tokens = ((seq_len,), "int32")
+    return training.abstract_batch(batch_size, {"inputs": tokens, "targets": tokens, "weights": ((seq_len,), "float32"),
+                                                "segment_ids": tokens, "positions": tokens})
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token: 6 x matmul params (blocks + tied logits head) + attention scores.

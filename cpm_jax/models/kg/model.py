@@ -14,7 +14,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, partitioning
+from cpm_jax import layers, partitioning, training
 from cpm_jax.models.kg import negatives
 from cpm_jax.models.kg.config import KGConfig
 from cpm_jax.models.kg.scoring import SCORERS
@@ -82,6 +82,17 @@ class KGEmbeddingModel:
             "weight_sum": weight_sum,
             "correct_sum": (correct * weights).sum()}
     return (sums["loss_sum"] + sums["z_loss_sum"]) / jnp.maximum(weight_sum, 1.0), sums
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """KGData's batches of triples (seq_len and target_len do not apply)."""
+    del seq_len, target_len
+    ids = ((), "int32")
+    return training.abstract_batch(batch_size, {"heads": ids, "relations": ids, "tails": ids,
+                                                "weights": ((), "float32")})
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per positive triple (the loop's "token"): two sides x negatives x dim multiply-adds, x3 for

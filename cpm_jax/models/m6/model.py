@@ -23,7 +23,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, objectives, partitioning, transformer
+from cpm_jax import layers, objectives, partitioning, training, transformer
 from cpm_jax.models.m6 import masks, patches
 
 IMAGE, TEXT = 0, 1  # rows of the modality embedding
@@ -53,6 +53,8 @@ class M6Config(transformer.TransformerConfig):
   param_dtype: str = "float32"
   remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
+  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
   attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
 
   def __post_init__(self):
@@ -196,6 +198,19 @@ class M6Model:
                      has_image=batch["has_image"], prefix_lengths=batch["prefix_lengths"],
                      segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), dropout_rng=dropout_rng)
     return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """M6Data's batches of seq_len text tokens (target_len does not apply)."""
+    del target_len
+    tokens = ((seq_len,), "int32")
+    return training.abstract_batch(batch_size, {
+        self.config.image_input: (self.config.image_input_shape(1)[1:], "float32"), "has_image": ((), "int32"),
+        "prefix_lengths": ((), "int32"), "inputs": tokens, "targets": tokens, "weights": ((seq_len,), "float32"),
+        "segment_ids": tokens})
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per text token of a row of `seq_len` text tokens and config.num_patches patches: 6 x the

@@ -29,7 +29,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, objectives, partitioning, transformer
+from cpm_jax import layers, objectives, partitioning, pipeline_parallel, training, transformer
 from cpm_jax.layers import Layout
 from cpm_jax.models.plug import objectives as plug_objectives
 
@@ -60,6 +60,8 @@ class PlugConfig(transformer.TransformerConfig):
   remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
   attention_impl: str = "xla"  # "xla", "jax" or "cudnn"
+  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel), for each stack
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
   @property
   def has_pooler(self) -> bool:
@@ -108,6 +110,11 @@ def param_specs(config: PlugConfig) -> dict:
   if config.num_classes:
     specs["classifier"] = _dense_specs(e, config.num_classes, ("embed", "classes"), std)
   return specs
+
+
+def _blocks_axes(config: PlugConfig, stack: str) -> dict:
+  """Logical axes of the stacked blocks of `stack` ("encoder" or "decoder")."""
+  return layers.logical_axes(param_specs(config)[stack]["blocks"])
 
 
 # ---- shared pieces -----------------------------------------------------------------------------
@@ -167,14 +174,11 @@ def encode(params: dict, tokens: jax.Array, config: PlugConfig, *, token_types=N
   x = embed(params, tokens, token_types, positions, config, rngs[0])
   mask = layers.attention_mask(segment_ids, segment_ids, None, None)
 
-  def body(x, layer):
-    layer_params, index = layer
-    rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
-    return _encoder_block(x, layer_params, config, mask, rng), None
+  def layer(x, mask, layer_params, rng):
+    return _encoder_block(x, layer_params, config, mask, rng)
 
-  x, _ = transformer.run_layers(body, x, (params["encoder"]["blocks"], jnp.arange(config.num_encoder_layers)),
-                                config.num_encoder_layers, remat_policy=config.remat_policy,
-                                scan=config.scan_layers)
+  x = pipeline_parallel.run_stack(layer, x, mask, params["encoder"]["blocks"], _blocks_axes(config, "encoder"), config,
+                                  rngs[1], "PLUG encoder")
   if config.encoder_pre_ln:
     x = layers.layer_norm(x, params["encoder"]["ln_f"], config.layer_norm_eps)
   return x
@@ -263,14 +267,12 @@ def decode(params: dict, tokens: jax.Array, config: PlugConfig, *, encoder_hidde
   self_mask = layers.attention_mask(segment_ids, segment_ids, positions, positions)
   cross_mask = layers.attention_mask(segment_ids, encoder_segment_ids, None, None)
 
-  def body(x, layer):
-    layer_params, index = layer
-    rng = None if rngs[1] is None else jax.random.fold_in(rngs[1], index)
-    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, encoder_hidden, None, None)[0], None
+  def layer(x, side, layer_params, rng):
+    self_mask, cross_mask, encoder_hidden = side
+    return _decoder_block(x, layer_params, config, self_mask, cross_mask, rng, encoder_hidden, None, None)[0]
 
-  n = config.num_decoder_layers
-  x, _ = transformer.run_layers(body, x, (params["decoder"]["blocks"], jnp.arange(n)), n,
-                                remat_policy=config.remat_policy, scan=config.scan_layers)
+  x = pipeline_parallel.run_stack(layer, x, (self_mask, cross_mask, encoder_hidden), params["decoder"]["blocks"],
+                                  _blocks_axes(config, "decoder"), config, rngs[1], "PLUG decoder")
   return layers.layer_norm(x, params["decoder"]["ln_f"], config.layer_norm_eps)
 
 
@@ -309,6 +311,16 @@ def _encoder_inputs(params: dict, batch: dict, config: PlugConfig, dropout_rng) 
                 positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
 
 
+def _encoder_batch(seq_len: int) -> dict:
+  """The encoder fields of PLUG's batches (cpm_jax.models.plug.data), per example."""
+  tokens = ((seq_len,), "int32")
+  return {"inputs": tokens, "token_types": tokens, "segment_ids": tokens, "positions": tokens}
+
+
+def _masked_lm_batch(seq_len: int) -> dict:
+  return {"targets": ((seq_len,), "int32"), "weights": ((seq_len,), "float32")}
+
+
 def _matmul_params(config: PlugConfig) -> tuple[int, int]:
   """(encoder, decoder) matmul parameters per token, output heads included."""
   e, f = config.embed_dim, config.ffn_dim
@@ -337,6 +349,16 @@ class StructBertModel:
                                       relation_logits(params, hidden, self.config), batch["relation_labels"],
                                       batch["relation_weights"])
 
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """StructBertData's batches."""
+    del target_len
+    return training.abstract_batch(batch_size, {**_encoder_batch(seq_len), **_masked_lm_batch(seq_len),
+                                                "relation_labels": ((), "int32"), "relation_weights": ((), "float32")})
+
   def flops_per_token(self, seq_len: int) -> float:
     """6 x matmul params + attention (12 x layers x embed x seq_len), per encoder token."""
     return 6.0 * _matmul_params(self.config)[0] + 12.0 * self.config.num_encoder_layers * self.config.embed_dim * seq_len
@@ -362,6 +384,18 @@ class Seq2SeqModel:
     return plug_objectives.palm_loss(mlm_logits(params, hidden, self.config), batch["targets"], batch["weights"],
                                 decoder_logits(params, decoded, self.config), batch["decoder_targets"],
                                 batch["decoder_weights"])
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """PalmData / Seq2SeqData's batches: the encoder's seq_len positions and the decoder's target_len (default
+    seq_len / 4, PALM's 80/20 split)."""
+    target = ((target_len or max(seq_len // 4, 1),), "int32")
+    return training.abstract_batch(batch_size, {
+        **_encoder_batch(seq_len), **_masked_lm_batch(seq_len), "decoder_inputs": target, "decoder_targets": target,
+        "decoder_weights": (target[0], "float32"), "decoder_segment_ids": target, "decoder_positions": target})
 
   def flops_per_token(self, seq_len: int) -> float:
     """Per encoder token, counting one decoder token per encoder token (an upper bound for PALM's 80/20)."""
@@ -391,6 +425,16 @@ class ClassifierModel:
 
   def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
     return objectives.lm_loss(self.logits(params, batch, dropout_rng), batch["labels"], batch["label_weights"])
+
+  def with_config(self, config):
+    """This model with another config (e.g. other execution fields)."""
+    return dataclasses.replace(self, config=config)
+
+  def example_batch(self, batch_size: int, seq_len: int, target_len: int = 0) -> dict:
+    """ClassificationData's batches."""
+    del target_len
+    return training.abstract_batch(batch_size, {**_encoder_batch(seq_len), "labels": ((), "int32"),
+                                                "label_weights": ((), "float32")})
 
   def flops_per_token(self, seq_len: int) -> float:
     c = self.config
