@@ -24,7 +24,7 @@ FAST = "train.peak_flops = 1e12"  # MFU against a given peak: no matmul benchmar
 SETTINGS = {
     "quickstart": (420, lambda workdir, data_dir: f"""
 WORKDIR, DATA_DIR = {str(workdir)!r}, {str(data_dir)!r}
-VOCAB_SIZE, TOKENIZER_DOCUMENTS, TRAIN_STEPS, EVAL_EVERY = 600, 300, 12, 6
+VOCAB_SIZE, TOKENIZER_DOCUMENTS, TRAIN_STEPS, EVAL_EVERY = 2000, 300, 12, 6
 SENTIMENT_EXAMPLES, MAX_NEW_TOKENS = 8, 6
 EXTRA_BINDINGS = ["CPMConfig.num_layers = 1", "CPMConfig.embed_dim = 32", "CPMConfig.num_heads = 2",
                   "LMData.seq_len = 32", "LMData.global_batch_size = 8", "LMData.eval_max_documents = 16",
