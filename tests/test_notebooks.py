@@ -37,6 +37,7 @@ VOCAB_SIZE, LAYERS, HIDDEN, HEADS, MAX_NEW_TOKENS = 256, 2, 32, 4, 8
 """),
     "sharding": (300, lambda workdir, data_dir: """
 MODEL = dict(vocab_size=256, num_layers=2, embed_dim=32, num_heads=8, max_positions=64)
+MESHES = {name: MESHES[name] for name in ("fsdp 8", "tensor 8", "data 2 x fsdp 2 x tensor 2")}  # one compile each
 STEPS = 2
 """),
     "plug": (480, lambda workdir, data_dir: f"""
