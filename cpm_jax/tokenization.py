@@ -167,6 +167,28 @@ def _truncate_longest_first(a: list[int], b: list[int] | None, budget: int) -> t
   return a[:keep[0]], b[:keep[1]]
 
 
+def write_character_vocab(texts: Iterable[str], output_path: str | os.PathLike, min_count: int = 1) -> pathlib.Path:
+  """Writes a BERT vocab.txt of BERT's special tokens then every character of `texts` seen `min_count` times, most
+  frequent first (a character other than CJK also as a "##" continuation, as BERT-Chinese's vocab has them): a
+  stand-in for bert-base-chinese's vocab where it cannot be downloaded. Written to a temporary file, then renamed."""
+  counts: dict[str, int] = {}
+  for text in texts:
+    for ch in unicodedata.normalize("NFD", text).lower():
+      if not (ch.isspace() or _is_control(ch) or unicodedata.category(ch) == "Mn"):
+        counts[ch] = counts.get(ch, 0) + 1
+  tokens = list(_BERT_SPECIALS)
+  for ch, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+    if count >= min_count:
+      tokens += [ch] if _is_cjk(ord(ch)) or _is_punctuation(ch) else [ch, f"##{ch}"]
+  output_path = pathlib.Path(output_path)
+  output_path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=output_path.parent, prefix=output_path.name,
+                                   suffix=".tmp", delete=False) as f:
+    f.write("".join(f"{token}\n" for token in tokens))
+  os.replace(f.name, output_path)
+  return output_path
+
+
 class BertTokenizer:
   """BERT's tokenizer over a vocab.txt: basic tokenization (clean, one token per CJK character, lower case and strip
   accents, split punctuation) then greedy longest-match WordPiece; special tokens in the text are kept whole."""

@@ -116,3 +116,14 @@ def test_train_program_takes_the_vocab_from_the_tokenizer_and_logs_no_probe_nois
   # gin's include probe (the file is then found under gin_configs/) and jax's probe for an absent TPU runtime.
   for noise in ("Path not found", "resource_reader.py", "libtpu", "Unable to initialize backend"):
     assert noise not in log, noise
+
+
+def test_every_plug_training_batch_passes_its_own_check(plug_vocab_path, demo_data_dir):  # noqa: F811
+  """The host check of each PLUG data class names only arrays its batches hold (a classifier has no `targets`)."""
+  config = plug.PlugConfig(vocab_size=21128, num_encoder_layers=1, num_decoder_layers=1, embed_dim=16, num_heads=2,
+                           max_positions=64, type_vocab_size=3, num_relations=3, num_classes=2)
+  common = dict(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir), seq_len=32, global_batch_size=8)
+  for data in (plug.ClassificationData(**common), plug.StructBertData(**common),
+               plug.PalmData(**common, target_len=8)):
+    batch = next(data.train_iterator(seed=0))
+    model_fit.BatchCheck(config, data.model_requirements())(batch, type(data).__name__)

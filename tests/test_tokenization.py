@@ -169,3 +169,18 @@ def test_bert_tokens_and_decode(berts):
   ids = ours.encode("我爱北京, hello world 2024")["input_ids"]
   assert ours.decode(ids) == "我爱北京,hello world 2024"
   assert ours.decode(ids, skip_special_tokens=False).startswith("[CLS]我爱")
+
+
+def test_character_vocab_covers_its_texts_and_matches_transformers(real_lines, tmp_path):
+  transformers = pytest.importorskip("transformers")
+  path = tokenization.write_character_vocab(real_lines, tmp_path / "vocab.txt")
+  ours, theirs = tokenization.BertTokenizer(path), transformers.BertTokenizer(str(path))
+  assert (ours.pad_id, ours.unk_id, ours.cls_id, ours.sep_id, ours.mask_id) == (0, 1, 2, 3, 4)
+  assert len(set(ours.id_to_token)) == ours.vocab_size > 3000
+  for text in real_lines + ["Héllo WORLD 1998 年，３．１４！"]:
+    ids = ours.encode(text)["input_ids"]
+    assert ours.unk_id not in ids, text  # every character of the texts has a token
+    assert ids == theirs(text)["input_ids"], text
+  assert ours.tokenize("ab 19") == ["a", "##b", "1", "##9"]
+  rare = tokenization.write_character_vocab(["甲甲乙"], tmp_path / "rare.txt", min_count=2)
+  assert rare.read_text(encoding="utf-8").split("\n")[5:] == ["甲", ""]

@@ -182,6 +182,7 @@ class _PlugData(SplitData, abc.ABC):
   text_field = "text"
   random = True
   token_types = 1  # token types the encoder input uses (2 for sentence pairs)
+  vocab_batch_keys = ("inputs", "targets")  # the batch arrays holding token ids
 
   @functools.cached_property
   def tokenizer(self) -> BertTokenizer:
@@ -191,7 +192,7 @@ class _PlugData(SplitData, abc.ABC):
     """What the batches need of PlugConfig (cpm_jax.model_fit): the vocab's ids, seq_len positions, token types."""
     name = type(self).__name__
     return (Requirement("vocab_size", self.tokenizer.vocab_size, f"the vocab {name}.vocab_path = {self.vocab_path!r}",
-                        ("inputs", "targets"), adopt=True),
+                        self.vocab_batch_keys, adopt=True),
             Requirement("max_positions", self.seq_len, f"{name}.seq_len = {self.seq_len}", ("positions",)),
             Requirement("type_vocab_size", self.token_types, f"{name}'s encoder input", ("token_types",)))
 
@@ -312,6 +313,7 @@ class ClassificationData(_PlugData):
   labels: tuple[str, ...] = ("0", "1")
 
   random = False
+  vocab_batch_keys = ("inputs",)  # a classifier's targets are its labels
 
   @property
   def token_types(self) -> int:
