@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import pathlib
 import shutil
 import signal
 from typing import Any
@@ -302,8 +303,11 @@ def test_warm_start_takes_what_it_selects_and_initialises_the_rest(tmp_path, par
   with pytest.raises(ValueError, match="no param of the model is selected and held by the checkpoint"):
     checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "export"),
                                                                    include=("decoder/",)), fresh)
-  with pytest.raises(FileNotFoundError, match="neither a params-only checkpoint"):
+  with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
     checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "nowhere")), fresh)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="empty is neither a params-only checkpoint"):
+    checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "empty")), fresh)
 
 
 # ---- PreemptionGuard ---------------------------------------------------------------------------
@@ -317,3 +321,65 @@ def test_sigterm_sets_a_flag_and_a_second_one_is_harmless():
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.requested
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ---- integrity: checksums and damaged files ----------------------------------------------------
+
+def test_checksums_do_not_depend_on_sharding_and_see_one_changed_element(params):
+  from cpm_jax import checksums
+  on_one_device = checksums.compute(params)
+  sharded = jax.device_put(params, _shardings(TINY, partitioning.MeshConfig(data=2, fsdp=2, tensor=2)))
+  assert checksums.compute(sharded) == on_one_device
+  kernel = np.asarray(params["blocks"]["attn"]["qkv_kernel"]).copy()
+  kernel.flat[kernel.size // 2] = np.nextafter(kernel.flat[kernel.size // 2], np.float32(1))  # one ulp, one element
+  changed = jax.tree.map(lambda x: x, params)
+  changed["blocks"]["attn"]["qkv_kernel"] = jnp.asarray(kernel)
+  differing = [name for name, value in checksums.compute(changed).items() if value != on_one_device[name]]
+  assert differing == ["blocks/attn/qkv_kernel"]
+  swapped = jax.tree.map(lambda x: x, params)  # the same values in other positions
+  swapped["embed"]["wte"] = params["embed"]["wte"][::-1]
+  assert checksums.compute(swapped)["embed/wte"] != on_one_device["embed/wte"]
+
+
+def _data_files(directory):
+  """The files Orbax wrote the arrays' bytes to (OCDBT data files), largest first."""
+  files = [p for p in pathlib.Path(directory).rglob("*") if p.is_file() and "/d/" in str(p)]
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def test_damaged_params_checkpoint_is_an_error_naming_the_array(tmp_path, params):
+  directory = checkpointing.save_params(tmp_path / "export", params, {"model": "cpm"})
+  checkpointing.restore_params(directory)  # intact: reads and verifies
+  biggest = _data_files(directory / checkpointing.PARAMS_DIR)[0]
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2: len(data) // 2 + 64] = np.random.default_rng(0).integers(0, 256, 64, np.uint8).tobytes()
+  biggest.write_bytes(bytes(data))  # random bytes in the middle of the data: still a readable file
+  with pytest.raises(checkpointing.CheckpointDamaged, match=r"^params checkpoint .*export: array '[\w/]+' does not "
+                                                            r"hold what was saved \(checksum \w{8}, saved \w{8}\)"):
+    checkpointing.restore_params(directory)
+  params_again, _ = checkpointing.restore_params(directory, verify=False)  # the damage is real: values differ
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(params_again), jax.tree.leaves(params)))
+  biggest.write_bytes(bytes(data[:len(data) // 3]))  # truncated
+  with pytest.raises(checkpointing.CheckpointDamaged) as truncated:
+    checkpointing.restore_params(directory)
+  assert "\n" not in str(truncated.value) and "truncated or damaged" in str(truncated.value), str(truncated.value)
+
+
+def test_damaged_training_checkpoint_is_an_error_naming_the_array(tmp_path, params):
+  state = _make_state(params, 0)
+  abstract = jax.eval_shape(lambda: state)
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+    checkpointer.maybe_save(1, state)
+    checkpointer.wait()
+    record = tmp_path / "1" / "checksums" / checkpointing.CHECKSUMS_FILE
+    stored = json.loads(record.read_text())
+    stored["arrays"]["params/embed/wte"] = "%08x" % (int(stored["arrays"]["params/embed/wte"], 16) ^ 1)
+    record.write_text(json.dumps(stored))  # the same as damaging that array's bytes, without Orbax's layout
+    with pytest.raises(checkpointing.CheckpointDamaged, match=r"checkpoint .*/1: array 'params/embed/wte' does not "
+                                                              "hold what was saved"):
+      checkpointer.restore(abstract, None)
+    with pytest.raises(checkpointing.CheckpointDamaged, match="array 'params/embed/wte'"):
+      checkpointer.stored_params(1).read(jax.eval_shape(lambda: params))
+    unverified = checkpointing.Checkpointer(tmp_path, verify_checksums=False).restore(abstract, None)
+    _assert_bitwise_equal(unverified.params, state.params)
