@@ -261,11 +261,11 @@ def _hold_back_checkpoint_completion():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from cpm_jax import programs
 
   spec = importlib.util.spec_from_file_location("train_program", ROOT / "experiments" / "train.py")
   program = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(program)
   _install_test_hooks()
   sys.argv[1:1] = [f"--gin_bindings={binding}" for binding in BINDINGS]  # the command line's bindings win
-  app.run(program.main)
+  programs.run(program.main)
