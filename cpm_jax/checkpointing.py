@@ -554,40 +554,56 @@ class Checkpointer:
     self.close()
 
 
-# ---- preemption --------------------------------------------------------------------------------
+# ---- preemption and Ctrl-C --------------------------------------------------------------------
 
 class PreemptionGuard:
-  """Turns SIGTERM (the eviction notice of schedulers and cloud VMs) into a stop the loop polls every step.
+  """Turns SIGTERM (the eviction notice of schedulers and cloud VMs) and Ctrl-C (SIGINT) into a stop the loop polls
+  every step: it finishes the step, saves it and returns.
 
-  Single process: a SIGTERM handler sets a flag (further SIGTERMs only set it again). Under jax.distributed,
-  JAX's preemption service catches SIGTERM on any process and `should_stop(step)` becomes true on every
-  process at the same step, so all of them save that step together.
+  Single process: a handler sets a flag; further SIGTERMs only set it again, a second SIGINT raises
+  KeyboardInterrupt (the user insists: abort the save). Under jax.distributed, JAX's preemption service catches
+  SIGTERM on any process and `should_stop(step)` becomes true on every process at the same step, so all of them save
+  that step together; a first SIGINT is passed to that service as a SIGTERM to this process.
   """
 
   def __init__(self):
     self._requested = threading.Event()
+    self.signal_name: str | None = None  # the first stop request's signal ("SIGTERM", "SIGINT")
     self._distributed = jax.process_count() > 1
-    self._previous = None if self._distributed else signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
+    if not self._distributed:
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
 
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
-    self._requested.set()
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signal_name is not None:
+      raise KeyboardInterrupt
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+      if signum == signal.SIGINT:
+        logging.warning("Ctrl-C: finishing this step, then saving it (Ctrl-C again aborts without saving).")
+    if self._distributed:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service agrees the step with the other processes
+    else:
+      self._requested.set()
 
   @property
   def requested(self) -> bool:
-    """True once this process received SIGTERM (or, multi-process, once a stop step was agreed)."""
+    """True once this process received SIGTERM or SIGINT (or, multi-process, once a stop step was agreed)."""
     return self._requested.is_set()
 
   def should_stop(self, step: int) -> bool:
     """Whether to save and stop after `step`; call once per step on every process."""
     if self._distributed and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
       self._requested.set()
     return self.requested
 
   def close(self) -> None:
-    """Reinstates the SIGTERM handler that was in place before."""
-    if not self._distributed and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    """Reinstates the signal handlers that were in place before."""
+    for signum, previous in self._previous.items():
+      if signal.getsignal(signum) == self._on_signal:
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
   def __enter__(self) -> "PreemptionGuard":
     return self

@@ -5,7 +5,9 @@ In-process: `run(workdir, record, ...)`. As a script it is experiments/train.py 
                                  training goes
   CPM_TEST_KILL_AFTER_SAVE=N     SIGKILL this process right after step N's save started (its completion is held
                                  back, so the kill always lands while the checkpoint is being written)
-  CPM_TEST_SIGTERM_DURING_SAVE=1 send this process a second SIGTERM while its preemption save is being written
+  CPM_TEST_SIGNAL_DURING_SAVE=SIG send this process the signal SIG (SIGTERM, SIGINT) while its preemption save is
+                                 being written (for SIGINT, that save's completion is held back: the signal always
+                                 lands while the checkpoint is being written)
 """
 
 import asyncio
@@ -224,7 +226,12 @@ def _install_test_hooks():
   kill_step = int(os.environ.get("CPM_TEST_KILL_AFTER_SAVE", -1))
   preempted = []
 
+  second_signal = os.environ.get("CPM_TEST_SIGNAL_DURING_SAVE")
+
   def maybe_save(self, step, state, data_iterator=None, force=False):
+    if preempted and second_signal == "SIGINT":
+      self.wait()
+      _hold_back_checkpoint_completion()
     if step == kill_step:
       self.wait()  # the previous checkpoint completes; this one never will
       _hold_back_checkpoint_completion()
@@ -233,9 +240,9 @@ def _install_test_hooks():
       _append(os.environ["CPM_TEST_RECORD"], {"saved": step, "params_sha1": params_sha1(state.params)})
     if started and step == kill_step:
       os.kill(os.getpid(), signal.SIGKILL)
-    if started and preempted and os.environ.get("CPM_TEST_SIGTERM_DURING_SAVE"):
-      os.kill(os.getpid(), signal.SIGTERM)
-      _append(os.environ["CPM_TEST_RECORD"], {"second_sigterm_during_save_of_step": step})
+    if started and preempted and second_signal:
+      _append(os.environ["CPM_TEST_RECORD"], {f"{second_signal}_during_save_of_step": step})
+      os.kill(os.getpid(), signal.Signals[second_signal])
     return started
 
   original_should_stop = checkpointing.PreemptionGuard.should_stop
@@ -268,4 +275,4 @@ if __name__ == "__main__":
   spec.loader.exec_module(program)
   _install_test_hooks()
   sys.argv[1:1] = [f"--gin_bindings={binding}" for binding in BINDINGS]  # the command line's bindings win
-  programs.run(program.main)
+  programs.run(program.main, user_errors=(train_loop.TrainingDiverged,))
