@@ -4,7 +4,8 @@ Two layouts, both readable on any mesh (each array is read straight into its tar
 - params-only (`save_params` / `restore_params`): `<dir>/params` (an Orbax pytree) + `<dir>/metadata.json`
   (model config, tokenizer path, ...). Written by the converters and for fine-tuning starts.
 - training (`Checkpointer`): `<directory>/<step>/state` (params, optimizer, step, rng, ...) and
-  `<directory>/<step>/data/process_<i>-of-<n>.json` (each process's data-iterator state).
+  `<directory>/<step>/data/shard_<i>-of-<n>.json` (the iterator state of each data shard, restored on any process
+  count that divides n: cpm_jax.data.processes.ShardedIterator).
 Every write goes to a temporary path renamed when complete, so an interrupted save is never restored. Both layouts
 record a checksum of every array (cpm_jax.checksums), checked whenever arrays are read (`verify=False` skips it):
 files changed or damaged after the save are an error naming the array, never silently different weights.
@@ -397,28 +398,45 @@ def warm_start(config: RestoreCheckpointConfig, init_params: Any) -> WarmStart:
   return WarmStart(params, restored, initialised)
 
 
-# ---- per-process data-iterator state -----------------------------------------------------------
+# ---- the data iterator's state, one file per data shard ----------------------------------------
 
-def _iterator_state_file() -> str:
-  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+def _shard_state_file(shard: int, count: int) -> str:
+  return f"shard_{shard}-of-{count}.json"
+
+
+_SHARD_STATE_FILE = re.compile(r"(?:shard|process)_(\d+)-of-(\d+)\.json$")  # process_*: before data shards
+
+
+def data_shard_count(directory: epath.Path) -> int | None:
+  """The number of data shards whose iterator states the checkpoint's data item at `directory` holds."""
+  counts = {int(match.group(2)) for path in directory.glob("*.json") if (match := _SHARD_STATE_FILE.match(path.name))}
+  if len(counts) > 1:
+    raise CheckpointDamaged(f"{directory}: data-iterator states of different shard counts {sorted(counts)}.")
+  return counts.pop() if counts else None
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves this process's data-iterator state (`get_state()`: a JSON-able dict or bytes) to its own file."""
+  """Saves the iterator state of each data shard this process reads (processes.ShardedIterator.shard_states: JSON-able
+  dicts or bytes) to its own file, and restores a process's shards from them on any process count."""
 
   def save(self, directory: epath.Path, args: "DataIteratorSave"):
-    state = args.iterator.get_state()
-    record = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"json": state}
-    (directory / _iterator_state_file()).write_text(json.dumps(record))
+    for shard, state in args.iterator.shard_states().items():
+      record = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"json": state}
+      (directory / _shard_state_file(shard, args.iterator.shard_count)).write_text(json.dumps(record))
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
-    path = directory / _iterator_state_file()
-    if not path.exists():
-      found = sorted(p.name for p in directory.glob("process_*.json"))
-      raise FileNotFoundError(f"No data-iterator state for this process at {path}; the checkpoint holds {found}. "
-                              "Resume with the number of processes that wrote it (or without a data iterator).")
-    record = json.loads(path.read_text())
-    args.iterator.set_state(record["bytes"].encode("latin-1") if "bytes" in record else record["json"])
+    states = {}
+    for shard in args.iterator.shard_indices:
+      path = directory / _shard_state_file(shard, args.iterator.shard_count)
+      if not path.exists():  # written before data shards: one state per process
+        path = directory / f"process_{shard}-of-{args.iterator.shard_count}.json"
+      if not path.exists():
+        found = sorted(p.name for p in directory.glob("*.json"))
+        raise FileNotFoundError(f"No data-iterator state for shard {shard} of {args.iterator.shard_count} at "
+                                f"{directory}; the checkpoint holds {found}.")
+      record = json.loads(path.read_text())
+      states[shard] = record["bytes"].encode("latin-1") if "bytes" in record else record["json"]
+    args.iterator.set_shard_states(states)
     return args.iterator
 
 
@@ -471,6 +489,11 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step (None when there is none)."""
     return self._manager.latest_step()
+
+  def data_shard_count(self, step: int) -> int | None:
+    """How many data shards the checkpoint of `step` holds iterator states of (None: it holds none)."""
+    data = self.directory / str(step) / DATA_ITEM
+    return data_shard_count(data) if data.exists() else None
 
   def complete_steps_on_disk(self) -> list[int]:
     """The steps whose checkpoint is complete in the directory now (a save still being written is not one)."""

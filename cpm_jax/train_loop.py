@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from cpm_jax import checkpointing, flops, layers, model_fit, partitioning, pipeline_parallel, training
+from cpm_jax.data import processes
 from cpm_jax.gin_setup import ConfigError
 from cpm_jax.models import registry
 
@@ -195,6 +196,15 @@ def _warm_start(init_from: checkpointing.RestoreCheckpointConfig, model: trainin
   return start.params
 
 
+def _resumed_data_shards(bound: int | None, checkpointer: checkpointing.Checkpointer, step: int | None) -> int | None:
+  """The data shard count a resumed run keeps: its checkpoint's (None: it holds no data state)."""
+  saved = checkpointer.data_shard_count(checkpointer.latest_step() if step is None else step)
+  if saved is not None and bound is not None and bound != saved:
+    raise ConfigError(f"train.data_shards = {bound}, but {checkpointer.directory} was saved with {saved} data shards; "
+                      "a run keeps the shard count it started with (unbind train.data_shards).")
+  return saved if saved is not None else bound
+
+
 @contextlib.contextmanager
 def _closing_unless_aborted(checkpointer: checkpointing.Checkpointer, current_step) -> Iterator[None]:
   """Closes `checkpointer` (a pending save completes) however the loop ends, except on a second Ctrl-C: then
@@ -218,8 +228,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
           mesh_config: partitioning.MeshConfig | None = None, num_steps: int = 1000, num_microbatches: int = 1,
           seed: int = 0, log_every: int = 10, eval_every: int = 200, eval_max_batches: int | None = 20,
           max_consecutive_bad_steps: int = 10, peak_flops: float | None = None, restore_step: int | None = None,
-          init_params_from: str | None = None,
-          init_from: checkpointing.RestoreCheckpointConfig | None = None) -> dict:
+          init_params_from: str | None = None, init_from: checkpointing.RestoreCheckpointConfig | None = None,
+          data_shards: int | None = None) -> dict:
   """Trains `model` on `data` for num_steps, resuming from workdir/checkpoints; returns the last metrics.
 
   data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches),
@@ -231,6 +241,9 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
     init_params_from: every param of this params-only checkpoint (e.g. a converted model), checked path for path;
     init_from: the params a RestoreCheckpointConfig selects (a warm start: stage 2 from stage 1), the rest fresh;
   each with a fresh optimizer.
+  data_shards: how many shards the training data is read in (default: the process count a run starts with; a resumed
+  run keeps its checkpoint's), so that it resumes on any process count dividing it (processes.ShardedIterator);
+  `data` has shard(index, count), the data as process `index` of `count` would read it.
   """
   if init_params_from and init_from is not None:
     raise ConfigError("train: give init_params_from or init_from (a RestoreCheckpointConfig), not both.")
@@ -239,12 +252,15 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   mesh = partitioning.make_mesh(mesh_config)
   optimizer = training.make_optimizer()
   steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches)
-  train_iterator = data.train_iterator(seed)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   checkpointer = checkpointing.Checkpointer(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
-  if restore_step is not None or (checkpointer is not None and checkpointer.latest_step() is not None):
-    if checkpointer is None:
-      raise FileNotFoundError(f"restore_step={restore_step} (--restore_step): {checkpoint_dir} does not exist.")
+  resuming = restore_step is not None or (checkpointer is not None and checkpointer.latest_step() is not None)
+  if resuming and checkpointer is None:
+    raise FileNotFoundError(f"restore_step={restore_step} (--restore_step): {checkpoint_dir} does not exist.")
+  shards = _resumed_data_shards(data_shards, checkpointer, restore_step) if resuming else data_shards
+  train_iterator = processes.ShardedIterator(lambda index, count: data.shard(index, count).train_iterator(seed),
+                                             shards or jax.process_count())
+  if resuming:
     state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator, step=restore_step)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
     if init_params_from or init_from is not None:

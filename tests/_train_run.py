@@ -79,45 +79,23 @@ class _RecordingIterator:
     self._iterator.set_state(state)
 
 
-class _ConcatIterator:
-  """One process's view of several processes' shares: their batches side by side (the global batch)."""
-
-  def __init__(self, iterators):
-    self._iterators = iterators
-
-  def __next__(self):
-    batches = [next(iterator) for iterator in self._iterators]
-    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
-
-  def get_state(self):
-    return {"shares": [iterator.get_state() for iterator in self._iterators]}
-
-  def set_state(self, state):
-    for iterator, share in zip(self._iterators, state["shares"]):
-      iterator.set_state(share)
-
-
 @gin.configurable
 class TextData:
-  """TEXTS through the real Grain pipeline; `emulate_processes=P` feeds one process P processes' shares."""
+  """TEXTS through the real Grain pipeline; `shard(index, count)`: as process `index` of `count` reads them."""
 
   seq_len = 32
   global_batch_size = 8
 
-  def __init__(self, emulate_processes: int | None = None):
-    self._emulate = emulate_processes
+  def __init__(self, process_index: int | None = None, process_count: int | None = None):
+    self._share = {"process_index": process_index, "process_count": process_count}
     self._examples = [{"text": text} for text in TEXTS]
 
-  def _iterator(self, seed, **share):
-    return pipeline.make_lm_iterator(self._examples, CharTokenizer(), seq_len=self.seq_len,
-                                     global_batch_size=self.global_batch_size, seed=seed, **share)
+  def shard(self, index, count):
+    return TextData(index, count)
 
   def train_iterator(self, seed):
-    if self._emulate:
-      iterator = _ConcatIterator([self._iterator(seed, process_index=i, process_count=self._emulate)
-                                  for i in range(self._emulate)])
-    else:
-      iterator = self._iterator(seed)
+    iterator = pipeline.make_lm_iterator(self._examples, CharTokenizer(), seq_len=self.seq_len,
+                                         global_batch_size=self.global_batch_size, seed=seed, **self._share)
     return _RecordingIterator(iterator, os.environ.get("CPM_TEST_RECORD"))
 
   def eval_batches(self):

@@ -60,7 +60,7 @@ def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
   checkpoints = tmp_path / "checkpoints"
   periodic = [str(step) for step in range(3, stopped, 3)]
   assert sorted(p.name for p in checkpoints.iterdir()) == sorted([*periodic, str(stopped)])  # no temporary leftovers
-  assert (checkpoints / str(stopped) / "data" / "process_0-of-1.json").exists()
+  assert (checkpoints / str(stopped) / "data" / "shard_0-of-1.json").exists()
   assert checkpointing.Checkpointer(checkpoints).latest_step() == stopped
   assert int(_train_run.restore_state(checkpoints).step) == stopped
 

@@ -1,5 +1,6 @@
 """Train step semantics (accumulation, non-finite skipping, schedule) and the gin-configured loop."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -122,10 +123,16 @@ class _ListData:
 
   def __init__(self, texts):
     self._texts = [{"text": t} for t in texts]
+    self._share = {}
+
+  def shard(self, index, count):
+    shard = copy.copy(self)
+    shard._share = {"process_index": index, "process_count": count}
+    return shard
 
   def train_iterator(self, seed):
     return pipeline.make_lm_iterator(self._texts, _CharTokenizer(), seq_len=self.seq_len,
-                                     global_batch_size=self.global_batch_size, seed=seed)
+                                     global_batch_size=self.global_batch_size, seed=seed, **self._share)
 
   def eval_batches(self):
     return pipeline.make_eval_iterator(self._texts[:8], _CharTokenizer(), seq_len=self.seq_len,
