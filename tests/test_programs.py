@@ -26,12 +26,16 @@ def runs(tmp_path_factory):
   (tmp / "workdir" / checkpointing.MODEL_RECORD).write_text(json.dumps(record))
   (tmp / "bad.txt").write_bytes("好的文本\n".encode() + b"\xff\xfe broken\n")
   (tmp / "existing_output").mkdir()
+  (tmp / "tnews.jsonl").write_text(json.dumps({"label_desc": "news_sports", "sentence": "比赛"}, ensure_ascii=False)
+                                   + "\n" + json.dumps({"label_desc": "news_sports"}) + "\n")
   (tmp / "results").mkdir()
   cases = {
       "train": ("train.py", "--gin_file=experiments/cpm_demo.gin", f"--workdir={tmp / 'new_workdir'}",
                 "--gin_bindings=train.num_steps = '2'"),
       "generate": ("generate.py", f"--checkpoint={tmp / 'workdir'}", "--prompt=你好"),
       "evaluate": ("evaluate.py", f"--checkpoint={tmp / 'workdir'}", "--task=no_such_task"),
+      "evaluate_examples": ("evaluate.py", f"--checkpoint={tmp / 'workdir'}", "--task=tnews",
+                            f"--input_file={tmp / 'tnews.jsonl'}"),  # checked before the (empty) checkpoint
       "convert": ("convert_checkpoint.py", "--from=megatron", "--to=orbax", f"--input={tmp}",
                   f"--output={tmp / 'existing_output'}"),
       "build_datasets": ("build_datasets.py", f"--corpus={tmp / 'missing.txt'}", f"--data_dir={tmp / 'tfds'}"),
@@ -48,6 +52,7 @@ EXPECTED = {
     "train": r"train.py: train.num_steps = '2': expected int, not a str.",
     "generate": r"generate.py: Training workdir {tmp}/workdir holds no complete checkpoint in checkpoints/ yet ",
     "evaluate": r"evaluate.py: --task=no_such_task is no task of .*; the tasks are .*\bchid, iflytek\b",
+    "evaluate_examples": r"evaluate.py: {tmp}/tnews.jsonl:2: .*'sentence'",
     "convert": r"convert_checkpoint.py: --output={tmp}/existing_output already exists",
     "build_datasets": r"build_datasets.py: --corpus={tmp}/missing.txt does not exist.",
     "train_tokenizer": r"train_tokenizer.py: {tmp}/bad.txt: invalid UTF-8 at byte offset 13 \(line 2\); .*--lenient",
