@@ -163,27 +163,33 @@ def params_sha1(params):
 
 
 def _record_losses():
-  original = train_loop.MetricsLog.train
+  """Records each step's loss and each evaluation's loss ({"validation_step", "validation_loss"})."""
+  original, original_scalars = train_loop.MetricsLog.train, train_loop.MetricsLog.scalars
 
   def train(self, step, metrics, tokens_seen):
     if os.environ.get("CPM_TEST_RECORD"):
       _append(os.environ["CPM_TEST_RECORD"], {"step": step, "loss": metrics["loss"]})
     return original(self, step, metrics, tokens_seen)
 
-  train_loop.MetricsLog.train = train
+  def scalars(self, step, values, prefix):
+    if os.environ.get("CPM_TEST_RECORD") and prefix == "validation":
+      _append(os.environ["CPM_TEST_RECORD"], {"validation_step": step, "validation_loss": values["loss"]})
+    return original_scalars(self, step, values, prefix)
+
+  train_loop.MetricsLog.train, train_loop.MetricsLog.scalars = train, scalars
 
 
 def run(workdir, record, bindings=(), **kwargs):
   """Trains in this process with BINDINGS + bindings; losses and batches are appended to `record`."""
   gin.clear_config()
   gin_setup.parse([], BINDINGS + list(bindings))
-  original = train_loop.MetricsLog.train
+  originals = train_loop.MetricsLog.train, train_loop.MetricsLog.scalars
   os.environ["CPM_TEST_RECORD"] = str(record)
   try:
     _record_losses()
     return train_loop.train(str(workdir), **kwargs)
   finally:
-    train_loop.MetricsLog.train = original
+    train_loop.MetricsLog.train, train_loop.MetricsLog.scalars = originals
     del os.environ["CPM_TEST_RECORD"]
     gin.clear_config()
 

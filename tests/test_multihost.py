@@ -40,7 +40,8 @@ def _launch(workdir, tmp_path, port):
       processes.append(subprocess.Popen(
           [sys.executable, _train_run.__file__, "--distributed", f"--coordinator_address=localhost:{port}",
            "--num_processes=2", f"--process_id={index}", f"--workdir={workdir}",
-           "--gin_bindings=train.num_steps = 100000", "--gin_bindings=Checkpointer.save_interval_steps = 2"],
+           "--gin_bindings=train.num_steps = 100000", "--gin_bindings=Checkpointer.save_interval_steps = 2",
+           "--gin_bindings=train.eval_every = 2"],
           env=dict(env, CPM_TEST_RECORD=str(tmp_path / f"record_{index}.jsonl")), stdout=log,
           stderr=subprocess.STDOUT))
   return processes
@@ -82,10 +83,18 @@ def test_two_processes_match_one_process_and_restore_on_it(tmp_path):
 
   # One process, 8 devices, the same global batches (both processes' shards side by side), the same steps.
   one = tmp_path / "one_process"
-  _train_run.run(one, one / "record.jsonl", [f"train.num_steps = {stopped}", "train.data_shards = 2"])
+  _train_run.run(one, one / "record.jsonl", [f"train.num_steps = {stopped}", "train.data_shards = 2",
+                                            "train.eval_every = 2"])
   one_losses, one_batches, _ = _train_run.read_record(one / "record.jsonl")
   interleaved = [batch for pair in zip(records[0][1], records[1][1]) for batch in pair]  # per step: shard 0, 1
   assert one_batches == interleaved[:len(one_batches)] and len(one_batches) == 2 * stopped
+  # Evaluation during the 2-process run (every 2 steps) gives the 1-process run's validation losses.
+  evaluations = [{e["validation_step"]: e["validation_loss"] for e in _train_run.read_record(path)[2]
+                  if "validation_step" in e} for path in (tmp_path / "record_0.jsonl", one / "record.jsonl")]
+  two_steps = sorted(evaluations[0])
+  assert two_steps == list(range(2, stopped + 1, 2)) and two_steps, evaluations
+  np.testing.assert_allclose([evaluations[0][s] for s in two_steps], [evaluations[1][s] for s in two_steps],
+                             rtol=1e-5)
   np.testing.assert_allclose([one_losses[s] for s in sorted(one_losses)], [losses[0][s] for s in sorted(losses[0])],
                              rtol=1e-6)
   # The 2-process checkpoint restores on 1 process to exactly the params the 2 processes held when saving...
