@@ -4,20 +4,24 @@ Two layouts, both readable on any mesh (each array is read straight into its tar
 - params-only (`save_params` / `restore_params`): `<dir>/params` (an Orbax pytree) + `<dir>/metadata.json`
   (model config, tokenizer path, ...). Written by the converters and for fine-tuning starts.
 - training (`Checkpointer`): `<directory>/<step>/state` (params, optimizer, step, rng, ...) and
-  `<directory>/<step>/data/process_<i>-of-<n>.json` (each process's data-iterator state).
-Every write goes to a temporary path renamed when complete, so an interrupted save is never restored.
+  `<directory>/<step>/data/shard_<i>-of-<n>.json` (the iterator state of each data shard, restored on any process
+  count that divides n: cpm_jax.data.processes.ShardedIterator).
+Every write goes to a temporary path renamed when complete, so an interrupted save is never restored. Both layouts
+record a checksum of every array (cpm_jax.checksums), checked whenever arrays are read (`verify=False` skips it):
+files changed or damaged after the save are an error naming the array, never silently different weights.
 Warm starts (`RestoreCheckpointConfig`, `warm_start`) read a chosen part of either layout's params into a new run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import signal
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import gin
 import jax
@@ -28,17 +32,19 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from cpm_jax import checksums
+from cpm_jax.checksums import CheckpointDamaged
 from cpm_jax.gin_setup import ConfigError
 
 PARAMS_DIR = "params"
 METADATA_FILE = "metadata.json"
+CHECKSUMS_FILE = "checksums.json"  # a params-only checkpoint's checksums.record of its params
 MODEL_RECORD = "model.json"  # a training workdir's record of its model (registry.record), written by train_loop
 
 
 # ---- tree checks -------------------------------------------------------------------------------
 
-def _path_name(path) -> str:
-  return jax.tree_util.keystr(path, simple=True, separator="/")
+_path_name = checksums.path_name
 
 
 def _stored_shape(leaf: Any) -> tuple[int, ...]:
@@ -85,6 +91,78 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+# ---- reading arrays: storage errors in one line, checksums verified ----------------------------
+
+_STATUS = re.compile(r"^([A-Z_]{4,}): (.*)$")  # how tensorstore's errors begin: "OUT_OF_RANGE: Error reading ..."
+_ARRAY_KEY = re.compile(r'Error reading "([^"/]+)/')  # tensorstore names the array's key: "embed.wte/0.0"
+
+
+def _storage_reason(error: BaseException) -> str | None:
+  """One line saying why reading a checkpoint failed, from the storage error (tensorstore's, or a damaged JSON
+  file) somewhere in `error`'s chain; None when the chain holds none (a bug: let it propagate as it is)."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, json.JSONDecodeError):
+      return f"a metadata file is damaged ({seen})."
+    first_line = str(seen).strip().split("\n")[0]
+    status = _STATUS.match(first_line)
+    if status:
+      code, detail = status.groups()
+      array = _ARRAY_KEY.search(detail)
+      what = f"array {array.group(1).replace('.', '/')!r}" if array else "an array"
+      detail = detail.rsplit('": ', 1)[-1]
+      return f"{what} cannot be read ({code}: {detail}): the checkpoint's files are truncated or damaged."
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
+@contextlib.contextmanager
+def _reading(where: str) -> Iterator[None]:
+  """Turns storage errors raised while reading the checkpoint `where` into a one-line CheckpointDamaged."""
+  try:
+    yield
+  except CheckpointDamaged:
+    raise
+  except Exception as e:  # Orbax wraps tensorstore's errors in a bare Exception
+    reason = _storage_reason(e)
+    if reason is None:
+      raise
+    raise CheckpointDamaged(f"{where}: {reason}") from e
+
+
+def _dtypes_by_path(tree: Any) -> dict[str, Any]:
+  return {_path_name(path): leaf.dtype for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _read_verified(read: Any, target: Any, stored_tree: Any, record: dict | None, where: str, prefix: str = "",
+                   cast: Any = checksums.cast) -> Any:
+  """`read(target')` with target' = `target` in the dtypes the arrays are stored in, checked against the checksum
+  `record` (None: not checked), then `cast` to `target`'s dtypes."""
+  stored_dtypes = _dtypes_by_path(stored_tree)
+
+  def as_stored(path, leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return leaf
+    return jax.ShapeDtypeStruct(leaf.shape, stored_dtypes.get(_path_name(path), leaf.dtype), sharding=leaf.sharding)
+
+  with _reading(where):
+    values = read(jax.tree_util.tree_map_with_path(as_stored, target))
+  if record is not None:
+    checksums.verify(values, record, where, prefix)
+  return cast(values, jax.tree.map(lambda leaf: leaf.dtype, target))
+
+
+def _read_checksums(path: epath.Path, where: str, verify: bool) -> dict | None:
+  """The checksum record at `path` (None when not verifying; a warning for checkpoints written without one)."""
+  if not verify:
+    return None
+  if not path.exists():
+    logging.warning("%s was written without checksums (by an older cpm_jax): its arrays are not verified.", where)
+    return None
+  with _reading(where):
+    return json.loads(path.read_text())
+
+
 # ---- params-only checkpoints -------------------------------------------------------------------
 
 def absolute_path(directory: epath.PathLike) -> epath.Path:
@@ -97,7 +175,8 @@ def absolute_path(directory: epath.PathLike) -> epath.Path:
 
 
 def save_params(directory: epath.PathLike, params: Any, metadata: dict) -> epath.Path:
-  """Writes `params` (Orbax) and `metadata` (JSON) to `directory`, atomically; call on every process.
+  """Writes `params` (Orbax), their checksums and `metadata` (JSON) to `directory`, atomically; call on every
+  process.
 
   The files are written under `<directory>.incomplete` and renamed once complete.
   """
@@ -108,6 +187,7 @@ def save_params(directory: epath.PathLike, params: Any, metadata: dict) -> epath
     raise TypeError(f"save_params({directory}): metadata must be JSON-serialisable: {e}") from e
   if directory.exists():
     raise FileExistsError(f"save_params: {directory} already exists; remove it or choose another path.")
+  record = checksums.record(params)
   incomplete = directory.parent / f"{directory.name}.incomplete"
   if jax.process_index() == 0:
     if incomplete.exists():
@@ -119,6 +199,7 @@ def save_params(directory: epath.PathLike, params: Any, metadata: dict) -> epath
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False)) as checkpointer:
     checkpointer.save(incomplete / PARAMS_DIR, args=ocp.args.PyTreeSave(params))
   if jax.process_index() == 0:
+    (incomplete / CHECKSUMS_FILE).write_text(json.dumps(record, indent=0))
     (incomplete / METADATA_FILE).write_text(metadata_text)
     incomplete.rename(directory)
   _sync("cpm_jax_save_params_done")
@@ -129,29 +210,29 @@ def read_metadata(directory: epath.PathLike) -> dict:
   """The metadata dict that `save_params` wrote beside the params."""
   path = epath.Path(directory) / METADATA_FILE
   if not path.exists():
-    raise FileNotFoundError(f"No params checkpoint at {directory}: {path} is missing (save_params writes "
+    raise FileNotFoundError(f"No params checkpoint at {directory}: {path} does not exist (save_params writes "
                             f"{PARAMS_DIR}/ and {METADATA_FILE}).")
-  return json.loads(path.read_text())
+  with _reading(f"params checkpoint {directory}"):
+    return json.loads(path.read_text())
 
 
-def restore_params(directory: epath.PathLike, abstract_params: Any = None,
-                   shardings: Any = None) -> tuple[Any, dict]:
+def restore_params(directory: epath.PathLike, abstract_params: Any = None, shardings: Any = None,
+                   verify: bool = True) -> tuple[Any, dict]:
   """Reads a `save_params` checkpoint: returns (params, metadata).
 
   With `abstract_params` (ShapeDtypeStructs, e.g. `cpm.abstract_params(config)`) the stored tree must match it
   path for path and shape for shape (ValueError naming the first difference); dtypes are cast to it.
-  Each array is read directly into its sharding from `shardings` (default: the first local device).
+  Each array is read directly into its sharding from `shardings` (default: the first local device) and, with
+  `verify`, checked against its checksum (CheckpointDamaged naming the array).
   """
   directory = absolute_path(directory)
   metadata = read_metadata(directory)
-  with ocp.StandardCheckpointer() as checkpointer:
-    stored = checkpointer.metadata(directory / PARAMS_DIR).item_metadata.tree
-    if abstract_params is None:
-      abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored)
-    else:
-      check_tree_matches(abstract_params, stored, f"params checkpoint {directory}")
-    params = checkpointer.restore(directory / PARAMS_DIR, _restore_target(abstract_params, shardings))
-  return params, metadata
+  source = stored_params(directory, verify)
+  if abstract_params is None:
+    abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), source.tree)
+  else:
+    check_tree_matches(abstract_params, source.tree, source.where)
+  return source.read(_restore_target(abstract_params, shardings)), metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +244,7 @@ class StoredParams:
   tree: Any
   key: str | None
   where: str  # for error messages
+  checksums: dict | None = None  # the checkpoint's checksums.record (None: not verified)
 
   def shapes(self) -> dict[str, tuple[int, ...]]:
     """Shape of every stored param by its path ("encoder/blocks/attn/qkv_kernel")."""
@@ -170,40 +252,57 @@ class StoredParams:
 
   def read(self, target: Any, restore_args: Any = None) -> Any:
     """The arrays of `target` (ShapeDtypeStructs with shardings; any subtree of the stored params), each read
-    straight into its sharding and cast to its dtype; or as `restore_args` (Orbax's, a tree like `target`) say,
-    e.g. ocp.RestoreArgs(restore_type=np.ndarray) for host arrays."""
-    item_target, item_args = target, restore_args
-    if self.key is not None:
-      item_target, item_args = {self.key: target}, restore_args and {self.key: restore_args}
-    if item_args is None:
-      item_args = ocp.checkpoint_utils.construct_restore_args(item_target)
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = checkpointer.restore(self.item, args=ocp.args.PyTreeRestore(
-          item_target, restore_args=item_args, partial_restore=True))
-    return restored if self.key is None else restored[self.key]
+    straight into its sharding, checked against its checksum and cast to its dtype; or as `restore_args` (Orbax's,
+    a tree like `target`) say, e.g. ocp.RestoreArgs(restore_type=np.ndarray, dtype=...) for host arrays."""
+    def read(stored_target):
+      item_target, item_args = stored_target, ocp.checkpoint_utils.construct_restore_args(stored_target)
+      if restore_args is not None:  # read in the stored dtypes (what the checksums are of), cast below
+        item_args = jax.tree.map(lambda args, leaf: dataclasses.replace(args, dtype=leaf.dtype), restore_args,
+                                 stored_target)
+      if self.key is not None:
+        item_target, item_args = {self.key: item_target}, {self.key: item_args}
+      with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(self.item, args=ocp.args.PyTreeRestore(
+            item_target, restore_args=item_args, partial_restore=True))
+      return restored if self.key is None else restored[self.key]
+
+    prefix = "" if self.key is None else f"{self.key}/"
+    cast = checksums.cast if restore_args is None else checksums.cast_on_host
+    return _read_verified(read, target, self.tree, self.checksums, self.where, prefix, cast)
 
 
-def stored_params(directory: epath.PathLike) -> StoredParams:
+def stored_params(directory: epath.PathLike, verify: bool = True) -> StoredParams:
   """The params of the `save_params` checkpoint at `directory`, or of the latest checkpoint of the training workdir
-  there (read-only: a run still writing there is not disturbed)."""
+  there (read-only: a run still writing there is not disturbed); `verify`: reads check the checksums."""
   directory = absolute_path(directory)
   if (directory / METADATA_FILE).exists():
-    with ocp.StandardCheckpointer() as checkpointer:
+    where = f"params checkpoint {directory}"
+    with _reading(where), ocp.StandardCheckpointer() as checkpointer:
       tree = checkpointer.metadata(directory / PARAMS_DIR).item_metadata.tree
-    return StoredParams(directory / PARAMS_DIR, tree, None, f"params checkpoint {directory}")
+    return StoredParams(directory / PARAMS_DIR, tree, None, where,
+                        _read_checksums(directory / CHECKSUMS_FILE, where, verify))
   if (directory / "checkpoints").is_dir():
     with Checkpointer(directory / "checkpoints", read_only=True) as checkpointer:
       step = checkpointer.latest_step()
-      if step is not None:
-        return checkpointer.stored_params(step)
-  raise FileNotFoundError(f"{directory}: neither a params-only checkpoint ({METADATA_FILE}) nor a training workdir "
-                          "with a complete checkpoint in checkpoints/.")
+      if step is None:
+        raise FileNotFoundError(f"Training workdir {directory} holds no complete checkpoint in checkpoints/ yet "
+                                "(train.py saves every Checkpointer.save_interval_steps steps and at the end).")
+      return checkpointer.stored_params(step, verify)
+  raise _not_a_checkpoint(directory)
 
 
-def restore_any_params(directory: epath.PathLike, abstract_params: Any = None, shardings: Any = None) -> Any:
+def _not_a_checkpoint(directory: epath.Path) -> FileNotFoundError:
+  if not directory.exists():
+    return FileNotFoundError(f"Checkpoint {directory} does not exist.")
+  return FileNotFoundError(f"{directory} is neither a params-only checkpoint (it has no {METADATA_FILE}) nor a "
+                          "training workdir (no checkpoints/).")
+
+
+def restore_any_params(directory: epath.PathLike, abstract_params: Any = None, shardings: Any = None,
+                       verify: bool = True) -> Any:
   """Params of the `save_params` checkpoint at `directory`, or of the latest checkpoint of the training workdir
   there (its optimizer state is not read); checked and placed as in `restore_params`."""
-  source = stored_params(directory)
+  source = stored_params(directory, verify)
   if abstract_params is None:
     abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), source.tree)
   else:
@@ -222,9 +321,9 @@ def read_record(path: epath.PathLike) -> tuple[dict, str]:
     if not where.exists():
       raise FileNotFoundError(f"Training workdir {path} has no {MODEL_RECORD} (train.py writes it at start) to say "
                               "which model its checkpoints hold.")
-    return json.loads(where.read_text()), str(where)
-  raise FileNotFoundError(f"{path}: neither a params-only checkpoint ({METADATA_FILE}) nor a training workdir "
-                          "(checkpoints/).")
+    with _reading(f"training workdir {path}"):
+      return json.loads(where.read_text()), str(where)
+  raise _not_a_checkpoint(path)
 
 
 # ---- warm starts and partial restores ----------------------------------------------------------
@@ -299,28 +398,45 @@ def warm_start(config: RestoreCheckpointConfig, init_params: Any) -> WarmStart:
   return WarmStart(params, restored, initialised)
 
 
-# ---- per-process data-iterator state -----------------------------------------------------------
+# ---- the data iterator's state, one file per data shard ----------------------------------------
 
-def _iterator_state_file() -> str:
-  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+def _shard_state_file(shard: int, count: int) -> str:
+  return f"shard_{shard}-of-{count}.json"
+
+
+_SHARD_STATE_FILE = re.compile(r"(?:shard|process)_(\d+)-of-(\d+)\.json$")  # process_*: before data shards
+
+
+def data_shard_count(directory: epath.Path) -> int | None:
+  """The number of data shards whose iterator states the checkpoint's data item at `directory` holds."""
+  counts = {int(match.group(2)) for path in directory.glob("*.json") if (match := _SHARD_STATE_FILE.match(path.name))}
+  if len(counts) > 1:
+    raise CheckpointDamaged(f"{directory}: data-iterator states of different shard counts {sorted(counts)}.")
+  return counts.pop() if counts else None
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves this process's data-iterator state (`get_state()`: a JSON-able dict or bytes) to its own file."""
+  """Saves the iterator state of each data shard this process reads (processes.ShardedIterator.shard_states: JSON-able
+  dicts or bytes) to its own file, and restores a process's shards from them on any process count."""
 
   def save(self, directory: epath.Path, args: "DataIteratorSave"):
-    state = args.iterator.get_state()
-    record = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"json": state}
-    (directory / _iterator_state_file()).write_text(json.dumps(record))
+    for shard, state in args.iterator.shard_states().items():
+      record = {"bytes": state.decode("latin-1")} if isinstance(state, bytes) else {"json": state}
+      (directory / _shard_state_file(shard, args.iterator.shard_count)).write_text(json.dumps(record))
 
   def restore(self, directory: epath.Path, args: "DataIteratorRestore"):
-    path = directory / _iterator_state_file()
-    if not path.exists():
-      found = sorted(p.name for p in directory.glob("process_*.json"))
-      raise FileNotFoundError(f"No data-iterator state for this process at {path}; the checkpoint holds {found}. "
-                              "Resume with the number of processes that wrote it (or without a data iterator).")
-    record = json.loads(path.read_text())
-    args.iterator.set_state(record["bytes"].encode("latin-1") if "bytes" in record else record["json"])
+    states = {}
+    for shard in args.iterator.shard_indices:
+      path = directory / _shard_state_file(shard, args.iterator.shard_count)
+      if not path.exists():  # written before data shards: one state per process
+        path = directory / f"process_{shard}-of-{args.iterator.shard_count}.json"
+      if not path.exists():
+        found = sorted(p.name for p in directory.glob("*.json"))
+        raise FileNotFoundError(f"No data-iterator state for shard {shard} of {args.iterator.shard_count} at "
+                                f"{directory}; the checkpoint holds {found}.")
+      record = json.loads(path.read_text())
+      states[shard] = record["bytes"].encode("latin-1") if "bytes" in record else record["json"]
+    args.iterator.set_shard_states(states)
     return args.iterator
 
 
@@ -338,7 +454,7 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 
 # ---- the training checkpoint manager -----------------------------------------------------------
 
-STATE_ITEM, DATA_ITEM = "state", "data"
+STATE_ITEM, DATA_ITEM, CHECKSUMS_ITEM = "state", "data", "checksums"
 
 
 @gin.configurable
@@ -346,20 +462,26 @@ class Checkpointer:
   """Saves and restores the train state and every process's data-iterator state in `directory`.
 
   Saves are asynchronous (training goes on while arrays are written) and atomic; retention keeps the last
-  `max_to_keep` checkpoints plus every step divisible by `keep_period`. Call every method on every process.
+  `max_to_keep` checkpoints plus every step divisible by `keep_period`. Every save records the checksum of each
+  array of the state, and restores check them unless `verify_checksums=False`. Call every method on every process.
   """
 
   def __init__(self, directory: epath.PathLike, *, save_interval_steps: int = 1000, max_to_keep: int = 3,
-               keep_period: int | None = None, async_save: bool = True, read_only: bool = False):
+               keep_period: int | None = None, async_save: bool = True, read_only: bool = False,
+               verify_checksums: bool = True):
     self.directory = absolute_path(directory)
     self._save_interval_steps = save_interval_steps
+    self._verify = verify_checksums
+    if read_only:  # what Orbax would otherwise reset with a warning each
+      save_interval_steps, max_to_keep, keep_period = 0, None, None
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=save_interval_steps, max_to_keep=max_to_keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only, read_only=read_only,
         create=not read_only)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler()})
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), DATA_ITEM: DataIteratorHandler(),
+                       CHECKSUMS_ITEM: ocp.JsonCheckpointHandler(filename=CHECKSUMS_FILE)})
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -367,6 +489,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step (None when there is none)."""
     return self._manager.latest_step()
+
+  def data_shard_count(self, step: int) -> int | None:
+    """How many data shards the checkpoint of `step` holds iterator states of (None: it holds none)."""
+    data = self.directory / str(step) / DATA_ITEM
+    return data_shard_count(data) if data.exists() else None
+
+  def complete_steps_on_disk(self) -> list[int]:
+    """The steps whose checkpoint is complete in the directory now (a save still being written is not one)."""
+    return sorted(int(path.name) for path in self.directory.iterdir() if path.name.isdigit())
 
   def restore(self, abstract_state: Any, state_shardings: Any, data_iterator: Any = None,
               step: int | None = None) -> Any:
@@ -382,23 +513,38 @@ class Checkpointer:
     elif step not in self._manager.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; complete checkpoints: "
                               f"{self.all_steps()}.")
-    stored = self._manager.item_metadata(step)[STATE_ITEM]
-    check_tree_matches(abstract_state, stored.tree, f"checkpoint {self.directory}/{step}")
-    args = {STATE_ITEM: ocp.args.StandardRestore(_restore_target(abstract_state, state_shardings))}
-    if data_iterator is not None:
-      if not (self.directory / str(step) / DATA_ITEM).exists():
-        raise FileNotFoundError(f"Checkpoint {self.directory}/{step} holds no data-iterator state (it was saved "
-                                "without a data iterator).")
-      args[DATA_ITEM] = DataIteratorRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**args))[STATE_ITEM]
+    where = f"checkpoint {self.directory}/{step}"
+    stored = self._stored_state(step)
+    check_tree_matches(abstract_state, stored, where)
+    if data_iterator is not None and not (self.directory / str(step) / DATA_ITEM).exists():
+      raise FileNotFoundError(f"Checkpoint {self.directory}/{step} holds no data-iterator state (it was saved "
+                              "without a data iterator).")
 
-  def stored_params(self, step: int) -> StoredParams:
-    """The params of the train state saved at `step` (for reading them without the optimizer state)."""
-    stored = self._manager.item_metadata(step)[STATE_ITEM].tree
+    def read(target):
+      args = {STATE_ITEM: ocp.args.StandardRestore(target)}
+      if data_iterator is not None:
+        args[DATA_ITEM] = DataIteratorRestore(data_iterator)
+      return self._manager.restore(step, args=ocp.args.Composite(**args))[STATE_ITEM]
+
+    return _read_verified(read, _restore_target(abstract_state, state_shardings), stored, self._checksums(step),
+                          where)
+
+  def _stored_state(self, step: int) -> Any:
+    with _reading(f"checkpoint {self.directory}/{step}"):
+      return self._manager.item_metadata(step)[STATE_ITEM].tree
+
+  def _checksums(self, step: int, verify: bool | None = None) -> dict | None:
+    return _read_checksums(self.directory / str(step) / CHECKSUMS_ITEM / CHECKSUMS_FILE,
+                           f"checkpoint {self.directory}/{step}", self._verify if verify is None else verify)
+
+  def stored_params(self, step: int, verify: bool | None = None) -> StoredParams:
+    """The params of the train state saved at `step` (for reading them without the optimizer state); `verify`:
+    check their checksums (default: as this Checkpointer does)."""
+    stored = self._stored_state(step)
     if "params" not in stored:
       raise ValueError(f"Checkpoint {self.directory}/{step} holds no params (it has {sorted(stored)}).")
     return StoredParams(self.directory / str(step) / STATE_ITEM, stored["params"], "params",
-                        f"checkpoint {self.directory}/{step}")
+                        f"checkpoint {self.directory}/{step}", self._checksums(step, verify))
 
   def maybe_save(self, step: int, state: Any, data_iterator: Any = None, force: bool = False) -> bool:
     """Starts an asynchronous save when `step` is a multiple of the save interval (or `force`).
@@ -411,7 +557,7 @@ class Checkpointer:
     if step in self._manager.all_steps():
       logging.warning("Not saving step %d: %s already holds a checkpoint for it.", step, self.directory)
       return False
-    args = {STATE_ITEM: ocp.args.StandardSave(state)}
+    args = {STATE_ITEM: ocp.args.StandardSave(state), CHECKSUMS_ITEM: ocp.args.JsonSave(checksums.record(state))}
     if data_iterator is not None:
       args[DATA_ITEM] = DataIteratorSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**args), force=True)
@@ -431,40 +577,56 @@ class Checkpointer:
     self.close()
 
 
-# ---- preemption --------------------------------------------------------------------------------
+# ---- preemption and Ctrl-C --------------------------------------------------------------------
 
 class PreemptionGuard:
-  """Turns SIGTERM (the eviction notice of schedulers and cloud VMs) into a stop the loop polls every step.
+  """Turns SIGTERM (the eviction notice of schedulers and cloud VMs) and Ctrl-C (SIGINT) into a stop the loop polls
+  every step: it finishes the step, saves it and returns.
 
-  Single process: a SIGTERM handler sets a flag (further SIGTERMs only set it again). Under jax.distributed,
-  JAX's preemption service catches SIGTERM on any process and `should_stop(step)` becomes true on every
-  process at the same step, so all of them save that step together.
+  Single process: a handler sets a flag; further SIGTERMs only set it again, a second SIGINT raises
+  KeyboardInterrupt (the user insists: abort the save). Under jax.distributed, JAX's preemption service catches
+  SIGTERM on any process and `should_stop(step)` becomes true on every process at the same step, so all of them save
+  that step together; a first SIGINT is passed to that service as a SIGTERM to this process.
   """
 
   def __init__(self):
     self._requested = threading.Event()
+    self.signal_name: str | None = None  # the first stop request's signal ("SIGTERM", "SIGINT")
     self._distributed = jax.process_count() > 1
-    self._previous = None if self._distributed else signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
+    if not self._distributed:
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
 
-  def _on_sigterm(self, signum, frame) -> None:
-    del signum, frame
-    self._requested.set()
+  def _on_signal(self, signum, frame) -> None:
+    del frame
+    if signum == signal.SIGINT and self.signal_name is not None:
+      raise KeyboardInterrupt
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+      if signum == signal.SIGINT:
+        logging.warning("Ctrl-C: finishing this step, then saving it (Ctrl-C again aborts without saving).")
+    if self._distributed:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service agrees the step with the other processes
+    else:
+      self._requested.set()
 
   @property
   def requested(self) -> bool:
-    """True once this process received SIGTERM (or, multi-process, once a stop step was agreed)."""
+    """True once this process received SIGTERM or SIGINT (or, multi-process, once a stop step was agreed)."""
     return self._requested.is_set()
 
   def should_stop(self, step: int) -> bool:
     """Whether to save and stop after `step`; call once per step on every process."""
     if self._distributed and multihost_utils.reached_preemption_sync_point(step):
+      self.signal_name = self.signal_name or "SIGTERM"
       self._requested.set()
     return self.requested
 
   def close(self) -> None:
-    """Reinstates the SIGTERM handler that was in place before."""
-    if not self._distributed and signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+    """Reinstates the signal handlers that were in place before."""
+    for signum, previous in self._previous.items():
+      if signal.getsignal(signum) == self._on_signal:
+        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
   def __enter__(self) -> "PreemptionGuard":
     return self

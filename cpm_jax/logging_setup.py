@@ -8,7 +8,8 @@ Three libraries log at start-up what alarms users but reports no fault:
 - jax probes every backend it knows when it first needs devices; with no TPU runtime installed it logs
   `Unable to initialize backend 'tpu': ... libtpu.so: cannot open shared object file`. A backend that is installed
   but fails still logs (the probe drops only "not installed" records), and with no backend at all jax raises.
-- Orbax logs every checkpoint save at INFO.
+- Orbax logs every checkpoint save at INFO, and warns "Given directory is read only" whenever a checkpoint is
+  opened for reading only, as cpm_jax.checkpointing does on purpose to read a training workdir's params.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def is_probe_noise(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return message.startswith("Unable to initialize backend") and (
         "cannot open shared object file" in message or "No such file" in message)
-  return record.levelno < logging.WARNING and "/orbax/" in path
+  if "/orbax/" not in path:
+    return False
+  return record.levelno < logging.WARNING or record.getMessage().startswith("Given directory is read only")
 
 
 class _DropProbeNoise(logging.Filter):

@@ -2,7 +2,10 @@
 
 `train(workdir)` is configured by gin (model, data, mesh, optimizer, steps); experiments/train.py is a
 thin absl wrapper around it. It resumes from the latest complete checkpoint in `workdir/checkpoints`
-and, on SIGTERM, finishes the current step, saves, and returns.
+and, on SIGTERM or Ctrl-C, finishes the current step, saves, and returns (a second Ctrl-C aborts that save:
+TrainingAborted). Everything that can be checked before the run starts (the model against the data, the mesh, the
+checkpoints and params it starts from) is checked before anything is written to `workdir`. A run that diverges
+saves the params of its last finite step in `workdir/diverged/step_<N>` before it stops (TrainingDiverged).
 
 The host never waits for the step it has just dispatched: each step's metrics are read once the next step is
 queued (MaxText's buffered metrics), so the devices always have work; bad-step counts and the divergence check
@@ -11,11 +14,12 @@ come from those host copies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import gin
 import jax
@@ -23,12 +27,20 @@ import jax.numpy as jnp
 from absl import logging
 
 from cpm_jax import checkpointing, flops, layers, model_fit, partitioning, pipeline_parallel, training
+from cpm_jax.data import processes
 from cpm_jax.gin_setup import ConfigError
 from cpm_jax.models import registry
 
+DIVERGED_DIR = "diverged"  # workdir/diverged/step_<N>: the params of a diverged run's last finite step
+
 
 class TrainingDiverged(RuntimeError):
-  """Raised after too many consecutive steps with a non-finite loss or gradient."""
+  """Raised after too many consecutive steps with a non-finite loss or gradient (experiments/train.py prints it as
+  one line: cpm_jax.programs)."""
+
+
+class TrainingAborted(KeyboardInterrupt):
+  """A second Ctrl-C while the first one's save was pending: the run stops without completing it."""
 
 
 class MetricsLog:
@@ -109,13 +121,30 @@ def _write_atomically(path: str, text: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _model_record(model: training.Model, data: Any, **extra) -> dict:
+  """registry.record of the model's config plus the data's checkpoint_metadata() (e.g. the tokenizer path)."""
+  return registry.record(model.config, **data.checkpoint_metadata(), **extra)
+
+
 def _write_config(workdir: str, model: training.Model, data: Any) -> None:
-  """config.gin (the operative gin config) and checkpointing.MODEL_RECORD (registry.record of the model's
-  config plus the data's checkpoint_metadata(), e.g. the tokenizer path)."""
+  """config.gin (the operative gin config) and checkpointing.MODEL_RECORD (`_model_record`)."""
   _write_atomically(os.path.join(workdir, "config.gin"), gin.config_str())
   _write_atomically(os.path.join(workdir, checkpointing.MODEL_RECORD),
-                    json.dumps(registry.record(model.config, **data.checkpoint_metadata()), indent=1,
-                               ensure_ascii=False))
+                    json.dumps(_model_record(model, data), indent=1, ensure_ascii=False))
+
+
+def _save_diverged(workdir: str, state: training.TrainState, model: training.Model, data: Any,
+                   stopped_at: int) -> str:
+  """Saves the params of `state` (those of its last finite step: bad steps leave them untouched) as a params-only
+  checkpoint in workdir/diverged/step_<N>; returns a sentence saying where."""
+  last_finite = int(state.step) - int(state.consecutive_bad_steps)
+  path = os.path.join(workdir, DIVERGED_DIR, f"step_{last_finite}")
+  if os.path.exists(path):
+    return f"the params of the last finite step ({last_finite}) were saved before in {path}"
+  checkpointing.save_params(path, state.params, _model_record(
+      model, data, diverged={"last_finite_step": last_finite, "stopped_at_step": stopped_at}))
+  return (f"the params of the last finite step ({last_finite}) are saved in {path} (a params-only checkpoint for "
+          "evaluate.py, generate.py or --init_params_from; not a resume point, the workdir resumes from checkpoints/)")
 
 
 class _LaggedMetrics:
@@ -167,13 +196,40 @@ def _warm_start(init_from: checkpointing.RestoreCheckpointConfig, model: trainin
   return start.params
 
 
+def _resumed_data_shards(bound: int | None, checkpointer: checkpointing.Checkpointer, step: int | None) -> int | None:
+  """The data shard count a resumed run keeps: its checkpoint's (None: it holds no data state)."""
+  saved = checkpointer.data_shard_count(checkpointer.latest_step() if step is None else step)
+  if saved is not None and bound is not None and bound != saved:
+    raise ConfigError(f"train.data_shards = {bound}, but {checkpointer.directory} was saved with {saved} data shards; "
+                      "a run keeps the shard count it started with (unbind train.data_shards).")
+  return saved if saved is not None else bound
+
+
+@contextlib.contextmanager
+def _closing_unless_aborted(checkpointer: checkpointing.Checkpointer, current_step) -> Iterator[None]:
+  """Closes `checkpointer` (a pending save completes) however the loop ends, except on a second Ctrl-C: then
+  TrainingAborted says which checkpoint is left incomplete and which one is the latest complete."""
+  try:
+    yield
+  except KeyboardInterrupt as e:
+    steps = checkpointer.complete_steps_on_disk()
+    latest = f"step {steps[-1]}" if steps else "none"
+    raise TrainingAborted(f"interrupted again at step {current_step()}: the run stopped without saving it (a save "
+                          "left half-written is never restored); the latest complete checkpoint in "
+                          f"{checkpointer.directory} is {latest}.") from e
+  except BaseException:
+    checkpointer.close()
+    raise
+  checkpointer.close()
+
+
 @gin.configurable(denylist=["workdir"])
 def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin.REQUIRED,
           mesh_config: partitioning.MeshConfig | None = None, num_steps: int = 1000, num_microbatches: int = 1,
           seed: int = 0, log_every: int = 10, eval_every: int = 200, eval_max_batches: int | None = 20,
           max_consecutive_bad_steps: int = 10, peak_flops: float | None = None, restore_step: int | None = None,
-          init_params_from: str | None = None,
-          init_from: checkpointing.RestoreCheckpointConfig | None = None) -> dict:
+          init_params_from: str | None = None, init_from: checkpointing.RestoreCheckpointConfig | None = None,
+          data_shards: int | None = None) -> dict:
   """Trains `model` on `data` for num_steps, resuming from workdir/checkpoints; returns the last metrics.
 
   data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches),
@@ -185,18 +241,26 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
     init_params_from: every param of this params-only checkpoint (e.g. a converted model), checked path for path;
     init_from: the params a RestoreCheckpointConfig selects (a warm start: stage 2 from stage 1), the rest fresh;
   each with a fresh optimizer.
+  data_shards: how many shards the training data is read in (default: the process count a run starts with; a resumed
+  run keeps its checkpoint's), so that it resumes on any process count dividing it (processes.ShardedIterator);
+  `data` has shard(index, count), the data as process `index` of `count` would read it.
   """
   if init_params_from and init_from is not None:
     raise ConfigError("train: give init_params_from or init_from (a RestoreCheckpointConfig), not both.")
   model = model_fit.fit(model, data)
   check_batch = model_fit.BatchCheck(model.config, data.model_requirements())
-  os.makedirs(workdir, exist_ok=True)
   mesh = partitioning.make_mesh(mesh_config)
   optimizer = training.make_optimizer()
   steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches)
-  train_iterator = data.train_iterator(seed)
-  checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if restore_step is not None or checkpointer.latest_step() is not None:
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  checkpointer = checkpointing.Checkpointer(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
+  resuming = restore_step is not None or (checkpointer is not None and checkpointer.latest_step() is not None)
+  if resuming and checkpointer is None:
+    raise FileNotFoundError(f"restore_step={restore_step} (--restore_step): {checkpoint_dir} does not exist.")
+  shards = _resumed_data_shards(data_shards, checkpointer, restore_step) if resuming else data_shards
+  train_iterator = processes.ShardedIterator(lambda index, count: data.shard(index, count).train_iterator(seed),
+                                             shards or jax.process_count())
+  if resuming:
     state = checkpointer.restore(steps.abstract_state, steps.state_shardings, train_iterator, step=restore_step)
     logging.info("Resumed from %s at step %d.", checkpointer.directory, int(state.step))
     if init_params_from or init_from is not None:
@@ -212,6 +276,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
                                                                                         seed))
   else:
     state = training.create_train_state(model, optimizer, mesh, seed)
+  # Nothing was written so far: what fails above leaves no workdir behind.
+  checkpointer = checkpointer or checkpointing.Checkpointer(checkpoint_dir)
   _write_config(workdir, model, data)
 
   if peak_flops is None:
@@ -245,12 +311,13 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
       last_metrics = dict(values, learning_rate=float(schedule(done - 1)), skipped_steps=lagged.skipped_steps)
       log.train(done, last_metrics, tokens_per_step)
     if lagged.consecutive_bad_steps >= max_consecutive_bad_steps:
-      checkpointer.close()
+      checkpointer.wait()  # a pending periodic save completes
+      saved = _save_diverged(workdir, state, model, data, done)
       raise TrainingDiverged(f"Stopped at step {done}: {lagged.consecutive_bad_steps} consecutive steps had a "
                              f"non-finite loss or gradient (max_consecutive_bad_steps={max_consecutive_bad_steps}); "
-                             "params are those of the last finite step.")
+                             f"{saved}.")
 
-  with checkpointing.PreemptionGuard() as preemption:
+  with checkpointing.PreemptionGuard() as preemption, _closing_unless_aborted(checkpointer, lambda: step):
     while step < num_steps:
       waiting = time.perf_counter()
       batch = next(train_iterator)
@@ -272,10 +339,11 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
       checkpointer.maybe_save(step, state, train_iterator, force=stop or step == num_steps)
       if stop:
         checkpointer.wait()
-        logging.info("Preempted: saved step %d to %s; exiting.", step, checkpointer.directory)
-        last_metrics["preempted_at_step"] = step
+        interrupted = preemption.signal_name == "SIGINT"
+        logging.info("%s: saved step %d to %s; exiting.", "Interrupted" if interrupted else "Preempted", step,
+                     checkpointer.directory)
+        last_metrics["interrupted_at_step" if interrupted else "preempted_at_step"] = step
         break
-  checkpointer.close()
   log.close()
   _write_atomically(os.path.join(workdir, "final_metrics.json"), json.dumps(last_metrics, indent=1))
   return last_metrics

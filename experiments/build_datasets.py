@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from cpm_jax import logging_setup
+from cpm_jax import programs
 from cpm_jax.data import pipeline, sources
 from cpm_jax.tokenization import CPMTokenizer
 
@@ -61,9 +61,8 @@ def show_batches(tokenizer: CPMTokenizer, data_dir: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
+  programs.require_existing(_CORPUS, _TOKENIZER)  # before the demo datasets are built
   data_dir = os.path.expanduser(_DATA_DIR.value)
   for name in _DATASETS.value:
     builder = sources.build_demo_dataset(name, data_dir)
@@ -79,4 +78,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main)

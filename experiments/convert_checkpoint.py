@@ -18,12 +18,11 @@ The output must not exist yet; it appears only once complete. Errors name the fi
 from __future__ import annotations
 
 import dataclasses
-import sys
+import os
 
 from absl import app, flags
 
-from cpm_jax import checkpointing, gin_setup, logging_setup, partitioning
-from cpm_jax.convert.common import ConversionError
+from cpm_jax import checkpointing, gin_setup, partitioning, programs
 from cpm_jax.models import registry
 
 FORMATS = sorted({name for family in registry.FAMILIES for name in registry.formats(family)})
@@ -60,10 +59,7 @@ _SAVE_OPTIONS = {"num_ranks": _MP, "tag": _OUTPUT_TAG}
 def model_family(source: str) -> registry.Family:
   """--model, else what an Orbax input's metadata names, else the family whose config gin binds, else cpm."""
   if source == "orbax":
-    try:
-      stored = checkpointing.read_record(_INPUT.value)[0].get("model")
-    except FileNotFoundError as e:
-      raise app.UsageError(str(e)) from e
+    stored = checkpointing.read_record(_INPUT.value)[0].get("model")
     if _MODEL.value and stored and stored != _MODEL.value:
       raise app.UsageError(f"--model={_MODEL.value} but {_INPUT.value} holds a {stored!r} checkpoint.")
     if stored in registry.FAMILIES:
@@ -87,9 +83,10 @@ def gin_model_config(family: registry.Family):
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
+  programs.require_existing(_INPUT)
+  if os.path.exists(_OUTPUT.value):  # before any shard is read
+    raise FileExistsError(f"--output={_OUTPUT.value} already exists; remove it or choose another path.")
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
   source, target = _FROM.value, _TO.value
   family = model_family(source)
@@ -114,21 +111,18 @@ def main(argv: list[str]) -> None:
   if target == "orbax":
     sizes = {axis: flag.value for axis, flag in _MESH.items() if flag.value is not None}
     options["mesh"] = partitioning.make_mesh(dataclasses.replace(partitioning.MeshConfig(), **sizes))
-  try:
-    loaded = reader.load(_INPUT.value, **options)
-    for note in loaded.notes:
-      print(note)
-    if target == "orbax":
-      metadata = {key: value for key, value in loaded.metadata.items() if key not in ("model", "model_config")}
-      metadata["converted_from"] = {"format": source, "path": _INPUT.value}
-      if _TOKENIZER.value:
-        metadata["tokenizer"] = _TOKENIZER.value
-      save_options.update(metadata)
-    output = writer.save(loaded.params, loaded.config, _OUTPUT.value, **save_options)
-  except (ConversionError, FileExistsError) as e:
-    sys.exit(f"convert_checkpoint: {e}")
+  loaded = reader.load(_INPUT.value, **options)
+  for note in loaded.notes:
+    print(note)
+  if target == "orbax":
+    metadata = {key: value for key, value in loaded.metadata.items() if key not in ("model", "model_config")}
+    metadata["converted_from"] = {"format": source, "path": _INPUT.value}
+    if _TOKENIZER.value:
+      metadata["tokenizer"] = _TOKENIZER.value
+    save_options.update(metadata)
+  output = writer.save(loaded.params, loaded.config, _OUTPUT.value, **save_options)
   print(f"Wrote {output} ({family.name}, {target}) from {_INPUT.value} ({source}): {loaded.config}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main)

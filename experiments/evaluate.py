@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from cpm_jax import decoding, gin_setup, logging_setup, partitioning
+from cpm_jax import decoding, gin_setup, partitioning, programs
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -56,31 +56,40 @@ _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Extra gin files, e.g. me
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'LabelPromptTask.shots = 2'.")
 
 
+TASKS_DIR = gin_setup.GIN_CONFIGS_DIR / "tasks"
+
+
 def task_gin_file(task: str) -> str:
-  return task if task.endswith(".gin") else f"tasks/{task}.gin"
+  """The gin file of --task: a path ending in .gin, or a task of gin_configs/tasks/ by name."""
+  if task.endswith(".gin"):
+    return task
+  if not (TASKS_DIR / f"{task}.gin").is_file():
+    known = sorted(path.stem for path in TASKS_DIR.glob("*.gin"))
+    raise app.UsageError(f"--task={task} is no task of {TASKS_DIR}; the tasks are {', '.join(known)} (or give the "
+                         "path of a task's .gin file).")
+  return f"tasks/{task}.gin"
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
   gin_setup.parse([task_gin_file(_TASK.value), *_GIN_FILES.value], _GIN_BINDINGS.value)
   task = tasks.configured_task()
-  with gin_setup.exit_on_config_error("evaluate.py"):  # a MeshConfig the devices cannot form
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
-  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
-  params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
   decoding_config = {"greedy": lambda: decoding.SamplingConfig(greedy=True), "sample": decoding.SamplingConfig,
                      "beam": decoding.BeamSearchConfig}[_DECODING.value]()
-  model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,
-                                   batch_size=_BATCH_SIZE.value, decoding_config=decoding_config, mesh=mesh,
-                                   strict=_STRICT.value, progress=True)
+  programs.require_existing(_CHECKPOINT, _INPUT_FILE, _TRAIN_FILE, _TOKENIZER)  # before the checkpoint is read
   examples = tasks.sample_examples(tasks.load_examples(task, _INPUT_FILE.value, _DATA_DIR.value, _SPLIT.value),
                                    _LIMIT.value, task.seed)
   demonstrations = []
   if task.shots:
     demonstrations = tasks.load_examples(task, _TRAIN_FILE.value, _DATA_DIR.value,
                                          None if _TRAIN_FILE.value else "train")
+  task.check(examples, demonstrations)
+  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
+  params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
+  model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,
+                                   batch_size=_BATCH_SIZE.value, decoding_config=decoding_config, mesh=mesh,
+                                   strict=_STRICT.value, progress=True)
   logging.info("Task %s: %d examples, %d-shot.", task.name, len(examples), task.shots)
   result = task.evaluate(model, examples, demonstrations)
   if _PRINT_PREDICTIONS.value:
@@ -95,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main)

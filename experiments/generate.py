@@ -17,9 +17,11 @@ generation are printed; with it, one JSON line {"prompt", "generated"} per promp
 
 from __future__ import annotations
 
+import re
+
 from absl import app, flags
 
-from cpm_jax import decoding, gin_setup, logging_setup, partitioning
+from cpm_jax import decoding, gin_setup, partitioning, programs
 from cpm_jax.data import images
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
@@ -55,6 +57,14 @@ _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
 
 
 def decoding_config() -> decoding.DecodingConfig:
+  """The decoding the flags ask for; a value out of range is an error naming its flag."""
+  try:
+    return _decoding_config()
+  except ValueError as e:  # the configs name their fields, which the flags here set
+    raise ValueError(re.sub(r"\b(?:SamplingConfig|BeamSearchConfig)\.(\w+)", r"--\1", str(e).splitlines()[0])) from e
+
+
+def _decoding_config() -> decoding.DecodingConfig:
   if _BEAM_SIZE.value:
     return decoding.BeamSearchConfig(max_new_tokens=_MAX_NEW_TOKENS.value, beam_size=_BEAM_SIZE.value,
                                      length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value or 0)
@@ -88,15 +98,13 @@ def read_prompts() -> tuple[list[str], list[str]]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
+  programs.require_existing(_CHECKPOINT, _INPUT_FILE, _TOKENIZER)  # cheap checks before the checkpoint is read
   prompts, image_files = read_prompts()
   pixels = [images.read_file(path) for path in image_files]
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
-  with gin_setup.exit_on_config_error("generate.py"):  # a MeshConfig the devices cannot form
-    mesh = partitioning.make_mesh(partitioning.MeshConfig())
+  mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
@@ -115,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main)

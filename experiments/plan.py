@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import app, flags
+from absl import flags
 
-from cpm_jax import adapters, gin_setup, planning
+from cpm_jax import adapters, gin_setup, planning, programs
 from cpm_jax.models import registry
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Model gin files (paths, or relative to gin_configs/), e.g. "
@@ -58,17 +58,13 @@ def _model():
 
 def main(argv):
   del argv
-  with gin_setup.exit_on_config_error("plan.py"):
-    model = _model()
-    sizes = dict(global_batch=_GLOBAL_BATCH.value, seq_len=_SEQ_LEN.value, target_len=_TARGET_LEN.value)
-    if _SCALING.value:
-      print(planning.scaling_table(model, _DEVICE.value, [int(count) for count in _SCALING.value], **sizes))
-      return
-    try:
-      print(planning.plan_table(model, _DEVICE.value, _DEVICES.value, hosts=_HOSTS.value, limit=_LIMIT.value, **sizes))
-    except ValueError as e:
-      raise gin_setup.ConfigError(str(e)) from e
+  model = _model()
+  sizes = dict(global_batch=_GLOBAL_BATCH.value, seq_len=_SEQ_LEN.value, target_len=_TARGET_LEN.value)
+  if _SCALING.value:
+    print(planning.scaling_table(model, _DEVICE.value, [int(count) for count in _SCALING.value], **sizes))
+    return
+  print(planning.plan_table(model, _DEVICE.value, _DEVICES.value, hosts=_HOSTS.value, limit=_LIMIT.value, **sizes))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main)

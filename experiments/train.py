@@ -3,15 +3,19 @@ r"""Trains a model configured by gin; resumes from the latest checkpoint in --wo
   python experiments/train.py --gin_file=experiments/cpm_demo.gin --workdir=/tmp/cpm_demo \
       --gin_bindings='LMData.tokenizer_path = "../shared/vocab/cpm/chinese_vocab.model"'
 
-Writes config.gin, TensorBoard scalars (tensorboard/), checkpoints/ and final_metrics.json to --workdir.
+Writes config.gin, TensorBoard scalars (tensorboard/), checkpoints/ and final_metrics.json to --workdir; nothing
+before the flags, the gin bindings, the mesh and the starting checkpoint have been checked. SIGTERM saves the
+current step and exits 0; Ctrl-C does the same and exits 130 (a second Ctrl-C aborts the save).
 """
 
 from __future__ import annotations
 
+import sys
+
 import jax
 from absl import app, flags, logging
 
-from cpm_jax import adapters, gin_setup, logging_setup, train_loop  # noqa: F401  (adapters: AdaptedModel for gin)
+from cpm_jax import adapters, gin_setup, programs, train_loop  # noqa: F401  (adapters: AdaptedModel for gin)
 from cpm_jax.models import registry  # noqa: F401  (every family's gin configurables: models, data)
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files (paths, or relative to gin_configs/).")
@@ -46,14 +50,14 @@ def _initialize_distributed() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
   _initialize_distributed()
   gin_setup.parse(_GIN_FILES.value, _GIN_BINDINGS.value)
-  with gin_setup.exit_on_config_error("train.py"):
-    train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value, init_params_from=_INIT_PARAMS_FROM.value)
+  metrics = train_loop.train(_WORKDIR.value, restore_step=_RESTORE_STEP.value,
+                             init_params_from=_INIT_PARAMS_FROM.value)
+  if "interrupted_at_step" in metrics:
+    sys.exit(130)  # Ctrl-C: saved, but a script running this should stop too
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main, user_errors=(train_loop.TrainingDiverged,))

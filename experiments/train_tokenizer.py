@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import tqdm
 from absl import app, flags
 
-from cpm_jax import logging_setup, tokenization
+from cpm_jax import programs, tokenization
 from cpm_jax.data import corpus, sources
 
 _OUTPUT = flags.DEFINE_string("output", None, "Path of the SentencePiece model to write.", required=True)
@@ -27,6 +27,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "--dataset:
 _TXT_DOCUMENT = flags.DEFINE_enum("txt_document", "block", ["block", "line"], "--input .txt: a document per "
                                   "blank-line-separated block or per line.")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "--input .jsonl: the field holding the text.")
+_LENIENT = flags.DEFINE_bool("lenient", False, "--input: skip (and count) lines that are not valid UTF-8.")
 _MAX_DOCUMENTS = flags.DEFINE_integer("max_documents", None, "Train on at most this many documents.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 30000, "Number of pieces (CPM: 30000).")
 _COVERAGE = flags.DEFINE_float("character_coverage", 0.9995, "Fraction of characters the vocab must cover.")
@@ -40,13 +41,13 @@ def documents() -> Iterator[str]:
     source = sources.load_split(_DATASET.value, _SPLIT.value, os.path.expanduser(_DATA_DIR.value))
     return (source[i]["text"].decode("utf-8") for i in range(len(source)))
   return (text for path in _INPUT.value
-          for _, text in corpus.read_corpus(path, txt_document=_TXT_DOCUMENT.value, text_field=_TEXT_FIELD.value))
+          for _, text in corpus.read_corpus(path, txt_document=_TXT_DOCUMENT.value, text_field=_TEXT_FIELD.value,
+                                            lenient=_LENIENT.value))
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
+  programs.require_existing(multi=[_INPUT])
   texts = tqdm.tqdm(itertools.islice(documents(), _MAX_DOCUMENTS.value), desc="segmenting documents (jieba)",
                     unit=" docs")
   tokenizer = tokenization.train_sentencepiece(texts, os.path.expanduser(_OUTPUT.value), vocab_size=_VOCAB_SIZE.value,
@@ -58,4 +59,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main)

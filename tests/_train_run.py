@@ -5,7 +5,9 @@ In-process: `run(workdir, record, ...)`. As a script it is experiments/train.py 
                                  training goes
   CPM_TEST_KILL_AFTER_SAVE=N     SIGKILL this process right after step N's save started (its completion is held
                                  back, so the kill always lands while the checkpoint is being written)
-  CPM_TEST_SIGTERM_DURING_SAVE=1 send this process a second SIGTERM while its preemption save is being written
+  CPM_TEST_SIGNAL_DURING_SAVE=SIG send this process the signal SIG (SIGTERM, SIGINT) while its preemption save is
+                                 being written (for SIGINT, that save's completion is held back: the signal always
+                                 lands while the checkpoint is being written)
 """
 
 import asyncio
@@ -77,45 +79,23 @@ class _RecordingIterator:
     self._iterator.set_state(state)
 
 
-class _ConcatIterator:
-  """One process's view of several processes' shares: their batches side by side (the global batch)."""
-
-  def __init__(self, iterators):
-    self._iterators = iterators
-
-  def __next__(self):
-    batches = [next(iterator) for iterator in self._iterators]
-    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
-
-  def get_state(self):
-    return {"shares": [iterator.get_state() for iterator in self._iterators]}
-
-  def set_state(self, state):
-    for iterator, share in zip(self._iterators, state["shares"]):
-      iterator.set_state(share)
-
-
 @gin.configurable
 class TextData:
-  """TEXTS through the real Grain pipeline; `emulate_processes=P` feeds one process P processes' shares."""
+  """TEXTS through the real Grain pipeline; `shard(index, count)`: as process `index` of `count` reads them."""
 
   seq_len = 32
   global_batch_size = 8
 
-  def __init__(self, emulate_processes: int | None = None):
-    self._emulate = emulate_processes
+  def __init__(self, process_index: int | None = None, process_count: int | None = None):
+    self._share = {"process_index": process_index, "process_count": process_count}
     self._examples = [{"text": text} for text in TEXTS]
 
-  def _iterator(self, seed, **share):
-    return pipeline.make_lm_iterator(self._examples, CharTokenizer(), seq_len=self.seq_len,
-                                     global_batch_size=self.global_batch_size, seed=seed, **share)
+  def shard(self, index, count):
+    return TextData(index, count)
 
   def train_iterator(self, seed):
-    if self._emulate:
-      iterator = _ConcatIterator([self._iterator(seed, process_index=i, process_count=self._emulate)
-                                  for i in range(self._emulate)])
-    else:
-      iterator = self._iterator(seed)
+    iterator = pipeline.make_lm_iterator(self._examples, CharTokenizer(), seq_len=self.seq_len,
+                                         global_batch_size=self.global_batch_size, seed=seed, **self._share)
     return _RecordingIterator(iterator, os.environ.get("CPM_TEST_RECORD"))
 
   def eval_batches(self):
@@ -183,27 +163,33 @@ def params_sha1(params):
 
 
 def _record_losses():
-  original = train_loop.MetricsLog.train
+  """Records each step's loss and each evaluation's loss ({"validation_step", "validation_loss"})."""
+  original, original_scalars = train_loop.MetricsLog.train, train_loop.MetricsLog.scalars
 
   def train(self, step, metrics, tokens_seen):
     if os.environ.get("CPM_TEST_RECORD"):
       _append(os.environ["CPM_TEST_RECORD"], {"step": step, "loss": metrics["loss"]})
     return original(self, step, metrics, tokens_seen)
 
-  train_loop.MetricsLog.train = train
+  def scalars(self, step, values, prefix):
+    if os.environ.get("CPM_TEST_RECORD") and prefix == "validation":
+      _append(os.environ["CPM_TEST_RECORD"], {"validation_step": step, "validation_loss": values["loss"]})
+    return original_scalars(self, step, values, prefix)
+
+  train_loop.MetricsLog.train, train_loop.MetricsLog.scalars = train, scalars
 
 
 def run(workdir, record, bindings=(), **kwargs):
   """Trains in this process with BINDINGS + bindings; losses and batches are appended to `record`."""
   gin.clear_config()
   gin_setup.parse([], BINDINGS + list(bindings))
-  original = train_loop.MetricsLog.train
+  originals = train_loop.MetricsLog.train, train_loop.MetricsLog.scalars
   os.environ["CPM_TEST_RECORD"] = str(record)
   try:
     _record_losses()
     return train_loop.train(str(workdir), **kwargs)
   finally:
-    train_loop.MetricsLog.train = original
+    train_loop.MetricsLog.train, train_loop.MetricsLog.scalars = originals
     del os.environ["CPM_TEST_RECORD"]
     gin.clear_config()
 
@@ -224,7 +210,12 @@ def _install_test_hooks():
   kill_step = int(os.environ.get("CPM_TEST_KILL_AFTER_SAVE", -1))
   preempted = []
 
+  second_signal = os.environ.get("CPM_TEST_SIGNAL_DURING_SAVE")
+
   def maybe_save(self, step, state, data_iterator=None, force=False):
+    if preempted and second_signal == "SIGINT":
+      self.wait()
+      _hold_back_checkpoint_completion()
     if step == kill_step:
       self.wait()  # the previous checkpoint completes; this one never will
       _hold_back_checkpoint_completion()
@@ -233,9 +224,9 @@ def _install_test_hooks():
       _append(os.environ["CPM_TEST_RECORD"], {"saved": step, "params_sha1": params_sha1(state.params)})
     if started and step == kill_step:
       os.kill(os.getpid(), signal.SIGKILL)
-    if started and preempted and os.environ.get("CPM_TEST_SIGTERM_DURING_SAVE"):
-      os.kill(os.getpid(), signal.SIGTERM)
-      _append(os.environ["CPM_TEST_RECORD"], {"second_sigterm_during_save_of_step": step})
+    if started and preempted and second_signal:
+      _append(os.environ["CPM_TEST_RECORD"], {f"{second_signal}_during_save_of_step": step})
+      os.kill(os.getpid(), signal.Signals[second_signal])
     return started
 
   original_should_stop = checkpointing.PreemptionGuard.should_stop
@@ -261,11 +252,11 @@ def _hold_back_checkpoint_completion():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from cpm_jax import programs
 
   spec = importlib.util.spec_from_file_location("train_program", ROOT / "experiments" / "train.py")
   program = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(program)
   _install_test_hooks()
   sys.argv[1:1] = [f"--gin_bindings={binding}" for binding in BINDINGS]  # the command line's bindings win
-  app.run(program.main)
+  programs.run(program.main, user_errors=(train_loop.TrainingDiverged,))

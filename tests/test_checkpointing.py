@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import pathlib
 import shutil
 import signal
 from typing import Any
@@ -16,7 +17,8 @@ import orbax.checkpoint as ocp
 import pytest
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
-from cpm_jax import checkpointing, partitioning
+from cpm_jax import checkpointing, gin_setup, partitioning
+from cpm_jax.data import processes
 from cpm_jax.models import cpm
 
 TINY = cpm.CPMConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=8, max_positions=32)
@@ -128,10 +130,14 @@ class State:
 
 
 class CountingIterator:
-  """A stand-in for a Grain iterator: get_state()/set_state() of a dict or of bytes."""
+  """A stand-in for a Grain iterator: batches {"position": [n]}, get_state()/set_state() of a dict or of bytes."""
 
   def __init__(self, as_bytes: bool = False):
     self.position, self.as_bytes = 0, as_bytes
+
+  def __next__(self):
+    self.position += 1
+    return {"position": np.array([self.position - 1])}
 
   def get_state(self):
     state = {"position": self.position}
@@ -139,6 +145,11 @@ class CountingIterator:
 
   def set_state(self, state):
     self.position = (json.loads(state) if self.as_bytes else state)["position"]
+
+
+def counting(shards=1, as_bytes=False, **process):
+  """This process's ShardedIterator over `shards` CountingIterators (process_index / process_count: emulated)."""
+  return processes.ShardedIterator(lambda index, count: CountingIterator(as_bytes), shards, **process)
 
 
 OPTIMIZER = optax.adamw(1e-2)
@@ -169,8 +180,9 @@ def _placed_state(params, step, mesh_config):
 
 def test_resume_onto_other_meshes_is_exact_and_sharded(tmp_path, params):
   state, abstract, _ = _placed_state(params, 3, partitioning.MeshConfig(data=2, tensor=4))
-  iterator = CountingIterator()
-  iterator.position = 12
+  iterator = counting()
+  for _ in range(12):
+    next(iterator)
   with checkpointing.Checkpointer(tmp_path, save_interval_steps=3, max_to_keep=2) as checkpointer:
     assert checkpointer.maybe_save(3, state, iterator)
   for mesh_config in (partitioning.MeshConfig(data=1, tensor=8), partitioning.MeshConfig(data=1, fsdp=8),
@@ -179,10 +191,10 @@ def test_resume_onto_other_meshes_is_exact_and_sharded(tmp_path, params):
       shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
     else:
       shardings = _state_shardings(abstract, _shardings(TINY, mesh_config))
-    resumed_iterator = CountingIterator()
+    resumed_iterator = counting()
     with checkpointing.Checkpointer(tmp_path, save_interval_steps=3, max_to_keep=2) as checkpointer:
       restored = checkpointer.restore(abstract, shardings, resumed_iterator)
-    assert resumed_iterator.position == 12
+    assert next(resumed_iterator)["position"].tolist() == [12]
     assert [x.sharding for x in jax.tree.leaves(restored)] == jax.tree.leaves(shardings)
     _assert_bitwise_equal(jax.random.key_data(restored.rng), jax.random.key_data(state.rng))
     _assert_bitwise_equal(restored.replace(rng=None), state.replace(rng=None))
@@ -190,7 +202,7 @@ def test_resume_onto_other_meshes_is_exact_and_sharded(tmp_path, params):
 
 def test_retention_interval_and_forced_saves(tmp_path, params):
   state = _make_state(params, 0)
-  iterator = CountingIterator(as_bytes=True)
+  iterator = counting(as_bytes=True)
   with checkpointing.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, keep_period=4) as checkpointer:
     saved = [step for step in range(1, 13) if checkpointer.maybe_save(step, state.replace(step=step), iterator)]
     assert saved == [2, 4, 6, 8, 10, 12]
@@ -198,11 +210,12 @@ def test_retention_interval_and_forced_saves(tmp_path, params):
     assert not checkpointer.maybe_save(13, state, iterator, force=True)  # never written twice
     checkpointer.wait()
     assert checkpointer.all_steps() == [4, 8, 12, 13]  # the last 2, plus every 4th step kept forever
-  iterator.position = 99
+  for _ in range(99):
+    next(iterator)
   with checkpointing.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, keep_period=4) as checkpointer:
     abstract = jax.eval_shape(lambda: state)
     restored = checkpointer.restore(abstract, None, iterator, step=8)
-  assert int(restored.step) == 8 and iterator.position == 0
+  assert int(restored.step) == 8 and next(iterator)["position"].tolist() == [0]
 
 
 def test_relative_directories_are_taken_from_the_working_directory(tmp_path, params, monkeypatch):
@@ -230,14 +243,13 @@ def test_restore_errors_name_what_is_wrong(tmp_path, params):
     with pytest.raises(FileNotFoundError, match=r"No checkpoint for step 4 .* complete checkpoints: \[5\]"):
       checkpointer.restore(abstract, None, step=4)
     with pytest.raises(FileNotFoundError, match="run/5 holds no data-iterator state"):
-      checkpointer.restore(abstract, None, CountingIterator())
-    checkpointer.maybe_save(6, state, CountingIterator())
+      checkpointer.restore(abstract, None, counting())
+    checkpointer.maybe_save(6, state, counting(shards=2))
     checkpointer.wait()
-    data = tmp_path / "run" / "6" / "data"
-    (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as if written by 2 processes
-    with pytest.raises(FileNotFoundError, match=r"No data-iterator state for this process at .*process_0-of-1.json; "
-                                                r"the checkpoint holds \['process_0-of-2.json'\]"):
-      checkpointer.restore(abstract, None, CountingIterator())
+    assert checkpointer.data_shard_count(6) == 2
+    with pytest.raises(FileNotFoundError, match=r"No data-iterator state for shard 0 of 3 at .*/6/data; the "
+                                                r"checkpoint holds \['shard_0-of-2.json', 'shard_1-of-2.json'\]"):
+      checkpointer.restore(abstract, None, counting(shards=3))
     wider = cpm.CPMConfig(vocab_size=64, num_layers=3, embed_dim=32, num_heads=8, max_positions=32)
     other = jax.eval_shape(lambda: _make_state(cpm.init(wider, jax.random.key(0)), 0))
     with pytest.raises(ValueError, match=r"'params/blocks/attn/out_bias' has shape \(2, 32\) in the checkpoint "
@@ -302,8 +314,11 @@ def test_warm_start_takes_what_it_selects_and_initialises_the_rest(tmp_path, par
   with pytest.raises(ValueError, match="no param of the model is selected and held by the checkpoint"):
     checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "export"),
                                                                    include=("decoder/",)), fresh)
-  with pytest.raises(FileNotFoundError, match="neither a params-only checkpoint"):
+  with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
     checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "nowhere")), fresh)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="empty is neither a params-only checkpoint"):
+    checkpointing.warm_start(checkpointing.RestoreCheckpointConfig(path=str(tmp_path / "empty")), fresh)
 
 
 # ---- PreemptionGuard ---------------------------------------------------------------------------
@@ -317,3 +332,88 @@ def test_sigterm_sets_a_flag_and_a_second_one_is_harmless():
     os.kill(os.getpid(), signal.SIGTERM)
     assert guard.requested
   assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ---- integrity: checksums and damaged files ----------------------------------------------------
+
+def test_checksums_do_not_depend_on_sharding_and_see_one_changed_element(params):
+  from cpm_jax import checksums
+  on_one_device = checksums.compute(params)
+  sharded = jax.device_put(params, _shardings(TINY, partitioning.MeshConfig(data=2, fsdp=2, tensor=2)))
+  assert checksums.compute(sharded) == on_one_device
+  kernel = np.asarray(params["blocks"]["attn"]["qkv_kernel"]).copy()
+  kernel.flat[kernel.size // 2] = np.nextafter(kernel.flat[kernel.size // 2], np.float32(1))  # one ulp, one element
+  changed = jax.tree.map(lambda x: x, params)
+  changed["blocks"]["attn"]["qkv_kernel"] = jnp.asarray(kernel)
+  differing = [name for name, value in checksums.compute(changed).items() if value != on_one_device[name]]
+  assert differing == ["blocks/attn/qkv_kernel"]
+  swapped = jax.tree.map(lambda x: x, params)  # the same values in other positions
+  swapped["embed"]["wte"] = params["embed"]["wte"][::-1]
+  assert checksums.compute(swapped)["embed/wte"] != on_one_device["embed/wte"]
+
+
+def _data_files(directory):
+  """The files Orbax wrote the arrays' bytes to (OCDBT data files), largest first."""
+  files = [p for p in pathlib.Path(directory).rglob("*") if p.is_file() and "/d/" in str(p)]
+  return sorted(files, key=lambda p: p.stat().st_size, reverse=True)
+
+
+def test_damaged_params_checkpoint_is_an_error_naming_the_array(tmp_path, params):
+  directory = checkpointing.save_params(tmp_path / "export", params, {"model": "cpm"})
+  checkpointing.restore_params(directory)  # intact: reads and verifies
+  biggest = _data_files(directory / checkpointing.PARAMS_DIR)[0]
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2: len(data) // 2 + 64] = np.random.default_rng(0).integers(0, 256, 64, np.uint8).tobytes()
+  biggest.write_bytes(bytes(data))  # random bytes in the middle of the data: still a readable file
+  with pytest.raises(checkpointing.CheckpointDamaged, match=r"^params checkpoint .*export: array '[\w/]+' does not "
+                                                            r"hold what was saved \(checksum \w{8}, saved \w{8}\)"):
+    checkpointing.restore_params(directory)
+  params_again, _ = checkpointing.restore_params(directory, verify=False)  # the damage is real: values differ
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(params_again), jax.tree.leaves(params)))
+  biggest.write_bytes(bytes(data[:len(data) // 3]))  # truncated
+  with pytest.raises(checkpointing.CheckpointDamaged) as truncated:
+    checkpointing.restore_params(directory)
+  assert "\n" not in str(truncated.value) and "truncated or damaged" in str(truncated.value), str(truncated.value)
+
+
+def test_damaged_training_checkpoint_is_an_error_naming_the_array(tmp_path, params):
+  state = _make_state(params, 0)
+  abstract = jax.eval_shape(lambda: state)
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+    checkpointer.maybe_save(1, state)
+    checkpointer.wait()
+    record = tmp_path / "1" / "checksums" / checkpointing.CHECKSUMS_FILE
+    stored = json.loads(record.read_text())
+    stored["arrays"]["params/embed/wte"] = "%08x" % (int(stored["arrays"]["params/embed/wte"], 16) ^ 1)
+    record.write_text(json.dumps(stored))  # the same as damaging that array's bytes, without Orbax's layout
+    with pytest.raises(checkpointing.CheckpointDamaged, match=r"checkpoint .*/1: array 'params/embed/wte' does not "
+                                                              "hold what was saved"):
+      checkpointer.restore(abstract, None)
+    with pytest.raises(checkpointing.CheckpointDamaged, match="array 'params/embed/wte'"):
+      checkpointer.stored_params(1).read(jax.eval_shape(lambda: params))
+    unverified = checkpointing.Checkpointer(tmp_path, verify_checksums=False).restore(abstract, None)
+    _assert_bitwise_equal(unverified.params, state.params)
+
+
+def test_data_shards_resume_on_another_process_count(tmp_path, params):
+  """A run's data shards restore on any process count dividing their number: here 2 shards saved by 1 process,
+  restored as processes 0 and 1 of 2 (and the reverse is the same files: one per shard)."""
+  state = _make_state(params, 0)
+  abstract = jax.eval_shape(lambda: state)
+  one_process = counting(shards=2)
+  batches = [next(one_process)["position"].tolist() for _ in range(5)]
+  assert batches == [[n, n] for n in range(5)]  # shard 0's rows, then shard 1's: the global batch
+  next(one_process._iterators[1])  # the shards need not be at the same position
+  with checkpointing.Checkpointer(tmp_path, save_interval_steps=1) as checkpointer:
+    checkpointer.maybe_save(5, state, one_process)
+    checkpointer.wait()
+    assert sorted(p.name for p in (tmp_path / "5" / "data").glob("*.json")) == ["shard_0-of-2.json", "shard_1-of-2.json"]
+    halves = [counting(shards=2, process_index=index, process_count=2) for index in (0, 1)]
+    for half in halves:
+      checkpointer.restore(abstract, None, half)
+  assert [next(half)["position"].tolist() for half in halves] == [[5], [6]]
+  assert next(one_process)["position"].tolist() == [5, 6]
+  with pytest.raises(gin_setup.ConfigError, match=r"train.data_shards = 2: the data's shards must split evenly over "
+                                                  r"the 4 processes"):
+    counting(shards=2, process_index=0, process_count=4)

@@ -1,9 +1,10 @@
 """Multi-host training over jax.distributed on CPU: 2 processes x 4 devices (gloo) against 1 process x 8 devices.
 
 The 2-process run is stopped by SIGTERM to process 1 only: JAX's preemption service makes both processes stop and
-save at the same step. That checkpoint (written cooperatively, one data-iterator state per process) restores in a
-single 8-device process to the params a 1-process run of the same steps on the same global batches reaches, and
-the per-step losses agree.
+save at the same step. That checkpoint (written cooperatively, one data-iterator state per data shard) restores in a
+single 8-device process to the params a 1-process run of the same steps on the same global batches (its 2 data
+shards side by side) reaches, and the per-step losses agree; resumed there, the run goes on with the global batches
+and losses of the 1-process run, nothing skipped or repeated (#15: resume on another topology).
 """
 
 import os
@@ -39,7 +40,8 @@ def _launch(workdir, tmp_path, port):
       processes.append(subprocess.Popen(
           [sys.executable, _train_run.__file__, "--distributed", f"--coordinator_address=localhost:{port}",
            "--num_processes=2", f"--process_id={index}", f"--workdir={workdir}",
-           "--gin_bindings=train.num_steps = 100000", "--gin_bindings=Checkpointer.save_interval_steps = 2"],
+           "--gin_bindings=train.num_steps = 100000", "--gin_bindings=Checkpointer.save_interval_steps = 2",
+           "--gin_bindings=train.eval_every = 2"],
           env=dict(env, CPM_TEST_RECORD=str(tmp_path / f"record_{index}.jsonl")), stdout=log,
           stderr=subprocess.STDOUT))
   return processes
@@ -76,13 +78,23 @@ def test_two_processes_match_one_process_and_restore_on_it(tmp_path):
   assert f"Preempted: saved step {stopped}" in logs[0]
   assert "step 1/" in logs[0] and "step 1/" not in logs[1]  # progress is logged by process 0 only
   assert len(list((workdir / "tensorboard").iterdir())) == 1  # one TensorBoard writer
-  data_states = sorted(p.name for p in (workdir / "checkpoints" / str(stopped) / "data").glob("process_*"))
-  assert data_states == ["process_0-of-2.json", "process_1-of-2.json"]
+  data_states = sorted(p.name for p in (workdir / "checkpoints" / str(stopped) / "data").glob("*.json"))
+  assert data_states == ["shard_0-of-2.json", "shard_1-of-2.json"]
 
-  # One process, 8 devices, the same global batches (both processes' shares side by side), the same steps.
+  # One process, 8 devices, the same global batches (both processes' shards side by side), the same steps.
   one = tmp_path / "one_process"
-  _train_run.run(one, one / "record.jsonl", [f"train.num_steps = {stopped}", "TextData.emulate_processes = 2"])
-  one_losses = _train_run.read_record(one / "record.jsonl")[0]
+  _train_run.run(one, one / "record.jsonl", [f"train.num_steps = {stopped}", "train.data_shards = 2",
+                                            "train.eval_every = 2"])
+  one_losses, one_batches, _ = _train_run.read_record(one / "record.jsonl")
+  interleaved = [batch for pair in zip(records[0][1], records[1][1]) for batch in pair]  # per step: shard 0, 1
+  assert one_batches == interleaved[:len(one_batches)] and len(one_batches) == 2 * stopped
+  # Evaluation during the 2-process run (every 2 steps) gives the 1-process run's validation losses.
+  evaluations = [{e["validation_step"]: e["validation_loss"] for e in _train_run.read_record(path)[2]
+                  if "validation_step" in e} for path in (tmp_path / "record_0.jsonl", one / "record.jsonl")]
+  two_steps = sorted(evaluations[0])
+  assert two_steps == list(range(2, stopped + 1, 2)) and two_steps, evaluations
+  np.testing.assert_allclose([evaluations[0][s] for s in two_steps], [evaluations[1][s] for s in two_steps],
+                             rtol=1e-5)
   np.testing.assert_allclose([one_losses[s] for s in sorted(one_losses)], [losses[0][s] for s in sorted(losses[0])],
                              rtol=1e-6)
   # The 2-process checkpoint restores on 1 process to exactly the params the 2 processes held when saving...
@@ -94,3 +106,18 @@ def test_two_processes_match_one_process_and_restore_on_it(tmp_path):
   expected = _train_run.restore_state(one / "checkpoints", step=stopped)
   assert int(restored.step) == stopped
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), restored, expected)
+
+  # Resumed on 1 process x 8 devices, the 2-process run goes on as the 1-process run does (which continues on its
+  # own mesh, bitwise as if uninterrupted: test_resume): the same batches, the same losses, close params.
+  more = stopped + 3
+  _train_run.run(one, one / "record.jsonl", [f"train.num_steps = {more}"])
+  _train_run.run(workdir, tmp_path / "resumed.jsonl", [f"train.num_steps = {more}"])
+  one_losses, one_batches, _ = _train_run.read_record(one / "record.jsonl")
+  resumed_losses, resumed_batches, _ = _train_run.read_record(tmp_path / "resumed.jsonl")
+  assert sorted(resumed_losses) == list(range(stopped + 1, more + 1))
+  assert resumed_batches == one_batches[2 * stopped:] and len(resumed_batches) == 6
+  np.testing.assert_allclose([resumed_losses[s] for s in sorted(resumed_losses)],
+                             [one_losses[s] for s in sorted(resumed_losses)], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+               _train_run.restore_state(workdir / "checkpoints", step=more).params,
+               _train_run.restore_state(one / "checkpoints", step=more).params)

@@ -8,7 +8,7 @@ import pytest
 
 from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
 from cpm_jax.models.plug import objectives
-from cpm_jax.data import sources
+from cpm_jax.data import processes, sources
 from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.tokenization import BertTokenizer
 
@@ -238,3 +238,40 @@ def test_structbert_eval_draws_its_negatives_from_the_eval_split(plug_vocab_path
                        batches):
     for key in want:
       np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_plug_train_iterators_resume_exactly_on_any_process_count(plug_vocab_path, demo_data_dir, tmp_path):  # noqa: F811
+  """PalmData, Seq2SeqData and ClassificationData continue exactly from a saved iterator state, also when the state
+  of a run reading 2 data shards in 1 process is restored by 2 processes reading one each (#15 part 4)."""
+  pairs = [{"sentence1": f"今天天气很好{i}", "sentence2": "天气不错", "label": ["entailment", "contradiction"][i % 2]}
+           for i in range(8)]
+  _write_jsonl(tmp_path / "pairs.jsonl", pairs)
+  _write_jsonl(tmp_path / "qg.jsonl", [{"answer": "北京", "context": f"中国的首都是北京{i}。", "question": "首都？"}
+                                       for i in range(8)])
+  vocab = str(plug_vocab_path)
+  datasets = [
+      plug_pipeline.PalmData(vocab_path=vocab, data_dir=str(demo_data_dir), seq_len=48, target_len=16,
+                             global_batch_size=4, max_examples=40),
+      plug_pipeline.Seq2SeqData(vocab_path=vocab, dataset=str(tmp_path / "qg.jsonl"), seq_len=24, target_len=12,
+                                global_batch_size=4),
+      plug_pipeline.ClassificationData(vocab_path=vocab, dataset=str(tmp_path / "pairs.jsonl"),
+                                       text_fields=("sentence1", "sentence2"), labels=("contradiction", "entailment"),
+                                       seq_len=24, global_batch_size=4)]
+  for data in datasets:
+    def sharded(index, count, data=data):
+      return processes.ShardedIterator(lambda shard, shards: data.shard(shard, shards).train_iterator(seed=5), 2,
+                                       process_index=index, process_count=count)
+    whole = sharded(0, 1)
+    _batches(whole, 3)
+    states = whole.shard_states()
+    following = _batches(whole, 2)
+    resumed = sharded(0, 1)
+    resumed.set_shard_states(states)
+    halves = [sharded(index, 2) for index in (0, 1)]
+    for half in halves:
+      half.set_shard_states(states)
+    for expected, again, *shares in zip(following, _batches(resumed, 2), *[_batches(half, 2) for half in halves]):
+      for key in expected:
+        np.testing.assert_array_equal(again[key], expected[key], err_msg=f"{type(data).__name__} {key}")
+        np.testing.assert_array_equal(np.concatenate([share[key] for share in shares]), expected[key],
+                                      err_msg=f"{type(data).__name__} {key} on 2 processes")

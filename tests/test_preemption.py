@@ -1,5 +1,6 @@
-"""Preemption: SIGTERM to a real training process finishes the step, saves it, waits and exits 0; a second SIGTERM
-during that save does not corrupt the checkpoint."""
+"""Preemption and Ctrl-C: SIGINT (or SIGTERM) to a real training process finishes the step, saves it, waits and exits
+(SIGINT: 130, SIGTERM: 0, see test_multihost); a second SIGTERM during that save does not corrupt the checkpoint, a
+second SIGINT aborts it and leaves the last complete checkpoint the one that is restored."""
 
 import os
 import signal
@@ -27,31 +28,57 @@ def _wait_for_steps(process, record, steps, log, timeout=300):
   pytest.fail(f"no {steps} training steps within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+def _train_until(tmp_path, steps, first_signal, signal_during_save):
+  """A training process sent `first_signal` once it has done `steps` steps; (exit status, log, record)."""
   record, log = tmp_path / "record.jsonl", tmp_path / "log.txt"
-  env = dict(os.environ, CPM_TEST_RECORD=str(record), CPM_TEST_SIGTERM_DURING_SAVE="1")
+  env = dict(os.environ, CPM_TEST_RECORD=str(record), CPM_TEST_SIGNAL_DURING_SAVE=signal_during_save)
   command = [sys.executable, _train_run.__file__, f"--workdir={tmp_path}", "--gin_bindings=train.num_steps = 100000",
-             "--gin_bindings=Checkpointer.save_interval_steps = 100000"]
+             "--gin_bindings=Checkpointer.save_interval_steps = 3"]
   with open(log, "w") as output:
     process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
   try:
-    _wait_for_steps(process, record, 2, log)
-    process.send_signal(signal.SIGTERM)
+    _wait_for_steps(process, record, steps, log)
+    process.send_signal(first_signal)
     returncode = process.wait(timeout=120)
   finally:
     if process.poll() is None:
       process.kill()
       process.wait()
-  text = log.read_text()
-  assert returncode == 0, text[-3000:]
+  return returncode, log.read_text(), record
+
+
+def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
+  returncode, text, record = _train_until(tmp_path, 2, signal.SIGINT, "SIGTERM")
+  assert returncode == 130, text[-3000:]
   losses, _, entries = _train_run.read_record(record)
   stopped = max(losses)
   assert sorted(losses) == list(range(1, stopped + 1)) and stopped < 100000
-  assert f"Preempted: saved step {stopped} to" in text
-  assert {"second_sigterm_during_save_of_step": stopped} in entries  # sent while the save was being written
+  assert "Ctrl-C: finishing this step, then saving it" in text and f"Interrupted: saved step {stopped} to" in text
+  assert {"SIGTERM_during_save_of_step": stopped} in entries  # sent while the save was being written: harmless
+  assert "Traceback" not in text and "KeyboardInterrupt" not in text
 
   checkpoints = tmp_path / "checkpoints"
-  assert sorted(p.name for p in checkpoints.iterdir()) == [str(stopped)]  # complete, no temporary leftovers
-  assert (checkpoints / str(stopped) / "data" / "process_0-of-1.json").exists()
+  periodic = [str(step) for step in range(3, stopped, 3)]
+  assert sorted(p.name for p in checkpoints.iterdir()) == sorted([*periodic, str(stopped)])  # no temporary leftovers
+  assert (checkpoints / str(stopped) / "data" / "shard_0-of-1.json").exists()
   assert checkpointing.Checkpointer(checkpoints).latest_step() == stopped
   assert int(_train_run.restore_state(checkpoints).step) == stopped
+
+
+def test_second_ctrl_c_during_the_save_aborts_it_and_keeps_the_last_complete_checkpoint(tmp_path):
+  returncode, text, record = _train_until(tmp_path, 4, signal.SIGTERM, "SIGINT")
+  assert returncode == 130, text[-3000:]
+  losses, _, entries = _train_run.read_record(record)
+  stopped = max(losses)
+  saved = {entry["saved"]: entry["params_sha1"] for entry in entries if "saved" in entry}
+  assert {"SIGINT_during_save_of_step": stopped} in entries
+  last_complete = max(step for step in saved if step < stopped)
+  assert text.strip().splitlines()[-1] == (
+      f"_train_run.py: interrupted again at step {stopped}: the run stopped without saving it (a save left "
+      "half-written is never restored); the latest complete checkpoint in "
+      f"{tmp_path / 'checkpoints'} is step {last_complete}.")
+  checkpoints = tmp_path / "checkpoints"
+  assert checkpointing.Checkpointer(checkpoints).latest_step() == last_complete
+  assert not (checkpoints / str(stopped)).exists()
+  restored = _train_run.restore_state(checkpoints)
+  assert int(restored.step) == last_complete and _train_run.params_sha1(restored.params) == saved[last_complete]

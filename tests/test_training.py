@@ -1,5 +1,6 @@
 """Train step semantics (accumulation, non-finite skipping, schedule) and the gin-configured loop."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -11,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from cpm_jax import gin_setup, model_fit, partitioning, train_loop, training
+from cpm_jax import checkpointing, gin_setup, model_fit, partitioning, train_loop, training
 from cpm_jax.data import pipeline
 from cpm_jax.models import cpm
 
@@ -122,10 +123,16 @@ class _ListData:
 
   def __init__(self, texts):
     self._texts = [{"text": t} for t in texts]
+    self._share = {}
+
+  def shard(self, index, count):
+    shard = copy.copy(self)
+    shard._share = {"process_index": index, "process_count": count}
+    return shard
 
   def train_iterator(self, seed):
     return pipeline.make_lm_iterator(self._texts, _CharTokenizer(), seq_len=self.seq_len,
-                                     global_batch_size=self.global_batch_size, seed=seed)
+                                     global_batch_size=self.global_batch_size, seed=seed, **self._share)
 
   def eval_batches(self):
     return pipeline.make_eval_iterator(self._texts[:8], _CharTokenizer(), seq_len=self.seq_len,
@@ -172,28 +179,46 @@ def test_loop_learns_logs_and_writes_workdir(tmp_path, monkeypatch):
   gin.clear_config()
 
 
-def test_loop_stops_after_consecutive_bad_steps(tmp_path, monkeypatch):
+def test_divergence_stops_the_loop_and_saves_the_last_finite_params(tmp_path, monkeypatch):
   data = _ListData(["坏数据。"] * 16)
   original = data.train_iterator
 
-  def poisoned(seed):
-    for batch in original(seed):
-      yield dict(batch, weights=np.full_like(batch["weights"], np.nan))
-
-  class _Iterable:  # the checkpointer needs get_state/set_state; never reached here
+  class _PoisonedAfterTwoSteps:  # batches 3, 4, ... have NaN weights: a non-finite loss from step 3 on
     def __init__(self, seed):
-      self._it = poisoned(seed)
+      self._iterator, self._served = original(seed), 0
+
     def __next__(self):
-      return next(self._it)
-  monkeypatch.setattr(data, "train_iterator", _Iterable)
-  with pytest.raises(train_loop.TrainingDiverged, match="3 consecutive steps"):
-    train_loop.train(str(tmp_path), model=cpm.CPMLanguageModel(TINY), data=data, num_steps=10,
-                     max_consecutive_bad_steps=3, peak_flops=1e12)
+      batch, self._served = next(self._iterator), self._served + 1
+      return batch if self._served <= 2 else dict(batch, weights=np.full_like(batch["weights"], np.nan))
+
+    def get_state(self):
+      return self._iterator.get_state()
+
+    def set_state(self, state):
+      self._iterator.set_state(state)
+  monkeypatch.setattr(data, "train_iterator", _PoisonedAfterTwoSteps)
+  gin.clear_config()
+  gin_setup.parse([], ["Checkpointer.save_interval_steps = 2"])
+  try:
+    with pytest.raises(train_loop.TrainingDiverged, match=r"Stopped at step \d+: 3 consecutive steps had a non-finite "
+                       rf"loss .* the params of the last finite step \(2\) are saved in {tmp_path}/diverged/step_2 "
+                       r"\(a params-only checkpoint"):
+      train_loop.train(str(tmp_path), model=cpm.CPMLanguageModel(TINY), data=data, num_steps=10,
+                       max_consecutive_bad_steps=3, peak_flops=1e12)
+  finally:
+    gin.clear_config()
+  diverged, metadata = checkpointing.restore_params(tmp_path / "diverged" / "step_2")
+  assert metadata["diverged"]["last_finite_step"] == 2 and metadata["model"] == "cpm"
+  # The bad steps left the params untouched: they are those the periodic checkpoint of step 2 holds, bit for bit.
+  with checkpointing.Checkpointer(tmp_path / "checkpoints", read_only=True) as checkpointer:
+    after_two_steps = checkpointer.stored_params(2).read(jax.eval_shape(lambda: diverged))
+  jax.tree.map(np.testing.assert_array_equal, diverged, after_two_steps)
+  assert np.isfinite(np.asarray(diverged["embed"]["wte"])).all()
 
 
 def test_gin_errors_name_the_culprit(tmp_path, monkeypatch):
   gin.clear_config()
-  with pytest.raises(FileNotFoundError, match="no_such_file.gin"):
+  with pytest.raises(gin_setup.ConfigError, match="--gin_file 'no_such_file.gin' does not exist"):
     gin_setup.parse(["no_such_file.gin"], [])
   with pytest.raises(ValueError, match="CPMConfig.no_such_field"):
     gin_setup.parse(["models/cpm_small.gin"], ["CPMConfig.no_such_field = 3"])
@@ -202,9 +227,8 @@ def test_gin_errors_name_the_culprit(tmp_path, monkeypatch):
   gin_setup.parse(["models/cpm_large.gin", "experiments/cpm_demo.gin"], [])
   assert (cpm.CPMConfig().embed_dim, cpm.CPMConfig().num_layers) == (256, 4)  # cpm_demo includes cpm_tiny.gin
   gin.clear_config()
-  with pytest.raises(SystemExit, match=r"^train.py: MeshConfig.dcn\['tensor'\]=3 must be positive"):
-    with gin_setup.exit_on_config_error("train.py"):
-      partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))
+  with pytest.raises(gin_setup.ConfigError, match=r"^MeshConfig.dcn\['tensor'\]=3 must be positive"):
+    partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))
 
 
 class _SlowData(_ListData):
@@ -238,3 +262,32 @@ def test_loop_logs_the_pipeline_bubble_and_the_data_wait(tmp_path, caplog):
   assert "Pipeline: 2 stages (GPipe), 2 microbatches: 3 iterations, bubble 33.3%" in caplog.text
   waits = [int(line.split("data wait ")[1].split("%")[0]) for line in caplog.text.splitlines() if "data wait" in line]
   assert len(waits) == 2 and waits[1] > 0, waits  # the second window has no compilation in it
+
+
+def test_wrong_bindings_name_the_binding_and_write_nothing(tmp_path):
+  gin.clear_config()
+  with pytest.raises(gin_setup.ConfigError, match=r"^train.num_steps = '2': expected int, not a str\.$"):
+    gin_setup.parse(["experiments/cpm_demo.gin"], ["train.num_steps = '2'"])
+  gin.clear_config()
+  with pytest.raises(gin_setup.ConfigError, match=r"^learning_rate_schedule.peak = 'high': expected float"):
+    gin_setup.parse([], ["learning_rate_schedule.peak = 'high'"])
+  gin.clear_config()
+  with pytest.raises(gin_setup.ConfigError, match=r"^train.mesh_config = @CPMConfig\(\): expected MeshConfig"):
+    gin_setup.parse([], ["train.mesh_config = @CPMConfig()"])
+  gin.clear_config()
+  gin_setup.parse([], ["train.num_steps = 2", "learning_rate_schedule.peak = 1", "CPMConfig.dropout_rate = 0"])
+  gin.clear_config()  # ints where floats are expected are fine
+  broken = tmp_path / "broken.gin"
+  broken.write_text("train.num_steps = 2\ntrain.log_every = (\n")
+  with pytest.raises(gin_setup.ConfigError, match=rf"^{broken}:\d: "):
+    gin_setup.parse([str(broken)], [])
+  gin.clear_config()
+  with pytest.raises(gin_setup.ConfigError, match=r"^--gin_bindings 'train.nope = 1': "):
+    gin_setup.parse([], ["train.num_steps = 2", "train.nope = 1"])
+  gin.clear_config()
+  # A mesh the devices cannot form fails before the workdir is created.
+  workdir = tmp_path / "workdir"
+  with pytest.raises(gin_setup.ConfigError, match="MeshConfig"):
+    train_loop.train(str(workdir), model=cpm.CPMLanguageModel(TINY), data=_ListData(["文本。"] * 16), num_steps=2,
+                     mesh_config=partitioning.MeshConfig(data=3, fsdp=1, tensor=1), peak_flops=1e12)
+  assert not workdir.exists()

@@ -99,8 +99,9 @@ def _decoded_lines(file: pathlib.Path, lenient: bool, stats: CorpusStats) -> Ite
       yield number, raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError as e:
       if not lenient:
-        raise ValueError(f"{file}: invalid UTF-8 at byte offset {offset + e.start} (line {number}); fix the file "
-                         "or read the corpus leniently to skip such lines.") from None
+        raise ValueError(f"{file}: invalid UTF-8 at byte offset {offset + e.start} (line {number}); fix the file, "
+                         "or skip such lines with --lenient (build_datasets.py, train_tokenizer.py; "
+                         "read_corpus(lenient=True) in Python).") from None
       stats.skipped_lines += 1
       logging.warning("%s: skipping line %d (invalid UTF-8 at byte offset %d).", file, number, offset + e.start)
     offset += len(raw)

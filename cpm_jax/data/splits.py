@@ -34,6 +34,10 @@ class SplitData:
       return jsonl.read_examples(self.dataset.format(split=split), required)
     return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))
 
+  def shard(self, index: int, count: int) -> "SplitData":
+    """This data as process `index` of `count` reads it (a shard of processes.ShardedIterator)."""
+    return dataclasses.replace(self, process_index=index, process_count=count)
+
   def process_share(self) -> tuple[int, int, int]:
     """(this process's index, the number of processes, its rows of each global batch)."""
     return processes.process_share(self.process_index, self.process_count, self.global_batch_size)

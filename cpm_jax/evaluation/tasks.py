@@ -48,6 +48,12 @@ def where(example: dict, index: int) -> str:
   return example.get(WHERE, f"example {index}")
 
 
+def _require(example: dict, index: int, fields: Sequence[str], task: str) -> None:
+  missing = [field for field in fields if field not in example]
+  if missing:
+    raise ValueError(f"{where(example, index)}: no field(s) {missing} (task {task!r}).")
+
+
 def fill(template: str, example: dict, index: int, **extra) -> str:
   """template.format over the example's fields and `extra`; a missing field is a clear error."""
   try:
@@ -72,6 +78,19 @@ class Task(abc.ABC):
   def render(self, example: dict, index: int) -> str:
     """The example solved, as a demonstration for few-shot prompts."""
     raise NotImplementedError(f"Task {self.name!r} has no few-shot demonstrations.")
+
+  def check(self, examples: Sequence[dict], demonstrations: Sequence[dict] = ()) -> None:
+    """Raises the ValueError `evaluate` would raise for a malformed example or demonstration (a missing field, a
+    label the task does not know), before any model is loaded."""
+    for index, example in enumerate(examples):
+      self.check_example(example, index)
+    if self.shots:
+      self.prefix(0, demonstrations)  # enough demonstrations
+      for index, example in enumerate(demonstrations):
+        self.render(example, index)
+
+  def check_example(self, example: dict, index: int) -> None:
+    """What `check` asks of one example (default: nothing)."""
 
   def prefix(self, index: int, demonstrations: Sequence[dict]) -> str:
     """The few-shot prefix for example `index`: `shots` demonstrations drawn with (seed, index)."""
@@ -138,10 +157,24 @@ class LabelPromptTask(Task):
     context, continuation = self.templates[0]
     return fill(context, example, index, label=words) + fill(continuation, example, index, label=words)
 
-  def evaluate(self, model, examples, demonstrations=()):
+  def _kept(self, examples: Sequence[dict]) -> list[dict]:
+    """The examples whose label is not skipped; a task without templates is an error."""
     if not self.templates:
       raise ValueError(f"Task {self.name!r}: no templates; bind LabelPromptTask.templates in its gin file.")
-    examples = [e for e in examples if str(e.get(self.label_field)) not in set(map(str, self.skip_labels))]
+    return [e for e in examples if str(e.get(self.label_field)) not in set(map(str, self.skip_labels))]
+
+  def check(self, examples, demonstrations=()):
+    kept = self._kept(examples)
+    labels = self._labels(kept)
+    for i, example in enumerate(kept):
+      words = labels[self._gold(example, i, labels)]
+      for template in self.templates:
+        for part in template:  # context and continuation
+          fill(part, example, i, label=words)
+    super().check([], demonstrations)
+
+  def evaluate(self, model, examples, demonstrations=()):
+    examples = self._kept(examples)
     labels = self._labels(examples)
     keys = list(labels)
     gold = np.array([keys.index(self._gold(e, i, labels)) for i, e in enumerate(examples)])
@@ -218,6 +251,9 @@ class MultipleChoiceTask(Task):
     filled, answer = self._filled(example, index)
     return filled[answer]
 
+  def check_example(self, example, index):
+    self._filled(example, index)
+
   def evaluate(self, model, examples, demonstrations=()):
     requests, names, gold, sizes = [], [], [], []
     eod = [model.tokenizer.eod_id]
@@ -263,6 +299,9 @@ class GenerationTask(Task):
     del examples
     return model.generate(prompts)
 
+  def check_example(self, example, index):
+    self.render(example, index)
+
   def evaluate(self, model, examples, demonstrations=()):
     prompts = [self.prefix(i, demonstrations) + fill(self.prompt_template, e, i) for i, e in enumerate(examples)]
     references = [self._references(e, i) for i, e in enumerate(examples)]
@@ -284,11 +323,13 @@ class LMScoreTask(Task):
   name: str = "lm_score"
   text_field: str = "text"
 
+  def check_example(self, example, index):
+    _require(example, index, (self.text_field,), self.name)
+
   def evaluate(self, model, examples, demonstrations=()):
     requests, names = [], []
     for i, example in enumerate(examples):
-      if self.text_field not in example:
-        raise ValueError(f"{where(example, i)}: no field {self.text_field!r} (task {self.name!r}).")
+      self.check_example(example, i)
       ids = model.tokenizer.encode(str(example[self.text_field]))
       requests.append((ids[:1], ids[1:]))
       names.append(where(example, i))
@@ -315,6 +356,14 @@ class ClassificationTask(Task):
   label_field: str = "label"
   labels: Sequence[str] = ()
 
+  def check_example(self, example, index, labels: Sequence[str] | None = None):
+    """The example's fields, and its label when the labels are known (bound here, or from the model)."""
+    _require(example, index, (*self.text_fields, self.label_field), self.name)
+    labels = labels or [str(label) for label in self.labels]
+    if labels and str(example[self.label_field]) not in labels:
+      raise ValueError(f"{where(example, index)}: label {example[self.label_field]!r} is not one of the classes "
+                       f"{labels} (task {self.name!r}).")
+
   def evaluate(self, model, examples, demonstrations=()):
     if model.classify is None:
       raise ValueError(f"Task {self.name!r} needs a model with a classification head (a PLUG checkpoint "
@@ -324,12 +373,7 @@ class ClassificationTask(Task):
       raise ValueError(f"Task {self.name!r}: the checkpoint records no labels; bind ClassificationTask.labels.")
     texts, gold = [], []
     for i, example in enumerate(examples):
-      missing = [f for f in (*self.text_fields, self.label_field) if f not in example]
-      if missing:
-        raise ValueError(f"{where(example, i)}: no field(s) {missing} (task {self.name!r}).")
-      if str(example[self.label_field]) not in labels:
-        raise ValueError(f"{where(example, i)}: label {example[self.label_field]!r} is not one of the classes "
-                         f"{labels} (task {self.name!r}).")
+      self.check_example(example, i, labels)
       texts.append(tuple(str(example[f]) for f in self.text_fields))
       gold.append(labels.index(str(example[self.label_field])))
     logits = model.classify(texts)

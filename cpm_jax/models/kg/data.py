@@ -123,6 +123,8 @@ class KGData:
   eval_split: str = "validation"
   global_batch_size: int = 1000
   read_threads: int = 2
+  process_index: int | None = None  # whose rows of each global batch (default: jax's; see `shard`)
+  process_count: int | None = None
 
   @property
   def seq_len(self) -> int:
@@ -147,7 +149,12 @@ class KGData:
 
   def train_iterator(self, seed: int) -> grain.DatasetIterator:
     return make_triple_iterator(self.split(self.train_split), self.global_batch_size, seed=seed,
-                                read_threads=self.read_threads)
+                                read_threads=self.read_threads, process_index=self.process_index,
+                                process_count=self.process_count)
+
+  def shard(self, index: int, count: int) -> "KGData":
+    """This data as process `index` of `count` reads it (a shard of cpm_jax.data.processes.ShardedIterator)."""
+    return dataclasses.replace(self, process_index=index, process_count=count)
 
   def eval_batches(self) -> Iterable[dict]:
     return eval_triple_batches(self.split(self.eval_split), self.global_batch_size)
