@@ -249,7 +249,7 @@ class UniMCFormat(InputFormat):
       score_positions.append(len(row.ids))
       row.add([tokenizer.mask_id, *tokenizer.convert_tokens_to_ids(tokenizer.tokenize(option))], token_type=1,
               block=k, first_position=1)
-    shared_start = 1 + max(row.positions[1:]) if len(row.ids) > 1 else 1
+    shared_start = 1 + max(row.positions[1:])  # after the longest option
     question = _pieces(self.question, example, tokenizer)
     text = _pieces(self.text_template, example, tokenizer)
     fitted = _fit(question + text, seq_len - len(row.ids) - 3, "UniMCFormat")
@@ -277,17 +277,20 @@ class UniMCFormat(InputFormat):
 FORMATS = {cls.kind: cls for cls in (ClsFormat, PromptFormat, UniMCFormat)}
 
 
+def _from_json(cls: type, values: Mapping[str, Any]) -> Any:
+  """cls(**values) with the JSON arrays of the fields cls declares as tuples turned back into tuples."""
+  return cls(**{field.name: tuple(values[field.name]) if str(field.type).startswith("tuple") else values[field.name]
+                for field in dataclasses.fields(cls) if field.name in values})
+
+
 def format_from_record(record: Mapping[str, Any]) -> InputFormat:
   """The InputFormat a checkpoint recorded (InputFormat.record)."""
-  fields = dict(record)
-  kind = fields.pop("kind", None)
+  kind = record.get("kind")
   if kind not in FORMATS:
     raise ValueError(f"input_format kind {kind!r} is none of {sorted(FORMATS)}.")
-  masking = fields.pop("masking", None)
-  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-  masking = None if masking is None else TextMasking(**{k: tuple(v) if isinstance(v, list) else v
-                                                          for k, v in masking.items()})
-  return FORMATS[kind](masking=masking, **fields)
+  masking = record.get("masking")
+  return dataclasses.replace(_from_json(FORMATS[kind], record),
+                             masking=None if masking is None else _from_json(TextMasking, masking))
 
 
 def _pad(values: Sequence, length: int, dtype=np.int32) -> np.ndarray:
