@@ -9,7 +9,7 @@ plug_stage1_demo.gin, into WORKDIR/stage1; --pretrained=DIR takes a stage-1 work
 and, for the label-prompt rows, a CPM (a SentencePiece vocab and experiments/cpm_demo.gin into WORKDIR/cpm;
 --cpm=DIR takes another, e.g. scripts/demo.sh's workdir/demo/cpm). Writes WORKDIR/table.json (the rows with their
 per-seed numbers, every run's metrics, timings, load averages) and WORKDIR/table.md, and prints the table. Finished
-trainings and systems are read back when the command runs again.
+trainings and systems are read back when the command runs again; SIGTERM saves the training under way and exits.
 """
 
 from __future__ import annotations
@@ -83,7 +83,11 @@ def main(argv):
   spec = dataclasses.replace(spec, systems=tuple((name, files, (*common, *_GIN_BINDINGS.value, *bindings))
                                                  for name, files, bindings in spec.systems))
   logging.info("Few-shot table: %d systems x seeds %s into %s.", len(spec.systems), spec.seeds, workdir)
-  result = table_lib.run_table(spec, workdir, label_prompt_checkpoint=cpm)
+  try:
+    result = table_lib.run_table(spec, workdir, label_prompt_checkpoint=cpm)
+  except table_lib.Preempted as e:
+    logging.info("%s", e)
+    return
   print(table_lib.markdown(result))
   print(f"{result['seconds']:.0f} s; load average {result['load_average']}; {workdir}/table.json")
 

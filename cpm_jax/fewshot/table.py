@@ -26,6 +26,11 @@ from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
 
+class Preempted(RuntimeError):
+  """A recipe's training stopped on SIGTERM (its checkpoint is saved): the table stops too, and resumes when run
+  again."""
+
+
 @gin.configurable
 def configured_recipe(recipe: Any = gin.REQUIRED) -> Any:
   """The recipe a system's gin files bind (`configured_recipe.recipe = @FewShotRecipe()`)."""

@@ -25,7 +25,7 @@ from absl import logging
 from cpm_jax import partitioning, train_loop
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import tasks
-from cpm_jax.fewshot import knn, pseudo_labels
+from cpm_jax.fewshot import knn, pseudo_labels, table
 from cpm_jax.models.plug import convert as convert_plug
 from cpm_jax.models.plug import fewshot_inputs
 from cpm_jax.models.plug.fewshot_inputs import FewShotData
@@ -158,8 +158,11 @@ class FewShotRecipe:
     rounds = []
     for round_index in range(1 + (self.self_training.rounds if self.self_training else 0)):
       round_dir = os.path.join(workdir, f"round_{round_index}")
-      train_loop.train(round_dir, model=self.model, data=data, seed=seed, init_params_from=init,
-                       mesh_config=self.mesh_config)
+      metrics = train_loop.train(round_dir, model=self.model, data=data, seed=seed, init_params_from=init,
+                                 mesh_config=self.mesh_config)
+      if "preempted_at_step" in metrics:
+        raise table.Preempted(f"{round_dir}: preempted at step {metrics['preempted_at_step']} (saved); run again to "
+                              "resume.")
       lm, _ = self._language_model(round_dir, mesh)
       results = self._evaluate(lm, data)
       results.update(train_examples=len(data.splits.train), extra_examples=len(data.extra_examples))
