@@ -119,6 +119,28 @@ def test_loss_switches_on_a_hand_made_batch(unimc_batch, vocab_size):
   np.testing.assert_allclose(combined - loss, 2 * supcon + mlm + 0.5 * kl, rtol=1e-4)
 
 
+def test_mixup_mixes_the_classifier_inputs_and_the_labels(unimc_batch, vocab_size):
+  """The [CLS] classifier is linear after the pooled state, so mixing its inputs mixes its logits alike; the
+  cross-entropy mixes the two labels with the same lambda (a numpy recomputation)."""
+  config = tiny_config(vocab_size, num_classes=2, init_stddev=0.5)
+  params = plug.init(config, jax.random.key(5))
+  batch = jax.tree.map(jnp.asarray, unimc_batch)
+  model = plug.FewShotModel(config, head="cls")
+  partner, lam = jnp.asarray([3, 2, 1, 0, 5, 4, 7, 6]), jnp.asarray([1.0, 0.7, 0.6, 0.5, 0.9, 0.8, 1.0, 1.0])
+  logits = np.asarray(model.outputs(params, batch)[0])
+  mixed = np.asarray(model.outputs(params, batch, mixup=(partner, lam))[0])
+  lam_, partner_ = np.asarray(lam)[:, None], np.asarray(partner)
+  np.testing.assert_allclose(mixed, lam_ * logits + (1 - lam_) * logits[partner_], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(mixed, logits)
+
+  labels, weights = np.asarray(batch["labels"]), np.asarray(batch["label_weights"])
+  log_probs = mixed - np.log(np.exp(mixed).sum(-1, keepdims=True))
+  expected = weights * -(lam_[:, 0] * log_probs[range(8), labels] + (1 - lam_[:, 0]) * log_probs[range(8),
+                                                                                                   labels[partner_]])
+  terms, _ = model._pass(params, batch, None, (partner, lam))
+  np.testing.assert_allclose(terms, expected, rtol=1e-5, atol=1e-6)
+
+
 MESH = dict(data=2, fsdp=2, tensor=2)
 
 

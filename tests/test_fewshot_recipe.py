@@ -1,18 +1,25 @@
 """The few-shot recipes end to end on a sharded mesh (data x fsdp x tensor = 2 x 2 x 2): a [CLS] model (R-Drop,
 mixup, contrastive) with kNN and a self-training round, and a student distilled from it, through the shipped gin
 files, the train loop and the evaluation adapter, into the table; the student evaluated as experiments/evaluate.py
-does. (UniMC and the loss switches train on the same mesh in test_fewshot_model.py.)"""
+does; the CPM label-prompt rows against a from-scratch recomputation. (UniMC and the loss switches train on the same
+mesh in test_fewshot_model.py.)"""
 
+import dataclasses
 import json
 
 import gin
+import jax
+import numpy as np
+import pytest
 
 from _fewshot_helpers import (NEGATIVE, POSITIVE, TINY, fewshot_dir, fewshot_vocab, reviews,  # noqa: F401
                               write_jsonl)
-from cpm_jax import gin_setup, partitioning
+from cpm_jax import checkpointing, gin_setup, partitioning
+from cpm_jax.data.fewshot import FewShotTask
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import tasks
 from cpm_jax.fewshot import table as table_lib
+from cpm_jax.models import cpm
 from cpm_jax.tokenization import BertTokenizer
 
 FILES = "experiments/fewshot/"
@@ -100,12 +107,8 @@ def test_knn_self_training_and_distillation_table(fewshot_dir, fewshot_vocab, tm
   assert systems["student"][0]["extra_examples"] == 8  # the teacher's logits on the 8 pool reviews
 
   # The student is an ordinary checkpoint: evaluate.py's path (task gin, mesh, load, adapter) gives the same accuracy.
-  gin.clear_config()
-  try:
-    gin_setup.parse(["tasks/review_sentiment_classifier.gin"], ["ClassificationTask.text_fields = ['sentence']"])
-    task = tasks.configured_task()
-  finally:
-    gin.clear_config()
+  task = tasks.task_from_gin(["tasks/review_sentiment_classifier.gin"],
+                             ["ClassificationTask.text_fields = ['sentence']"])
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(f"{workdir}/systems/student/seed_3/round_0", mesh)
   assert checkpoint.config.num_encoder_layers == 1 and checkpoint.config.embed_dim == 8
@@ -117,3 +120,45 @@ def test_knn_self_training_and_distillation_table(fewshot_dir, fewshot_vocab, tm
   again = table_lib.run_table(spec, workdir)
   assert [row["per_seed"] for row in again["rows"]] == [row["per_seed"] for row in table["rows"]]
   assert json.loads((tmp_path / "table" / "table.json").read_text())["rows"] == again["rows"]
+
+
+def test_label_prompt_baselines_score_the_test_split(fewshot_dir, tmp_path, cpm_vocab_path):  # noqa: F811
+  """The CPM rows: zero-shot equals a from-scratch recomputation (the label words' mean log-likelihood from
+  cpm.forward, argmax) on the FewShotTask's test split; the few-shot row of each seed draws its demonstrations from
+  that seed's train sample."""
+  config = cpm.CPMConfig(vocab_size=30000, num_layers=1, embed_dim=32, num_heads=4, max_positions=128,
+                         dropout_rate=0.0, init_stddev=0.5)
+  params = jax.jit(cpm.init, static_argnums=0)(config, jax.random.key(7))
+  checkpoint = checkpointing.save_params(tmp_path / "cpm", params, {"model_config": dataclasses.asdict(config),
+                                                                   "tokenizer": str(cpm_vocab_path)})
+  task_file = tmp_path / "prompts.gin"
+  task_file.write_text("""import cpm_jax.evaluation.tasks
+configured_task.task = @LabelPromptTask()
+LabelPromptTask.name = 'eprstmt'
+LabelPromptTask.templates = [['{sentence}\\n总体评价：', '{label}']]
+LabelPromptTask.label_map = {'Negative': '差评', 'Positive': '好评'}
+""", encoding="utf-8")
+  fewshot = FewShotTask(dataset=f"{fewshot_dir}/{{split}}.json", labels=("Negative", "Positive"), shots_per_class=3,
+                        test_split="test_public")
+  got = table_lib.label_prompt_baselines(str(task_file), str(checkpoint), fewshot, seeds=(0, 1), shots=2)
+
+  loaded = model_lib.load_checkpoint(str(checkpoint))
+  spm = model_lib.load_tokenizer(loaded)
+  forward = jax.jit(lambda p, t: cpm.forward(p, t, config))
+
+  def mean_log_likelihood(context, continuation):
+    c, x = spm.encode(context), spm.encode(continuation)
+    log_probs = np.asarray(jax.nn.log_softmax(forward(params, np.asarray([c + x]))[0], -1))
+    return np.mean([log_probs[len(c) - 1 + i, token] for i, token in enumerate(x)])
+
+  test = fewshot.splits(0).test
+  words = ("差评", "好评")
+  predicted = [int(np.argmax([mean_log_likelihood(f"{e['sentence']}\n总体评价：", w) for w in words])) for e in test]
+  expected = np.mean([p == ("Negative", "Positive").index(e["label"]) for p, e in zip(predicted, test)])
+  assert got["zero_shot"]["per_seed"] == pytest.approx([expected, expected], abs=1e-9)
+  task = tasks.task_from_gin([str(task_file)])
+  lm = model_lib.language_model(loaded, spm)
+  for seed, accuracy in zip((0, 1), got["few_shot"]["per_seed"]):
+    shots = dataclasses.replace(task, shots=2, seed=seed)
+    assert accuracy == shots.evaluate(lm, test, fewshot.splits(seed).train).metrics["accuracy"]
+    assert shots.prefix(0, fewshot.splits(seed).train).count("总体评价") == 2

@@ -99,12 +99,7 @@ def label_prompt_baselines(task_file: str, checkpoint: str, fewshot_task: FewSho
                            shots: int, batch_size: int = 32) -> dict[str, dict]:
   """{"zero_shot": summary, "few_shot": summary (if shots)} of a causal LM's label-prompt scoring (mean accuracy over
   the task's templates) on `fewshot_task`'s test split; demonstrations from each seed's train sample."""
-  gin.clear_config()
-  try:
-    gin_setup.parse([task_file], [])
-    task = tasks.configured_task()
-  finally:
-    gin.clear_config()
+  task = tasks.task_from_gin([task_file])
   loaded = model_lib.load_checkpoint(checkpoint)
   lm = model_lib.language_model(loaded, model_lib.load_tokenizer(loaded), batch_size=batch_size)
   test = list(fewshot_task.splits(seeds[0]).test)

@@ -3,10 +3,11 @@ evaluate it on the test split through the family's LanguageModel adapter (evalua
 orchestrate what happens around training: kNN retrieval (cpm_jax.fewshot.knn), self-training rounds
 (cpm_jax.fewshot.pseudo_labels) and distillation from a trained teacher's logits on the unlabelled pool.
 
-A run of seed s writes, under its workdir: init/ (the warm start from the pre-trained encoder), round_0/ (a training
-workdir: checkpoints, model.json, TensorBoard) and round_1/ ... for self-training. Every round_r is an ordinary
-checkpoint that experiments/evaluate.py accepts. A second run over the same workdir resumes: rounds whose training
-finished are only evaluated again.
+A run of seed s writes, under its workdir, round_0/ (a training workdir: checkpoints, model.json, TensorBoard) and
+round_1/ ... for self-training. Each round starts from what gin's `train.init_from` (a RestoreCheckpointConfig,
+e.g. restore/warm_start.gin on a stage-1 workdir) selects, like any other run of the train loop. Every round_r is an
+ordinary checkpoint that experiments/evaluate.py accepts. A second run over the same workdir resumes: rounds whose
+training finished are only evaluated again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from cpm_jax import partitioning, train_loop
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import tasks
 from cpm_jax.fewshot import knn, pseudo_labels, table
-from cpm_jax.models.plug import convert as convert_plug
 from cpm_jax.models.plug import fewshot_inputs
 from cpm_jax.models.plug.fewshot_inputs import FewShotData
 from cpm_jax.models.plug.model import FewShotModel
@@ -64,14 +64,12 @@ def _accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class FewShotRecipe:
-  """One few-shot system: `model` trained on `data` (its task's sample of each seed), starting from `pretrained`
-  (a stage-1 workdir or params-only checkpoint; every param of the same path and shape is taken, the rest freshly
-  initialised), with optional kNN, self-training and distillation. Training settings (steps, learning rate) are the
-  gin bindings of train / learning_rate_schedule."""
+  """One few-shot system: `model` trained on `data` (its task's sample of each seed) with optional kNN, self-training
+  and distillation. Training settings (steps, learning rate, the warm start `train.init_from`) are the gin bindings
+  of train / learning_rate_schedule / RestoreCheckpointConfig."""
 
   model: FewShotModel = dataclasses.field(default_factory=FewShotModel)
   data: FewShotData = dataclasses.field(default_factory=FewShotData)
-  pretrained: str | None = None
   knn: knn.KnnSearch | None = None
   self_training: SelfTraining | None = None
   distillation: Distillation | None = None
@@ -103,14 +101,6 @@ class FewShotRecipe:
     logits = teacher.classify(_texts(data.splits.unlabeled, fields))
     return tuple({**example, fewshot_inputs.TEACHER_LOGITS: row.tolist()}
                  for example, row in zip(data.splits.unlabeled, logits))
-
-  def _warm_start(self, workdir: str) -> str | None:
-    if self.pretrained is None:
-      return None
-    path = os.path.join(workdir, "init")
-    if not os.path.isdir(path):
-      convert_plug.save_warm_start(self.pretrained, self.model.config, path)
-    return path
 
   def _evaluate(self, lm, data: FewShotData) -> dict:
     """Test and dev accuracy of the model alone and, with `knn`, of the model with kNN retrieval."""
@@ -153,13 +143,11 @@ class FewShotRecipe:
     data = dataclasses.replace(self.data, sample_seed=seed)
     if self.distillation is not None:
       data = dataclasses.replace(data, extra_examples=self._teacher_examples(data, seed, mesh))
-    init = self._warm_start(workdir)
     base_extra = data.extra_examples
     rounds = []
     for round_index in range(1 + (self.self_training.rounds if self.self_training else 0)):
       round_dir = os.path.join(workdir, f"round_{round_index}")
-      metrics = train_loop.train(round_dir, model=self.model, data=data, seed=seed, init_params_from=init,
-                                 mesh_config=self.mesh_config)
+      metrics = train_loop.train(round_dir, model=self.model, data=data, seed=seed, mesh_config=self.mesh_config)
       if "preempted_at_step" in metrics:
         raise table.Preempted(f"{round_dir}: preempted at step {metrics['preempted_at_step']} (saved); run again to "
                               "resume.")

@@ -31,12 +31,12 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import gin
 import grain
-import jax
 import numpy as np
 
+from cpm_jax.data import processes
 from cpm_jax.data.fewshot import FewShotSplits, FewShotTask
+from cpm_jax.model_fit import Requirement
 from cpm_jax.models.plug import objectives
-from cpm_jax.models.plug.data import _batches
 from cpm_jax.tokenization import BertTokenizer
 
 TEACHER_LOGITS = "teacher_logits"  # the example field holding a teacher's class logits (distillation)
@@ -376,19 +376,30 @@ class FewShotData:
     return features(example, input_format=self.input_format, tokenizer=self.tokenizer, seq_len=self.seq_len,
                     num_classes=len(self.task.labels), label=label, rng=rng)
 
-  def _iterator(self, examples: Sequence[dict], seed: int, train: bool) -> grain.DatasetIterator:
-    index = jax.process_index() if self.process_index is None else self.process_index
-    count = jax.process_count() if self.process_count is None else self.process_count
-    if self.global_batch_size % count:
-      raise ValueError(f"FewShotData.global_batch_size {self.global_batch_size} is not a multiple of the {count} "
-                       "processes.")
-    example_fn = self.example_features if train else functools.partial(self.example_features, rng=None)
-    return _batches(grain.MapDataset.source(list(examples)), example_fn, random=train,
-                    batch_size=self.global_batch_size // count, seed=seed, shuffle=train,
-                    num_epochs=None if train else 1, process_index=index, process_count=count)
+  def model_requirements(self) -> tuple[Requirement, ...]:
+    """What the rows need of PlugConfig (cpm_jax.model_fit): the vocab's ids, seq_len positions, token types 0 / 1
+    and, for the [CLS] head, a class per label."""
+    vocab = Requirement("vocab_size", self.tokenizer.vocab_size, f"the vocab FewShotData.vocab_path = "
+                        f"{self.vocab_path!r}", ("inputs", "score_ids", "mlm_targets"), adopt=True)
+    requirements = (vocab, Requirement("max_positions", self.seq_len, f"FewShotData.seq_len = {self.seq_len}",
+                                       ("positions",)),
+                    Requirement("type_vocab_size", 2, f"{type(self.input_format).__name__} rows", ("token_types",)))
+    if self.input_format.head == "cls":
+      requirements += (Requirement("num_classes", len(self.task.labels), f"FewShotTask.labels = {self.task.labels!r}",
+                                   ("labels",)),)
+    return requirements
 
   def train_iterator(self, seed: int) -> grain.DatasetIterator:
-    return self._iterator([*self.splits.train, *self.extra_examples], seed, train=True)
+    """This process's share of train + extra examples, shuffled with `seed`, repeated for ever, in full batches."""
+    index, count, rows = processes.process_share(self.process_index, self.process_count, self.global_batch_size)
+    examples = processes.process_examples(grain.MapDataset.source([*self.splits.train, *self.extra_examples]), index,
+                                          count)
+    features = examples.shuffle(seed).repeat().random_map(self.example_features, seed=seed)
+    return iter(features.to_iter_dataset().batch(rows, drop_remainder=True))
 
   def eval_batches(self) -> grain.DatasetIterator:
-    return self._iterator(self.splits.dev, 0, train=False)
+    """One pass over the dev examples in order: this process's rows of each global batch (processes.process_rows)."""
+    index, count, _ = processes.process_share(self.process_index, self.process_count, self.global_batch_size)
+    features = grain.MapDataset.source(list(self.splits.dev)).map(functools.partial(self.example_features, rng=None))
+    global_batches = features.to_iter_dataset().batch(self.global_batch_size)
+    return iter(processes.process_rows(global_batches, self.global_batch_size, index, count))
