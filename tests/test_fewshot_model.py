@@ -127,8 +127,13 @@ def test_mixup_mixes_the_classifier_inputs_and_the_labels(unimc_batch, vocab_siz
   batch = jax.tree.map(jnp.asarray, unimc_batch)
   model = plug.FewShotModel(config, head="cls")
   partner, lam = jnp.asarray([3, 2, 1, 0, 5, 4, 7, 6]), jnp.asarray([1.0, 0.7, 0.6, 0.5, 0.9, 0.8, 1.0, 1.0])
-  logits = np.asarray(model.outputs(params, batch)[0])
-  mixed = np.asarray(model.outputs(params, batch, mixup=(partner, lam))[0])
+
+  @jax.jit
+  def run(params, batch, mixup):
+    return model.outputs(params, batch)[0], model.outputs(params, batch, mixup=mixup)[0], model._pass(
+        params, batch, None, mixup)[0]
+
+  logits, mixed, terms = (np.asarray(x) for x in run(params, batch, (partner, lam)))
   lam_, partner_ = np.asarray(lam)[:, None], np.asarray(partner)
   np.testing.assert_allclose(mixed, lam_ * logits + (1 - lam_) * logits[partner_], rtol=1e-5, atol=1e-6)
   assert not np.allclose(mixed, logits)
@@ -137,7 +142,6 @@ def test_mixup_mixes_the_classifier_inputs_and_the_labels(unimc_batch, vocab_siz
   log_probs = mixed - np.log(np.exp(mixed).sum(-1, keepdims=True))
   expected = weights * -(lam_[:, 0] * log_probs[range(8), labels] + (1 - lam_[:, 0]) * log_probs[range(8),
                                                                                                    labels[partner_]])
-  terms, _ = model._pass(params, batch, None, (partner, lam))
   np.testing.assert_allclose(terms, expected, rtol=1e-5, atol=1e-6)
 
 

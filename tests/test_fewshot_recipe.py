@@ -148,7 +148,9 @@ LabelPromptTask.label_map = {'Negative': '差评', 'Positive': '好评'}
 
   def mean_log_likelihood(context, continuation):
     c, x = spm.encode(context), spm.encode(continuation)
-    log_probs = np.asarray(jax.nn.log_softmax(forward(params, np.asarray([c + x]))[0], -1))
+    tokens = np.zeros((1, config.max_positions), np.int32)  # one shape; causal, so the padding after is not seen
+    tokens[0, :len(c + x)] = c + x
+    log_probs = np.asarray(jax.nn.log_softmax(forward(params, tokens)[0], -1))
     return np.mean([log_probs[len(c) - 1 + i, token] for i, token in enumerate(x)])
 
   test = fewshot.splits(0).test
