@@ -1,8 +1,8 @@
-"""The few-shot recipes end to end on a sharded mesh (data x fsdp x tensor = 2 x 2 x 2): a [CLS] model (R-Drop,
-mixup, contrastive) with kNN and a self-training round, and a student distilled from it, through the shipped gin
-files, the train loop and the evaluation adapter, into the table; the student evaluated as experiments/evaluate.py
-does; the CPM label-prompt rows against a from-scratch recomputation. (UniMC and the loss switches train on the same
-mesh in test_fewshot_model.py.)"""
+"""The few-shot recipes end to end on a sharded mesh (data x fsdp x tensor = 2 x 2 x 2): a [CLS] model (mixup,
+contrastive) with kNN and a self-training round, and a student distilled from it, through the shipped gin files, the
+train loop and the evaluation adapter, into the table; the student evaluated as experiments/evaluate.py does; the
+CPM label-prompt rows against a from-scratch recomputation. (UniMC with every loss switch, R-Drop included, trains
+on the same mesh in test_fewshot_model.py.)"""
 
 import dataclasses
 import json
@@ -81,7 +81,7 @@ def test_knn_self_training_and_distillation_table(fewshot_dir, fewshot_vocab, tm
   base = _base_gin(tmp_path / "base.gin", data_dir, fewshot_vocab)
   workdir = str(tmp_path / "table")
   cls = ("cls", (base, FILES + "cls.gin", FILES + "knn.gin", FILES + "self_training.gin"),
-         ("SelfTraining.threshold = 0.6", "KnnSearch.dim = 8", "KnnSearch.max_k = 4", "FewShotModel.rdrop_weight = 5.0",
+         ("SelfTraining.threshold = 0.6", "KnnSearch.dim = 8", "KnnSearch.max_k = 4",
           "FewShotModel.mixup_alpha = 0.5", "FewShotModel.contrastive_weight = 0.5"))
   student = ("student", (base, FILES + "distillation.gin"),
              ('Distillation.teacher = "{workdir}/systems/cls/seed_{seed}/round_1"', "train.num_steps = 20",
