@@ -1,14 +1,18 @@
 """The FewCLUE protocol (seeded K-per-class samples, disjoint splits, FewCLUE's own files) and the few-shot rows
-(the [CLS], PET and UniMC formats) built from hand-written EPRSTMT / BUSTM jsonl."""
+(the [CLS], PET and UniMC formats) built from hand-written EPRSTMT / BUSTM jsonl, and what the rows declare of the
+model config."""
 
 import collections
 
 import numpy as np
 import pytest
 
-from _fewshot_helpers import fewshot_dir, fewshot_vocab  # noqa: F401  (session fixtures)
+from _fewshot_helpers import fewshot_dir, fewshot_vocab, tiny_config  # noqa: F401  (session fixtures)
+from cpm_jax import model_fit
 from cpm_jax.data.fewshot import FewShotTask
 from cpm_jax.evaluation.tasks import WHERE
+from cpm_jax.gin_setup import ConfigError
+from cpm_jax.models import plug
 from cpm_jax.models.plug import data as plug_data
 from cpm_jax.models.plug import fewshot_inputs
 from cpm_jax.tokenization import BertTokenizer
@@ -129,3 +133,23 @@ def test_unimc_rows_layout_masks_and_targets(tokenizer):
   noised = _row(capped, {"sentence": long_text}, tokenizer, label=0, rng=np.random.default_rng(0), seq_len=64)
   assert noised["mlm_weights"].shape == (6,) and noised["mlm_weights"].sum() == 6
   assert fewshot_inputs.format_from_record(capped.record()) == capped
+
+
+def test_rows_declare_what_they_need_of_the_model_config(fewshot_dir, fewshot_vocab):  # noqa: F811
+  """model_fit: the vocab size is taken from the vocab, seq_len above max_positions and a [CLS] head with fewer
+  classes than labels are start-up errors naming the bindings, and real batches pass the declared checks."""
+  vocab_size = BertTokenizer(fewshot_vocab).vocab_size
+  data = fewshot_inputs.FewShotData(vocab_path=str(fewshot_vocab), task=_task(fewshot_dir, shots_per_class=3),
+                                    input_format=fewshot_inputs.UniMCFormat(text_template="{sentence}"), seq_len=32,
+                                    global_batch_size=8)
+  fitted = model_fit.fit(plug.FewShotModel(tiny_config(vocab_size + 8), head="mlm"), data)
+  assert fitted.config.vocab_size == vocab_size
+  batch = next(data.train_iterator(seed=0))
+  model_fit.BatchCheck(fitted.config, data.model_requirements())(batch, "batch 1")
+  with pytest.raises(ConfigError, match=r"PlugConfig.max_positions = 16 .* FewShotData.seq_len = 32"):
+    model_fit.fit(plug.FewShotModel(tiny_config(vocab_size, max_positions=16), head="mlm"), data)
+  cls_data = fewshot_inputs.FewShotData(vocab_path=str(fewshot_vocab), task=data.task, seq_len=32)
+  with pytest.raises(ConfigError, match=r"PlugConfig.num_classes = 1 .* FewShotTask.labels"):
+    model_fit.fit(plug.FewShotModel(tiny_config(vocab_size, num_classes=1)), cls_data)
+  with pytest.raises(ValueError, match="'token_types' holds 1, out of range for PlugConfig.type_vocab_size = 1"):
+    model_fit.BatchCheck(tiny_config(vocab_size, type_vocab_size=1), data.model_requirements())(batch, "batch 1")
