@@ -529,6 +529,10 @@ class FewShotModel:
   def param_specs(self) -> dict:
     return param_specs(self.config)
 
+  def with_config(self, config):
+    """This model with another config (model_fit: e.g. the vocab size from the data)."""
+    return dataclasses.replace(self, config=config)
+
   def outputs(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None,
               mixup: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(class logits [batch, classes], sentence embeddings [batch, embed], final hidden states); `mixup` (partner,
