@@ -19,9 +19,9 @@ import os
 
 import gin
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-from cpm_jax import gin_setup, logging_setup, tokenization, train_loop
+from cpm_jax import gin_setup, programs, tokenization, train_loop
 from cpm_jax.data import corpus
 from cpm_jax.fewshot import table as table_lib
 from cpm_jax.models import registry  # noqa: F401  (every family's gin configurables)
@@ -66,9 +66,7 @@ def _cpm(workdir: str) -> str:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging_setup.quiet_library_logs()
+  del argv
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   if _CACHE.value:
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
@@ -77,21 +75,20 @@ def main(argv):
   gin_setup.parse(_GIN_FILES.value, common + _GIN_BINDINGS.value)
   spec = table_lib.TableSpec()
   gin.clear_config()
-  with gin_setup.exit_on_config_error("fewshot.py"):
-    pretrained = _PRETRAINED.value or _stage1(workdir)
-    cpm = _CPM.value or (_cpm(workdir) if spec.label_prompt_task else None)
-    common.append(f'RestoreCheckpointConfig.path = "{pretrained}"')
-    spec = dataclasses.replace(spec, systems=tuple((name, files, (*common, *_GIN_BINDINGS.value, *bindings))
-                                                   for name, files, bindings in spec.systems))
-    logging.info("Few-shot table: %d systems x seeds %s into %s.", len(spec.systems), spec.seeds, workdir)
-    try:
-      result = table_lib.run_table(spec, workdir, label_prompt_checkpoint=cpm)
-    except table_lib.Preempted as e:
-      logging.info("%s", e)
-      return
+  pretrained = _PRETRAINED.value or _stage1(workdir)
+  cpm = _CPM.value or (_cpm(workdir) if spec.label_prompt_task else None)
+  common.append(f'RestoreCheckpointConfig.path = "{pretrained}"')
+  spec = dataclasses.replace(spec, systems=tuple((name, files, (*common, *_GIN_BINDINGS.value, *bindings))
+                                                 for name, files, bindings in spec.systems))
+  logging.info("Few-shot table: %d systems x seeds %s into %s.", len(spec.systems), spec.seeds, workdir)
+  try:
+    result = table_lib.run_table(spec, workdir, label_prompt_checkpoint=cpm)
+  except table_lib.Preempted as e:
+    logging.info("%s", e)
+    return
   print(table_lib.markdown(result))
   print(f"{result['seconds']:.0f} s; load average {result['load_average']}; {workdir}/table.json")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  programs.run(main, user_errors=(train_loop.TrainingDiverged,))
