@@ -47,3 +47,56 @@ def add_sums(*sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
     for key, value in s.items():
       out[key] = out[key] + value if key in out else value
   return out
+
+
+# ---- per-example terms of the few-shot objectives (each [batch] float32; callers weight and sum them) -------------
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """-log softmax(logits)[label] per example: logits [batch, classes], labels int [batch]."""
+  logits = logits.astype(jnp.float32)
+  return jax.nn.logsumexp(logits, -1) - (jax.nn.one_hot(labels, logits.shape[-1]) * logits).sum(-1)
+
+
+def kl_divergence(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+  """KL(p || q) per example between the softmaxes of two [batch, classes] logits."""
+  log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32), -1)
+  log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32), -1)
+  return (jnp.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def symmetric_kl(a_logits: jax.Array, b_logits: jax.Array) -> jax.Array:
+  """R-Drop's consistency term, (KL(a || b) + KL(b || a)) / 2 per example."""
+  return 0.5 * (kl_divergence(a_logits, b_logits) + kl_divergence(b_logits, a_logits))
+
+
+def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+  """Hinton's soft-label term T^2 KL(teacher_T || student_T) per example (softmaxes at temperature T)."""
+  return temperature ** 2 * kl_divergence(teacher_logits / temperature, student_logits / temperature)
+
+
+def supervised_contrastive(embeddings: jax.Array, labels: jax.Array, weights: jax.Array,
+                           temperature: float) -> jax.Array:
+  """In-batch supervised contrastive loss (Khosla et al. 2020) per anchor: embeddings [batch, dim] are L2-normalised;
+  anchor i's loss is -mean over its positives p (same label, p != i) of log softmax_a(z_i . z_a / T)[p] over every
+  other example a; 0 for anchors without a positive and for rows of weight 0 (which are no one's candidates)."""
+  z = embeddings.astype(jnp.float32)
+  z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  similarity = z @ z.T / temperature
+  valid = weights > 0
+  others = valid[None, :] & ~jnp.eye(z.shape[0], dtype=bool)
+  log_prob = similarity - jax.nn.logsumexp(jnp.where(others, similarity, -jnp.inf), -1, keepdims=True)
+  positives = others & (labels[:, None] == labels[None, :]) & valid[:, None]
+  count = positives.sum(-1)
+  loss = -jnp.where(positives, log_prob, 0.0).sum(-1) / jnp.maximum(count, 1)
+  return jnp.where(count > 0, loss, 0.0)
+
+
+def mixup_pairs(rng: jax.Array, weights: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array]:
+  """(partner [batch], lambda [batch]) for mixup: partners from a random permutation of the batch, lambda ~
+  Beta(alpha, alpha) folded to max(lambda, 1 - lambda) (alpha -> 0 gives 1: no mixing), and 1 where either row has
+  weight 0 (padding and unlabelled rows are never mixed)."""
+  permutation_rng, beta_rng = jax.random.split(rng)
+  partner = jax.random.permutation(permutation_rng, weights.shape[0])
+  lam = jax.random.beta(beta_rng, alpha, alpha, weights.shape)
+  lam = jnp.maximum(lam, 1.0 - lam)
+  return partner, jnp.where((weights > 0) & (weights[partner] > 0), lam, 1.0)

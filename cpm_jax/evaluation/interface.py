@@ -16,7 +16,8 @@ class LanguageModel:
 
   score(requests, names) -> (total log-likelihoods, scored-token counts); generate(prompt ids) -> new ids;
   classify(texts: one tuple of text fields per example) -> class logits [n, classes], or None for a model
-  without a classification head. A model that cannot score or generate raises a ValueError saying so.
+  without a classification head; embed(texts) -> sentence embeddings [n, dim] (few-shot kNN), or None. A model that
+  cannot score or generate raises a ValueError saying so.
   continues_prompt: whether generations continue the prompt's text (CPM) or answer it (PLUG's decoder).
   describe(images: one stored uint8 image [h, w, c] per prompt, prompt ids) -> new ids about each image (image-text
   models such as M6; None for text-only models).
@@ -29,6 +30,7 @@ class LanguageModel:
   labels: Sequence[str] = ()  # what classify's classes mean (as the checkpoint records them)
   continues_prompt: bool = True
   describe: Callable[[Sequence[np.ndarray], Sequence[Sequence[int]]], list[list[int]]] | None = None
+  embed: Callable[[Sequence[Sequence[str]]], np.ndarray] | None = None
 
   def generate_text(self, prompts: Sequence[str]) -> list[str]:
     """Decoded continuations of text prompts."""

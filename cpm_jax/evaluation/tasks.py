@@ -25,6 +25,7 @@ from typing import Sequence
 import gin
 import numpy as np
 
+from cpm_jax import gin_setup
 from cpm_jax.data import jsonl
 from cpm_jax.evaluation import metrics
 from cpm_jax.evaluation.interface import LanguageModel
@@ -393,6 +394,17 @@ class ClassificationTask(Task):
 def configured_task(task: Task = gin.REQUIRED) -> Task:
   """The task a gin file under gin_configs/tasks/ binds (`configured_task.task = @LabelPromptTask()`)."""
   return task
+
+
+def task_from_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> Task:
+  """The task that gin `files` (paths, or relative to gin_configs/) and `bindings` configure, parsed on their own:
+  gin is cleared before and after."""
+  gin.clear_config()
+  try:
+    gin_setup.parse(files, bindings)
+    return configured_task()
+  finally:
+    gin.clear_config()
 
 
 def sample_examples(examples: Sequence[dict], limit: int | None, seed: int = 0) -> list[dict]:

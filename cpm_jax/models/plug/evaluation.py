@@ -1,4 +1,5 @@
-"""PLUG behind the LanguageModel interface: generation with its decoder, classification with its [CLS] head.
+"""PLUG behind the LanguageModel interface: generation with its decoder, classification with its [CLS] head or, for
+few-shot checkpoints (their metadata records an "input_format"), with that format's head, plus sentence embeddings.
 
 Prompts are encoder inputs: "a[SEP]b" is encoded as [CLS] a [SEP] b [SEP] with token types 0 / 1, as
 `plug.data.Seq2SeqData` builds fine-tuning sources (e.g. a task template '{answer}[SEP]{context}').
@@ -18,7 +19,7 @@ import numpy as np
 from cpm_jax import decoding
 from cpm_jax.evaluation import batching
 from cpm_jax.evaluation.interface import LanguageModel, unsupported
-from cpm_jax.models.plug import decode
+from cpm_jax.models.plug import decode, fewshot_inputs
 from cpm_jax.models.plug import model as plug
 from cpm_jax.tokenization import BertTokenizer
 
@@ -63,6 +64,45 @@ def _classifier(config: plug.PlugConfig):
   return jax.jit(logits)
 
 
+@functools.lru_cache(maxsize=None)
+def _few_shot_outputs(model: plug.FewShotModel):
+  def outputs(params, batch):
+    logits, embeddings, _ = model.outputs(params, batch)
+    return logits, embeddings
+  return jax.jit(outputs)
+
+
+def few_shot_functions(runner: batching.ModelRunner, config: plug.PlugConfig, tokenizer: BertTokenizer,
+                       metadata: dict):
+  """(classify, embed) of a few-shot checkpoint: rows in the recorded input format (fewshot_inputs), class logits
+  from its head and the mean hidden state of the text span, [n, classes] / [n, embed] float32. Each distinct text is
+  run once (kNN asks for the logits and the embeddings of the same texts)."""
+  input_format = fewshot_inputs.format_from_record(metadata["input_format"])
+  num_classes, seq_len, fields = len(metadata["labels"]), int(metadata["seq_len"]), input_format.fields()
+  run = _few_shot_outputs(plug.FewShotModel(config, head=input_format.head))
+  done: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+  def row(text):
+    if len(text) != len(fields):
+      raise ValueError(f"This few-shot model reads the fields {list(fields)}; got {len(text)} texts: {text!r}.")
+    return fewshot_inputs.features(dict(zip(fields, text)), input_format=input_format, tokenizer=tokenizer,
+                                   seq_len=seq_len, num_classes=num_classes, label=None, rng=None)
+
+  def outputs_batch(texts):
+    rows = [row(text) for text in texts]
+    batch = {key: jnp.asarray(np.stack([r[key] for r in rows])) for key in rows[0]}
+    logits, embeddings = (np.asarray(out, np.float32) for out in run(runner.params, batch))
+    return list(zip(logits, embeddings))
+
+  def outputs(texts, which):
+    new = list(dict.fromkeys(tuple(t) for t in texts if tuple(t) not in done))
+    done.update(zip(new, runner.in_batches(new, outputs_batch, pad=("",) * len(fields), desc="classifying")))
+    width = (num_classes, config.embed_dim)[which]
+    return np.stack([done[tuple(t)][which] for t in texts]) if texts else np.zeros((0, width), np.float32)
+
+  return (lambda texts: outputs(texts, 0)), (lambda texts: outputs(texts, 1))
+
+
 def _padded(rows: Sequence[Sequence[int]], max_length: int) -> jax.Array:
   """[rows, power-of-two width] int32, right-padded with 0."""
   width = decoding.bucket_width(max(len(r) for r in rows), max_length)
@@ -80,7 +120,7 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
   generate: the decoder from [CLS] (greedy for 64 tokens unless told otherwise); sampling with an open min_length
   follows PLUG's release (decode.RELEASE_SEP_FRACTION). classify (config.num_classes > 0): [CLS]-head logits of
   one or two text fields per example; the metadata's "labels" name the classes (as ClassificationData.labels did
-  in training).
+  in training). A few-shot checkpoint (FewShotData's metadata) classifies and embeds through few_shot_functions.
   """
   labels = tuple(metadata.get("labels", ()))
   prompts_tokenizer = PromptTokenizer(tokenizer, config.max_positions, strict)
@@ -98,8 +138,10 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
     return runner.in_batches([list(p) for p in prompts], generate_batch, pad=[tokenizer.cls_id, tokenizer.sep_id],
                              desc="generating")
 
-  classify = None
-  if config.num_classes:
+  classify = embed = None
+  if "input_format" in metadata:
+    classify, embed = few_shot_functions(runner, config, tokenizer, metadata)
+  elif config.num_classes:
     if labels and len(labels) != config.num_classes:
       raise ValueError(f"{len(labels)} labels {list(labels)} for a classifier of {config.num_classes} classes.")
     run = _classifier(config)
@@ -116,4 +158,4 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
       return np.stack(logits) if logits else np.zeros((0, config.num_classes), np.float32)
 
   return LanguageModel(prompts_tokenizer, unsupported("score continuations (it is an encoder-decoder)", "PLUG"),
-                       generate, classify, labels, continues_prompt=False)
+                       generate, classify, labels, continues_prompt=False, embed=embed)

@@ -161,18 +161,28 @@ def _encoder_block(x, params, config: PlugConfig, mask, rng):
   return partitioning.constrain(x, ACT)
 
 
+def block_mask(block_ids: jax.Array) -> jax.Array:
+  """[batch, 1, q, kv]: a token of block k > 0 sees block k and block 0 only; block 0 (shared) sees every token
+  (UniMC: each option sees itself and the shared text, never another option)."""
+  q, kv = block_ids[:, :, None], block_ids[:, None, :]
+  return ((q == 0) | (kv == 0) | (q == kv))[:, None]
+
+
 def encode(params: dict, tokens: jax.Array, config: PlugConfig, *, token_types=None, positions=None,
-           segment_ids=None, dropout_rng=None) -> jax.Array:
+           segment_ids=None, block_ids=None, dropout_rng=None) -> jax.Array:
   """Final encoder hidden states [batch, length, embed].
 
   token_types default 0; positions default 0.. (restart per document in packed rows); segment_ids:
-  document id per token, 0 = padding (default all 1). Attention is bidirectional within a segment.
+  document id per token, 0 = padding (default all 1). Attention is bidirectional within a segment, and with
+  block_ids (see block_mask) also restricted between blocks.
   """
   positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids)
   token_types = jnp.zeros_like(tokens) if token_types is None else token_types
   rngs = _split(dropout_rng, 2)
   x = embed(params, tokens, token_types, positions, config, rngs[0])
   mask = layers.attention_mask(segment_ids, segment_ids, None, None)
+  if block_ids is not None:
+    mask &= block_mask(block_ids)
 
   def layer(x, mask, layer_params, rng):
     return _encoder_block(x, layer_params, config, mask, rng)
@@ -186,12 +196,37 @@ def encode(params: dict, tokens: jax.Array, config: PlugConfig, *, token_types=N
 
 # ---- heads -------------------------------------------------------------------------------------
 
-def mlm_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
-  """MLM head: dense -> GELU -> LN -> tied word embedding + bias; float32 [batch, length, vocab]."""
+def _mlm_transform(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """The MLM head's dense -> GELU -> LN, [batch, length, embed]."""
   dtype, p = config.compute_dtype, params["mlm"]
   h = jnp.einsum("bte,ef->btf", hidden.astype(dtype), p["dense_kernel"].astype(dtype)) + p["dense_bias"].astype(dtype)
-  h = layers.layer_norm(layers.gelu(h, approximate=False), p["ln"], config.layer_norm_eps)
-  return decoder_logits(params, h, config) + p["bias"].astype(jnp.float32)
+  return layers.layer_norm(layers.gelu(h, approximate=False), p["ln"], config.layer_norm_eps)
+
+
+def mlm_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.Array:
+  """MLM head: dense -> GELU -> LN -> tied word embedding + bias; float32 [batch, length, vocab]."""
+  return decoder_logits(params, _mlm_transform(params, hidden, config), config) + params["mlm"]["bias"].astype(
+      jnp.float32)
+
+
+def mlm_scores(params: dict, states: jax.Array, token_ids: jax.Array, config: PlugConfig) -> jax.Array:
+  """The MLM head's logit of token_ids[b, c] from states[b, c] (e.g. PET's label words at the [MASK], UniMC's 是 at
+  each option's [MASK]) without the full-vocab product: float32 [batch, classes]."""
+  h = _mlm_transform(params, states, config)
+  words = params["embed"]["wte"][token_ids].astype(config.compute_dtype)
+  scores = jnp.einsum("bce,bce->bc", h, words, preferred_element_type=jnp.float32)
+  return scores + params["mlm"]["bias"][token_ids].astype(jnp.float32)
+
+
+def at_positions(hidden: jax.Array, positions: jax.Array) -> jax.Array:
+  """hidden [batch, length, embed] at positions [batch, k] -> [batch, k, embed] (a one-hot product: no gather)."""
+  return jnp.einsum("bkl,ble->bke", jax.nn.one_hot(positions, hidden.shape[1], dtype=hidden.dtype), hidden)
+
+
+def sentence_embedding(hidden: jax.Array, text_mask: jax.Array) -> jax.Array:
+  """The mean final hidden state over the text span (text_mask [batch, length] > 0), float32 [batch, embed]."""
+  mask = text_mask.astype(jnp.float32)[..., None]
+  return (hidden.astype(jnp.float32) * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
 
 
 def _dense(x, params, dtype):
@@ -208,11 +243,17 @@ def relation_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.
   return _dense(pooled(params, hidden, config), params["relation"], config.compute_dtype).astype(jnp.float32)
 
 
+def classify_pooled(params: dict, pooled_state: jax.Array, config: PlugConfig,
+                    dropout_rng: jax.Array | None = None) -> jax.Array:
+  """The classifier on a pooled state [batch, embed]: dropout -> linear; float32 [batch, num_classes]."""
+  x = layers.dropout(pooled_state, _rate(config, dropout_rng), dropout_rng)
+  return _dense(x, params["classifier"], config.compute_dtype).astype(jnp.float32)
+
+
 def classification_logits(params: dict, hidden: jax.Array, config: PlugConfig,
                           dropout_rng: jax.Array | None = None) -> jax.Array:
   """Classifier on the pooled [CLS] state -> dropout -> linear; float32 [batch, num_classes]."""
-  x = layers.dropout(pooled(params, hidden, config), _rate(config, dropout_rng), dropout_rng)
-  return _dense(x, params["classifier"], config.compute_dtype).astype(jnp.float32)
+  return classify_pooled(params, pooled(params, hidden, config), config, dropout_rng)
 
 
 # ---- decoder -----------------------------------------------------------------------------------
@@ -308,7 +349,8 @@ def decoder_logits(params: dict, hidden: jax.Array, config: PlugConfig) -> jax.A
 
 def _encoder_inputs(params: dict, batch: dict, config: PlugConfig, dropout_rng) -> jax.Array:
   return encode(params, batch["inputs"], config, token_types=batch.get("token_types"),
-                positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+                positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                block_ids=batch.get("block_ids"), dropout_rng=dropout_rng)
 
 
 def _encoder_batch(seq_len: int) -> dict:
@@ -437,6 +479,124 @@ class ClassifierModel:
                                                 "label_weights": ((), "float32")})
 
   def flops_per_token(self, seq_len: int) -> float:
-    c = self.config
-    return 6.0 * c.num_encoder_layers * (4 * c.embed_dim ** 2 + 2 * c.embed_dim * c.ffn_dim) + \
-        12.0 * c.num_encoder_layers * c.embed_dim * seq_len
+    return _encoder_flops_per_token(self.config, seq_len)
+
+
+def _encoder_flops_per_token(config: PlugConfig, seq_len: int) -> float:
+  """6 x encoder block matmul params + attention, per token (the classifiers' heads are negligible)."""
+  c = config
+  return 6.0 * c.num_encoder_layers * (4 * c.embed_dim ** 2 + 2 * c.embed_dim * c.ffn_dim) + \
+      12.0 * c.num_encoder_layers * c.embed_dim * seq_len
+
+
+FEW_SHOT_HEADS = ("cls", "mlm")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class FewShotModel:
+  """Few-shot NLU fine-tuning with the techniques of the FewCLUE winners, each a switch (off by default).
+
+  Batches from cpm_jax.models.plug.fewshot_inputs.FewShotData. head "cls": the pooled [CLS] classifier
+  (config.num_classes > 0); head "mlm": class c is the MLM head's logit of score_ids[c] at score_positions[c] (PET's
+  label words at the [MASK], UniMC's 是 at each option's [MASK]), cross-entropy over the classes. Per example:
+    label_weight x cross-entropy
+    + mlm_weight x mean MLM cross-entropy at mlm_positions (UniMC: 是 / 非 at the options, masked text tokens)
+    + contrastive_weight x supervised contrastive loss of the sentence embeddings (temperature by config)
+    + distillation_weight x teacher_weight x T^2 KL(teacher_T || model_T)   (temperature T by config)
+  mixup_alpha > 0: the classifier's input (pooled state / the [MASK] states) of each labelled example is mixed with a
+  random partner's, lambda ~ Beta(alpha, alpha) folded to >= 1/2, the cross-entropy mixed alike. rdrop_weight > 0:
+  two dropout passes; their mean plus rdrop_weight x symmetric KL between their class distributions (GTS: 5).
+  Mixup and both R-Drop passes need the train step's dropout rng; without it (evaluation) they are off.
+  """
+
+  config: PlugConfig = dataclasses.field(default_factory=PlugConfig)
+  head: str = "cls"
+  mlm_weight: float = 0.0
+  rdrop_weight: float = 0.0
+  mixup_alpha: float = 0.0
+  contrastive_weight: float = 0.0
+  contrastive_temperature: float = 0.1
+  distillation_weight: float = 0.0
+  distillation_temperature: float = 1.0
+
+  def __post_init__(self):
+    if self.head not in FEW_SHOT_HEADS:
+      raise ValueError(f"FewShotModel.head={self.head!r}; expected one of {FEW_SHOT_HEADS}.")
+    if self.head == "cls" and not self.config.num_classes:
+      raise ValueError("FewShotModel.head='cls' needs PlugConfig.num_classes > 0.")
+
+  def param_specs(self) -> dict:
+    return param_specs(self.config)
+
+  def with_config(self, config):
+    """This model with another config (model_fit: e.g. the vocab size from the data)."""
+    return dataclasses.replace(self, config=config)
+
+  def outputs(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None,
+              mixup: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(class logits [batch, classes], sentence embeddings [batch, embed], final hidden states); `mixup` (partner,
+    lambda) mixes the classifier inputs."""
+    rngs = _split(dropout_rng, 2)
+    hidden = _encoder_inputs(params, batch, self.config, rngs[0])
+
+    def mixed(x):
+      if mixup is None:
+        return x
+      partner, lam = mixup
+      lam = lam.reshape(lam.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+      return lam * x + (1 - lam) * x[partner]
+
+    if self.head == "cls":
+      logits = classify_pooled(params, mixed(pooled(params, hidden, self.config)), self.config, rngs[1])
+    else:
+      states = mixed(at_positions(hidden, batch["score_positions"]))
+      logits = mlm_scores(params, states, batch["score_ids"], self.config)
+    return logits, sentence_embedding(hidden, batch["text_mask"]), hidden
+
+  def _mlm_loss(self, params: dict, hidden: jax.Array, batch: dict) -> jax.Array:
+    logits = mlm_logits(params, at_positions(hidden, batch["mlm_positions"]), self.config)
+    per_token = objectives.cross_entropy(logits, batch["mlm_targets"])
+    weights = batch["mlm_weights"].astype(jnp.float32)
+    return (per_token * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1.0)
+
+  def _pass(self, params: dict, batch: dict, rng, mixup) -> tuple[jax.Array, jax.Array]:
+    """(per-example loss terms [batch], class logits) of one forward pass."""
+    logits, embedding, hidden = self.outputs(params, batch, rng, mixup)
+    labels, weights = batch["labels"], batch["label_weights"].astype(jnp.float32)
+    cross_entropy = objectives.cross_entropy(logits, labels)
+    if mixup is not None:
+      partner, lam = mixup
+      cross_entropy = lam * cross_entropy + (1 - lam) * objectives.cross_entropy(logits, labels[partner])
+    terms = weights * cross_entropy
+    if self.mlm_weight:
+      terms += self.mlm_weight * self._mlm_loss(params, hidden, batch)
+    if self.contrastive_weight:
+      terms += self.contrastive_weight * objectives.supervised_contrastive(embedding, labels, weights,
+                                                                           self.contrastive_temperature)
+    if self.distillation_weight:
+      terms += self.distillation_weight * batch["teacher_weights"] * objectives.distillation_kl(
+          logits, batch["teacher_logits"], self.distillation_temperature)
+    return terms, logits
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    rngs = _split(dropout_rng, 3)
+    labelled = batch["label_weights"].astype(jnp.float32)
+    weights = jnp.maximum(labelled, batch["teacher_weights"].astype(jnp.float32))
+    mixup = None
+    if self.mixup_alpha and dropout_rng is not None:
+      mixup = objectives.mixup_pairs(rngs[2], labelled, self.mixup_alpha)
+    terms, logits = self._pass(params, batch, rngs[0], mixup)
+    if self.rdrop_weight:
+      second_terms, second_logits = self._pass(params, batch, rngs[1], mixup)
+      terms = 0.5 * (terms + second_terms) + self.rdrop_weight * weights * objectives.symmetric_kl(
+          logits, second_logits)
+    correct = (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32) * labelled
+    sums = {"loss_sum": terms.sum(), "z_loss_sum": jnp.zeros((), jnp.float32), "weight_sum": weights.sum(),
+            "correct_sum": correct.sum()}
+    return sums["loss_sum"] / jnp.maximum(sums["weight_sum"], 1.0), sums
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """The encoder's, twice with R-Drop."""
+    return (2.0 if self.rdrop_weight else 1.0) * _encoder_flops_per_token(self.config, seq_len)
+

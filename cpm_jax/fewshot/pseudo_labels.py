@@ -1,0 +1,22 @@
+"""Self-training's pseudo-label selection: keep confident, class-balanced predictions on the unlabelled pool."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def select(probabilities: np.ndarray, threshold: float, max_per_class: int | None = None) -> tuple[np.ndarray,
+                                                                                                 np.ndarray]:
+  """(indices, labels) of the pool examples to add: those whose top probability is >= threshold, the same number
+  for every class (the smallest class's count, capped by max_per_class), the most confident of each class first."""
+  probabilities = np.asarray(probabilities)
+  predicted, confidence = probabilities.argmax(-1), probabilities.max(-1)
+  by_class = []
+  for label in range(probabilities.shape[-1]):
+    members = np.flatnonzero((predicted == label) & (confidence >= threshold))
+    by_class.append(members[np.argsort(-confidence[members], kind="stable")])
+  count = min(len(members) for members in by_class)
+  if max_per_class is not None:
+    count = min(count, max_per_class)
+  indices = np.concatenate([members[:count] for members in by_class]).astype(np.int64)
+  return indices, predicted[indices]
