@@ -80,12 +80,11 @@ def _decoder(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, 
   def run(params, prompts, lengths, rng):
     cache_length = prompts.shape[1] - 1 + decoding_config.max_new_tokens
     cache, last = prefill(params, prompts, lengths, config, cache_length)
-    seen = None
-    if decoding_config.needs_seen_tokens:
-      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
-      seen = decoding.seen_tokens(prompts, valid, config.vocab_size)
+    valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
+    seen = decoding.seen_tokens(prompts, valid, config.vocab_size) if decoding_config.needs_seen_tokens else None
     return decoding_config.run(step, params, cache, cache_logical_axes(config), last, eod_id=eod_id,
-                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng, seen=seen)
+                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng, seen=seen,
+                               history=(prompts[:, :-1], valid[:, :-1]))
 
   return jax.jit(run)
 
