@@ -13,7 +13,6 @@ import itertools
 import os
 from collections.abc import Iterator
 
-import tqdm
 from absl import app, flags
 
 from cpm_jax import logging_setup, tokenization
@@ -47,8 +46,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging_setup.quiet_library_logs()
-  texts = tqdm.tqdm(itertools.islice(documents(), _MAX_DOCUMENTS.value), desc="segmenting documents (jieba)",
-                    unit=" docs")
+  texts = logging_setup.progress(itertools.islice(documents(), _MAX_DOCUMENTS.value),
+                                 desc="segmenting documents (jieba)", total=_MAX_DOCUMENTS.value, unit="docs")
   tokenizer = tokenization.train_sentencepiece(texts, os.path.expanduser(_OUTPUT.value), vocab_size=_VOCAB_SIZE.value,
                                                character_coverage=_COVERAGE.value, verbose=_VERBOSE.value)
   sample = "中国人民 2024 年\n新的一天。"
