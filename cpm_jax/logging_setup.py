@@ -9,7 +9,8 @@ Three libraries log at start-up what alarms users but reports no fault:
   `Unable to initialize backend 'tpu': ... libtpu.so: cannot open shared object file`. A backend that is installed
   but fails still logs (the probe drops only "not installed" records), and with no backend at all jax raises.
 - Orbax logs every checkpoint save at INFO, TFDS every dataset it opens ("Load dataset info", "Reusing dataset";
-  cpm_jax.data.sources logs one line for a dataset it builds).
+  cpm_jax.data.sources logs one line for a dataset it builds), and while it builds one TFDS warns that the folder
+  it is building in "has no dataset_info.json" yet.
 
 Progress (`progress`) is a tqdm bar on a terminal and a few plain log lines with an ETA otherwise, so a log file
 or a pipe gets no carriage-return updates; TFDS's own bars and its "Downloading and preparing" banner for a local
@@ -38,6 +39,8 @@ def is_probe_noise(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return message.startswith("Unable to initialize backend") and (
         "cannot open shared object file" in message or "No such file" in message)
+  if path.endswith("tensorflow_datasets/core/utils/file_utils.py") and record.levelno == logging.WARNING:
+    return record.getMessage().endswith("has no dataset_info.json")
   return record.levelno < logging.WARNING and ("/orbax/" in path or "/tensorflow_datasets/" in path)
 
 
