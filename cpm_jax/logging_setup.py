@@ -8,7 +8,8 @@ Three libraries log at start-up what alarms users but reports no fault:
 - jax probes every backend it knows when it first needs devices; with no TPU runtime installed it logs
   `Unable to initialize backend 'tpu': ... libtpu.so: cannot open shared object file`. A backend that is installed
   but fails still logs (the probe drops only "not installed" records), and with no backend at all jax raises.
-- Orbax logs every checkpoint save at INFO, TFDS every dataset it opens ("Load dataset info", "Reusing dataset";
+- Orbax logs every checkpoint save at INFO, and warns when a checkpoint is opened to be read that a read-only
+  manager saves nothing ("read_only=True, setting ...", "Given directory is read only"); TFDS every dataset it opens ("Load dataset info", "Reusing dataset";
   cpm_jax.data.sources logs one line for a dataset it builds), and while it builds one TFDS warns that the folder
   it is building in "has no dataset_info.json" yet.
 
@@ -39,6 +40,9 @@ def is_probe_noise(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return message.startswith("Unable to initialize backend") and (
         "cannot open shared object file" in message or "No such file" in message)
+  if path.endswith("orbax/checkpoint/checkpoint_manager.py") and record.levelno == logging.WARNING:
+    message = record.getMessage()
+    return message.startswith("CheckpointManagerOptions.read_only=True") or "directory is read only" in message
   if path.endswith("tensorflow_datasets/core/utils/file_utils.py") and record.levelno == logging.WARNING:
     return record.getMessage().endswith("has no dataset_info.json")
   return record.levelno < logging.WARNING and ("/orbax/" in path or "/tensorflow_datasets/" in path)
