@@ -12,7 +12,7 @@ import gin
 import grain
 import numpy as np
 
-from cpm_jax.data import pipeline, processes
+from cpm_jax.data import pipeline, processes, sources
 from cpm_jax.data.splits import SplitData
 from cpm_jax.model_fit import Requirement
 from cpm_jax.tokenization import CPMTokenizer
@@ -39,10 +39,11 @@ class LMData(SplitData):
 
   def model_requirements(self) -> tuple[Requirement, ...]:
     """What the batches need of CPMConfig (cpm_jax.model_fit): the tokenizer's ids, seq_len positions."""
+    name = type(self).__name__  # LabelPromptData shares this
     return (Requirement("vocab_size", self.tokenizer.vocab_size,
-                        f"the tokenizer LMData.tokenizer_path = {self.tokenizer_path!r}", ("inputs", "targets"),
+                        f"the tokenizer {name}.tokenizer_path = {self.tokenizer_path!r}", ("inputs", "targets"),
                         adopt=True),
-            Requirement("max_positions", self.seq_len, f"LMData.seq_len = {self.seq_len}", ("positions",)))
+            Requirement("max_positions", self.seq_len, f"{name}.seq_len = {self.seq_len}", ("positions",)))
 
   def train_iterator(self, seed: int) -> Iterator[dict]:
     return pipeline.make_lm_iterator(self.source(self.train_split), self.tokenizer, seq_len=self.seq_len,
@@ -62,8 +63,8 @@ def label_prompt_row(example: dict, *, tokenizer: CPMTokenizer, seq_len: int, te
   """One example as a row of `seq_len`: the template's context, then its continuation with the example's label
   words; only the continuation's tokens are targets (weight 1). A long context loses its first tokens, as the
   scorer's prompts do."""
-  text = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in example.items()}
-  label = str(text[label_field])
+  text = {k: sources.as_text(v) for k, v in example.items()}
+  label = text[label_field]
   if label not in label_map:
     raise ValueError(f"LabelPromptData: label {label!r} (field {label_field!r}) is not in label_map "
                      f"{sorted(label_map)}.")
