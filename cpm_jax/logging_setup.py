@@ -9,9 +9,9 @@ Three libraries log at start-up what alarms users but reports no fault:
   `Unable to initialize backend 'tpu': ... libtpu.so: cannot open shared object file`. A backend that is installed
   but fails still logs (the probe drops only "not installed" records), and with no backend at all jax raises.
 - Orbax logs every checkpoint save at INFO, and warns when a checkpoint is opened to be read that a read-only
-  manager saves nothing ("read_only=True, setting ...", "Given directory is read only"); TFDS every dataset it opens ("Load dataset info", "Reusing dataset";
-  cpm_jax.data.sources logs one line for a dataset it builds), and while it builds one TFDS warns that the folder
-  it is building in "has no dataset_info.json" yet.
+  manager saves nothing ("read_only=True, setting ...", "Given directory is read only").
+- TFDS logs every dataset it opens ("Load dataset info", "Reusing dataset"; cpm_jax.data.sources logs one line for
+  a dataset it builds), and while it builds one warns that the folder it is building in "has no dataset_info.json".
 
 Progress (`progress`) is a tqdm bar on a terminal and a few plain log lines with an ETA otherwise, so a log file
 or a pipe gets no carriage-return updates; TFDS's own bars and its "Downloading and preparing" banner for a local

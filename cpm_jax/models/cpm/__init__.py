@@ -36,7 +36,7 @@ init = FAMILY.init
 abstract_params = FAMILY.abstract_params
 logical_axes = FAMILY.logical_axes
 
-__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LabelPromptData", "LMData", "abstract_params", "cache_logical_axes",
-           "cached_hidden_states", "decode_layout", "embed", "forward", "generate", "hidden_states", "init",
-           "init_cache", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "prefill",
-           "score_fn", "step_fn"]
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LabelPromptData", "LMData", "abstract_params",
+           "cache_logical_axes", "cached_hidden_states", "decode_layout", "embed", "forward", "generate",
+           "hidden_states", "init", "init_cache", "language_model", "logical_axes", "logits_from_hidden",
+           "param_specs", "prefill", "score_fn", "step_fn"]
