@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import partitioning
+from cpm_jax import no_repeat_ngram, partitioning
 
 StepFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
 NEG_INF = -1e30  # finite stand-in for -inf in log-space (keeps arithmetic NaN-free)
@@ -36,6 +36,7 @@ class SamplingConfig:
   Logits are processed in CPM's order: repetition penalty, then top-k, then top-p (nucleus, on the
   probabilities renormalised over the top-k), then temperature, then a categorical draw. With
   `greedy` the token is the argmax after the repetition penalty. top_k=0 / top_p=1.0 disable them.
+  no_repeat_ngram_size=n bans every token that would repeat an n-gram of the row (cpm_jax.no_repeat_ngram).
   The end token cannot be produced before `min_length` new tokens; None leaves it to the model's release
   protocol (PLUG samples no [SEP] before 80% of max_new_tokens; CPM: 0).
   """
@@ -46,6 +47,7 @@ class SamplingConfig:
   top_k: int = 0
   top_p: float = 1.0
   repetition_penalty: float = 1.0  # CTRL's: seen tokens' logits divided (if > 0) or multiplied by it
+  no_repeat_ngram_size: int = 0
   min_length: int | None = None
   seed: int = 0
 
@@ -60,6 +62,8 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p={self.top_p}; expected in (0, 1].")
     if self.repetition_penalty <= 0:
       raise ValueError(f"SamplingConfig.repetition_penalty={self.repetition_penalty}; expected > 0.")
+    if self.no_repeat_ngram_size < 0:
+      raise ValueError(f"SamplingConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}; expected >= 0 (0: off).")
     if self.min_length is not None and not 0 <= self.min_length <= self.max_new_tokens:
       raise ValueError(f"SamplingConfig.min_length={self.min_length}; expected in [0, max_new_tokens="
                        f"{self.max_new_tokens}] (or None).")
@@ -81,10 +85,12 @@ class SamplingConfig:
     return dataclasses.replace(self, seed=0)
 
   def run(self, step_fn: "StepFn", params: Any, cache: Any, cache_axes: Any, last_tokens: jax.Array, *,
-          eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array,
-          seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(tokens [batch, max_new_tokens], lengths [batch]) by `sample_loop` (cache_axes unused)."""
-    del cache_axes
+          eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array, seen: jax.Array | None = None,
+          history: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+    """(tokens [batch, max_new_tokens], lengths [batch]) by `sample_loop`; history: (tokens, valid) fed before
+    last_tokens, for no_repeat_ngram_size."""
+    step_fn, cache, _ = no_repeat_ngram.track(self.no_repeat_ngram_size, step_fn, cache, cache_axes,
+                                              last_tokens.shape[0], self.max_new_tokens, history, NEG_INF)
     tokens, lengths, _ = sample_loop(step_fn, params, cache, last_tokens, self, eod_id=eod_id, pad_id=pad_id,
                                      vocab_size=vocab_size, rng=rng, seen=seen)
     return tokens, lengths
@@ -96,13 +102,14 @@ class BeamSearchConfig:
   """Beam search scored by log-probability / GNMT length penalty ((5 + length) / 6) ** alpha.
 
   <eod> is forbidden before `min_length` new tokens. Beams that reach max_new_tokens without <eod>
-  compete with the finished ones at that length.
+  compete with the finished ones at that length. no_repeat_ngram_size as in SamplingConfig.
   """
 
   max_new_tokens: int = 64
   beam_size: int = 5
   length_penalty: float = 0.6
   min_length: int = 5
+  no_repeat_ngram_size: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 1 or self.beam_size < 1:
@@ -113,6 +120,8 @@ class BeamSearchConfig:
     if not 0 <= self.min_length <= self.max_new_tokens:
       raise ValueError(f"BeamSearchConfig.min_length={self.min_length}; expected in [0, max_new_tokens="
                        f"{self.max_new_tokens}].")
+    if self.no_repeat_ngram_size < 0:
+      raise ValueError(f"BeamSearchConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}; expected >= 0.")
 
   seed = 0  # beam search draws nothing
   needs_seen_tokens = False
@@ -125,10 +134,12 @@ class BeamSearchConfig:
     return self
 
   def run(self, step_fn: "StepFn", params: Any, cache: Any, cache_axes: Any, last_tokens: jax.Array, *,
-          eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array,
-          seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+          eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array, seen: jax.Array | None = None,
+          history: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """(best tokens [batch, max_new_tokens], lengths [batch]) by `beam_search_loop`."""
     del vocab_size, rng, seen
+    step_fn, cache, cache_axes = no_repeat_ngram.track(self.no_repeat_ngram_size, step_fn, cache, cache_axes,
+                                                       last_tokens.shape[0], self.max_new_tokens, history, NEG_INF)
     tokens, lengths, _ = beam_search_loop(step_fn, params, cache, cache_axes, last_tokens, self, eod_id=eod_id,
                                           pad_id=pad_id)
     return tokens, lengths

@@ -43,6 +43,8 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (app
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the smallest set of tokens with this probability.")
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL's penalty on tokens already present.")
+_NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer("no_repeat_ngram_size", 0, "Ban every token that would repeat an "
+                                             "n-gram (this many tokens) of the prompt or the text so far (0: off).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same prompts -> same output).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sampling).")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search: GNMT alpha in ((5 + len) / 6) ** alpha.")
@@ -67,10 +69,12 @@ def decoding_config() -> decoding.DecodingConfig:
 def _decoding_config() -> decoding.DecodingConfig:
   if _BEAM_SIZE.value:
     return decoding.BeamSearchConfig(max_new_tokens=_MAX_NEW_TOKENS.value, beam_size=_BEAM_SIZE.value,
-                                     length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value or 0)
+                                     length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value or 0,
+                                     no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value)
   return decoding.SamplingConfig(max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                                 repetition_penalty=_REPETITION_PENALTY.value, min_length=_MIN_LENGTH.value,
+                                 repetition_penalty=_REPETITION_PENALTY.value,
+                                 no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value, min_length=_MIN_LENGTH.value,
                                  seed=_SEED.value)
 
 

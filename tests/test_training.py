@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from cpm_jax import checkpointing, gin_setup, model_fit, partitioning, train_loop, training
 from cpm_jax.data import pipeline
@@ -175,7 +176,18 @@ def test_loop_learns_logs_and_writes_workdir(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / "config.gin")
   assert json.loads((tmp_path / "final_metrics.json").read_text())["loss"] == pytest.approx(metrics["loss"])
   assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "24"
-  assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+  # TensorBoard reads the scalars back: every log_every steps and at each evaluation.
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+  for name in ("loss", "learning_rate", "grad_norm", "tokens_per_second", "mfu"):
+    assert [step for step, _ in scalars[f"train/{name}"]] == [4, 8, 12, 16, 20, 24], name
+    assert all(np.isfinite(value) and value >= 0 for _, value in scalars[f"train/{name}"]), name
+  assert scalars["train/loss"][-1][1] == pytest.approx(metrics["loss"])
+  assert scalars["train/learning_rate"][-1][1] == pytest.approx(float(training.learning_rate_schedule()(23)))
+  perplexity = scalars["validation/perplexity"]
+  assert [step for step, _ in perplexity] == [12, 24] and perplexity[1][1] < perplexity[0][1]
+  assert perplexity[1][1] == pytest.approx(metrics["validation_perplexity"])
   gin.clear_config()
 
 

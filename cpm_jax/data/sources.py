@@ -9,12 +9,17 @@ Everything is array_record; no TensorFlow is needed.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import time
 from typing import Any
 
 import gin
 import tensorflow_datasets as tfds
+from absl import logging
 
+from cpm_jax import logging_setup
 from cpm_jax.data import builders, image_builders, triples
 
 DEMO_BUILDERS = {cls.name: cls for cls in (builders.PeoplesDaily1998, builders.ReviewSentiment)}
@@ -24,7 +29,17 @@ EMBEDDED_BUILDERS = {**DEMO_BUILDERS, **IMAGE_BUILDERS}  # built from installed 
 
 
 def _prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
-  builder.download_and_prepare(file_format="array_record")  # no-op when already prepared
+  """Builds the dataset once (a no-op when prepared), logging one line instead of TFDS's download banner (these
+  builders download nothing) and its progress bars off a terminal."""
+  if builder.is_prepared():
+    return builder
+  start = time.perf_counter()
+  tfds.display_progress_bar(logging_setup.is_terminal())
+  with contextlib.redirect_stdout(io.StringIO()):  # "Downloading and preparing dataset Unknown size ..."
+    builder.download_and_prepare(file_format="array_record")
+  splits = ", ".join(f"{name} {split.num_examples}" for name, split in builder.info.splits.items())
+  logging.info("Built %s (%s examples) in %s in %.1f s.", builder.name, splits, builder.data_dir,
+               time.perf_counter() - start)
   return builder
 
 

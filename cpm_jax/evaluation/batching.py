@@ -9,9 +9,8 @@ import functools
 from typing import Any, Callable, Sequence, TypeVar
 
 import jax
-import tqdm
 
-from cpm_jax import partitioning, transformer
+from cpm_jax import logging_setup, partitioning, transformer
 
 Item = TypeVar("Item")
 
@@ -21,7 +20,8 @@ def in_batches(items: Sequence[Item], batch_size: int, run: Callable[[list[Item]
   """run(batch) for consecutive batches of `batch_size` items, the last filled up with `pad`, under `mesh` (its
   activations sharded by the logical-axis rules); returns the results of the real items, in order."""
   results = []
-  for start in tqdm.trange(0, len(items), batch_size, disable=not progress, desc=desc, unit="batch"):
+  starts = range(0, len(items), batch_size)
+  for start in logging_setup.progress(starts, desc=desc, total=len(starts), unit="batches", enabled=progress):
     batch = list(items[start:start + batch_size])
     with partitioning.on_mesh(mesh):
       out = run(batch + [pad] * (batch_size - len(batch)))

@@ -1,7 +1,7 @@
 """CPM-LM (TsinghuaAI CPM-1): a GPT-2-style Chinese decoder. Everything CPM-specific is in this folder:
 
   model.py      config, param specs, forward (training layout) and cached forward (decode layout), the training model
-  data.py       LMData: packed LM batches for the train loop
+  data.py       LMData: packed LM batches for the train loop; LabelPromptData: prompt-style fine-tuning rows
   decode.py     the decoding adapter: decode layout, prefill, step, generate
   evaluation.py the LanguageModel adapter: continuation scoring and generation
   convert.py    the release's Megatron/DeepSpeed shards (one key table, config inference)
@@ -10,7 +10,7 @@
 
 from cpm_jax.convert.common import Format
 from cpm_jax.models.cpm import convert, hf
-from cpm_jax.models.cpm.data import LMData
+from cpm_jax.models.cpm.data import LabelPromptData, LMData
 from cpm_jax.models.cpm.decode import cache_logical_axes, decode_layout, generate, init_cache, prefill, step_fn
 from cpm_jax.models.cpm.evaluation import language_model, score_fn
 from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
@@ -23,7 +23,7 @@ FAMILY = Family(
     config_class=CPMConfig,
     param_specs=param_specs,
     training_models=(CPMLanguageModel,),
-    data=(LMData,),
+    data=(LMData, LabelPromptData),
     tokenizer=CPMTokenizer,
     language_model=language_model,
     formats={
@@ -36,7 +36,7 @@ init = FAMILY.init
 abstract_params = FAMILY.abstract_params
 logical_axes = FAMILY.logical_axes
 
-__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LMData", "abstract_params", "cache_logical_axes",
-           "cached_hidden_states", "decode_layout", "embed", "forward", "generate", "hidden_states", "init",
-           "init_cache", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "prefill",
-           "score_fn", "step_fn"]
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LabelPromptData", "LMData", "abstract_params",
+           "cache_logical_axes", "cached_hidden_states", "decode_layout", "embed", "forward", "generate",
+           "hidden_states", "init", "init_cache", "language_model", "logical_axes", "logits_from_hidden",
+           "param_specs", "prefill", "score_fn", "step_fn"]

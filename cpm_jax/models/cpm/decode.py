@@ -13,9 +13,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from cpm_jax import decoding, partitioning, transformer
+from cpm_jax import decoding, logging_setup, partitioning, transformer
 from cpm_jax.models.cpm import model
 
 
@@ -80,12 +79,11 @@ def _decoder(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, 
   def run(params, prompts, lengths, rng):
     cache_length = prompts.shape[1] - 1 + decoding_config.max_new_tokens
     cache, last = prefill(params, prompts, lengths, config, cache_length)
-    seen = None
-    if decoding_config.needs_seen_tokens:
-      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
-      seen = decoding.seen_tokens(prompts, valid, config.vocab_size)
+    valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
+    seen = decoding.seen_tokens(prompts, valid, config.vocab_size) if decoding_config.needs_seen_tokens else None
     return decoding_config.run(step, params, cache, cache_logical_axes(config), last, eod_id=eod_id,
-                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng, seen=seen)
+                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng, seen=seen,
+                               history=(prompts[:, :-1], valid[:, :-1]))
 
   return jax.jit(run)
 
@@ -108,7 +106,8 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
   rng = jax.random.key(decoding_config.seed)
   run = _decoder(config, decoding_config.with_min_length_fraction(0.0).unseeded(), eod_id, pad_id, mesh)
   results = []
-  for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
+  starts = range(0, len(prompts), batch_size)
+  for start in logging_setup.progress(starts, desc="generating", total=len(starts), unit="batches", enabled=progress):
     chunk = list(prompts[start:start + batch_size])
     chunk += [[]] * (batch_size - len(chunk))
     tokens, lengths = decoding.prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
