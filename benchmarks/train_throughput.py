@@ -264,8 +264,7 @@ def run_alone(name: str) -> dict:
   passed += [f"--dtype={compute_dtype()}"]
   passed += [f"--{flag}={getattr(FLAGS, flag)}" for flag in ("remat_policy", "attention_impl")
              if getattr(FLAGS, flag)]
-  done = subprocess.run([sys.executable, __file__, f"--side={name}", *passed], capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+  done = subprocess.run([sys.executable, __file__, f"--side={name}", *passed], capture_output=True, text=True)
   lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
   if done.returncode or not lines:
     raise SystemExit(f"--side={name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
