@@ -47,6 +47,7 @@ from typing import Any, Callable
 from absl import app, flags
 
 from benchmark_timing import best_time
+from cpm_jax import host_memory
 
 SIDES = ("cpm_jax", "flax", "pytorch")
 flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "Where the JAX sides run (PyTorch: CPU only).")
@@ -67,6 +68,8 @@ flags.DEFINE_string("attention_impl", None, "cpm_jax's CPMConfig.attention_impl 
                     "GPU, xla on TPU).")
 flags.DEFINE_integer("num_microbatches", 1, "cpm_jax: gradient accumulation over this many microbatches.")
 flags.DEFINE_bool("ceiling", True, "CPU: also time the step's matrix products as bare matmuls.")
+flags.DEFINE_bool("retain_freed_memory", False, "Every process: cpm_jax.host_memory.retain_freed_memory() first "
+                  "(glibc keeps freed memory for reuse, so XLA's per-step temporaries are not page-faulted anew).")
 flags.DEFINE_string("side", None, "Internal: time this one side in this process and print its result as JSON.")
 FLAGS = flags.FLAGS
 
@@ -260,7 +263,8 @@ def build(names, config, batch) -> dict[str, Side]:
 def run_alone(name: str) -> dict:
   """Times one side in a fresh process: `--side=name` with the same flags."""
   passed = [f"--{flag}={getattr(FLAGS, flag)}" for flag in
-            ("platform", "model", "batch_size", "seq_len", "steps_per_round", "dropout", "num_microbatches")]
+            ("platform", "model", "batch_size", "seq_len", "steps_per_round", "dropout", "num_microbatches",
+             "retain_freed_memory")]
   passed += [f"--dtype={compute_dtype()}"]
   passed += [f"--{flag}={getattr(FLAGS, flag)}" for flag in ("remat_policy", "attention_impl")
              if getattr(FLAGS, flag)]
@@ -350,6 +354,8 @@ def main(argv):
   del argv
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     raise SystemExit("Run without --xla_force_host_platform_device_count: fake devices share the cores.")
+  if FLAGS.retain_freed_memory and not host_memory.retain_freed_memory():
+    raise SystemExit("--retain_freed_memory: the C library has no mallopt (glibc only).")
   import jax
   jax.config.update("jax_platforms", FLAGS.platform)
   if FLAGS.platform == "cpu":
@@ -380,7 +386,8 @@ def main(argv):
   print(f"model {FLAGS.model}: {config.num_layers} layers x {config.embed_dim}, {config.num_heads} heads, vocab "
         f"{config.vocab_size}; batch {FLAGS.batch_size} x {FLAGS.seq_len}; compute {config.dtype}, params float32; "
         f"dropout {config.dropout_rate}; cpm_jax remat {config.remat_policy}, attention {config.attention_impl}; "
-        f"{device.device_kind} ({FLAGS.platform}); {os.cpu_count()} CPU threads; {load()}")
+        f"{device.device_kind} ({FLAGS.platform}); {os.cpu_count()} CPU threads; freed memory "
+        f"{'retained' if FLAGS.retain_freed_memory else 'returned (glibc default)'}; {load()}")
   print(f"FLOPs per step {flops_per_step / 1e9:.1f} G (6 x matmul params x tokens + 12 x L x E x T x tokens)")
 
   alone = {name: [] for name in names}
