@@ -47,7 +47,6 @@ from typing import Any, Callable
 from absl import app, flags
 
 from benchmark_timing import best_time
-from cpm_jax import host_memory
 
 SIDES = ("cpm_jax", "flax", "pytorch")
 flags.DEFINE_enum("platform", "cpu", ["cpu", "gpu", "tpu"], "Where the JAX sides run (PyTorch: CPU only).")
@@ -70,6 +69,9 @@ flags.DEFINE_integer("num_microbatches", 1, "cpm_jax: gradient accumulation over
 flags.DEFINE_bool("ceiling", True, "CPU: also time the step's matrix products as bare matmuls.")
 flags.DEFINE_bool("retain_freed_memory", False, "Every process: cpm_jax.host_memory.retain_freed_memory() first "
                   "(glibc keeps freed memory for reuse, so XLA's per-step temporaries are not page-faulted anew).")
+flags.DEFINE_list("checkouts", None, "Instead: time cpm_jax alone in each of these checkouts (repo roots, imported "
+                  "through PYTHONPATH; this script and its model gin files as given), one fresh process per checkout, "
+                  "rotated over --alone_rounds rounds; prints each one's medians and its ratios to the first.")
 flags.DEFINE_string("side", None, "Internal: time this one side in this process and print its result as JSON.")
 FLAGS = flags.FLAGS
 
@@ -260,15 +262,18 @@ def build(names, config, batch) -> dict[str, Side]:
   return sides
 
 
-def run_alone(name: str) -> dict:
-  """Times one side in a fresh process: `--side=name` with the same flags."""
+def run_alone(name: str, checkout: str | None = None) -> dict:
+  """Times one side in a fresh process: `--side=name` with the same flags (cpm_jax imported from `checkout`, if
+  given, else as this process imports it)."""
   passed = [f"--{flag}={getattr(FLAGS, flag)}" for flag in
             ("platform", "model", "batch_size", "seq_len", "steps_per_round", "dropout", "num_microbatches",
              "retain_freed_memory")]
   passed += [f"--dtype={compute_dtype()}"]
   passed += [f"--{flag}={getattr(FLAGS, flag)}" for flag in ("remat_policy", "attention_impl")
              if getattr(FLAGS, flag)]
-  done = subprocess.run([sys.executable, __file__, f"--side={name}", *passed], capture_output=True, text=True)
+  env = {**os.environ, "PYTHONPATH": checkout} if checkout else None
+  done = subprocess.run([sys.executable, __file__, f"--side={name}", *passed], capture_output=True, text=True,
+                        env=env)
   lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
   if done.returncode or not lines:
     raise SystemExit(f"--side={name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -350,12 +355,37 @@ def load() -> str:
   return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def compare_checkouts(checkouts: list[str]):
+  """cpm_jax's step alone in each checkout, processes rotated: medians and ratios to the first checkout."""
+  print(f"cpm_jax alone per checkout: model {FLAGS.model}, batch {FLAGS.batch_size} x {FLAGS.seq_len}, compute "
+        f"{compute_dtype()}, {FLAGS.alone_rounds} rounds x {FLAGS.steps_per_round} steps; {load()}")
+  times, remat = {checkout: [] for checkout in checkouts}, {}
+  for round_index in range(FLAGS.alone_rounds):
+    shift = round_index % len(checkouts)
+    for checkout in checkouts[shift:] + checkouts[:shift]:
+      result = run_alone("cpm_jax", os.path.abspath(checkout))
+      times[checkout] += result["times"]
+      remat[checkout] = result["remat_policy"]
+      print(f"  round {round_index + 1}: {checkout:24} {statistics.median(t[0] for t in result['times']):7.3f} s/step, "
+            f"loss {result['loss']:.4f}, load {result['load']:.1f}", flush=True)
+  first = summary(times[checkouts[0]])
+  print(f"{'checkout':24} {'remat':12} {'s/step':>8} {'best':>7} {'CPU s/step':>10} {'faults/step':>11} "
+        f"{'wall ratio':>10} {'CPU ratio':>9}  (ratio: the first checkout's time / this one's)")
+  for checkout in checkouts:
+    s = summary(times[checkout])
+    print(f"{checkout:24} {remat[checkout]:12} {s['wall']:8.3f} {s['best']:7.3f} {s['cpu']:10.2f} {s['faults']:11.0f} "
+          f"{first['wall'] / s['wall']:10.2f} {first['cpu'] / s['cpu']:9.2f}")
+  print(f"done; {load()}")
+
+
 def main(argv):
   del argv
   if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
     raise SystemExit("Run without --xla_force_host_platform_device_count: fake devices share the cores.")
-  if FLAGS.retain_freed_memory and not host_memory.retain_freed_memory():
-    raise SystemExit("--retain_freed_memory: the C library has no mallopt (glibc only).")
+  if FLAGS.retain_freed_memory:
+    from cpm_jax import host_memory  # only here: a --checkouts child may import a cpm_jax without it
+    if not host_memory.retain_freed_memory():
+      raise SystemExit("--retain_freed_memory: the C library has no mallopt (glibc only).")
   import jax
   jax.config.update("jax_platforms", FLAGS.platform)
   if FLAGS.platform == "cpu":
@@ -369,7 +399,11 @@ def main(argv):
       raise SystemExit(f"--side={FLAGS.side}: expected one of {SIDES}.")
     side = build([FLAGS.side], config, batch)[FLAGS.side]
     times = timed_steps(side, FLAGS.steps_per_round)
-    print(RESULT_PREFIX + json.dumps({"times": times, "loss": side.step(), "load": os.getloadavg()[0]}), flush=True)
+    print(RESULT_PREFIX + json.dumps({"times": times, "loss": side.step(), "load": os.getloadavg()[0],
+                                      "remat_policy": config.remat_policy}), flush=True)
+    return
+  if FLAGS.checkouts:
+    compare_checkouts(FLAGS.checkouts)
     return
 
   from cpm_jax import flops
