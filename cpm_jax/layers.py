@@ -14,6 +14,7 @@ from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from cpm_jax import partitioning
 
@@ -158,7 +159,7 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   if rng is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = checkpoint_name(jax.random.bernoulli(rng, 1.0 - rate, x.shape), "dropout_mask")
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
@@ -184,10 +185,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """
   if implementation == "xla":
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    return jnp.einsum("bhqk,bkhd->bqhd", _masked_softmax(logits, mask).astype(v.dtype), v)
-  impl = None if implementation == "jax" else implementation
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+    probs = checkpoint_name(softmax(jnp.where(mask, logits, MASK_VALUE)), "attention_probs")
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if implementation == "jax" else
+                                       implementation)
+  # Rows with no visible key (padding) give zeros, not a uniform average; zeroing the output rather than the
+  # probabilities keeps one [b, h, q, k] array for the backward pass, not two.
   return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(v.dtype)
+
+
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+  """Softmax over the last axis whose gradient reads only its output: jax.nn.softmax's default linearisation also
+  keeps exp(x - max) for the backward pass, a second [.., q, k] array per attention layer."""
+  unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(-1, keepdims=True)))
+  return unnormalized / unnormalized.sum(-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = softmax(x)
+  return y, y * (x_dot - (y * x_dot).sum(-1, keepdims=True))
 
 
 def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
@@ -332,12 +352,13 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
   With `kv` (this layer's decode cache: keys and values in `cache_layout`) the new keys and values are written at
   `cache_index`, the queries attend over the whole cache, and the updated kv is returned.
   """
-  qkv = project_qkv(x, params, dtype, layout)
+  qkv = checkpoint_name(project_qkv(x, params, dtype, layout), "attention_qkv")
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   if kv is None:
     if "prefix_k" in params:  # trainable keys and values every query sees first (cpm_jax.adapters)
       k, v, mask = with_prefix(k, v, mask, params["prefix_k"], params["prefix_v"])
-    return project_out(dot_product_attention(q, k, v, mask, implementation), params, dtype, layout), None
+    context = checkpoint_name(dot_product_attention(q, k, v, mask, implementation), "attention_context")
+    return project_out(context, params, dtype, layout), None
   kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
              for cached, new in zip(kv, (k, v)))
   out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
@@ -362,7 +383,7 @@ def project_out(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAIN
 
 def mlp(x: jax.Array, params: dict, dtype, approximate_gelu: bool, dropout_rate: float = 0.0,
         rng: jax.Array | None = None, layout: Layout = Layout.TRAINING) -> jax.Array:
-  h = gelu(dense(x, params, "in", dtype, layout=layout), approximate_gelu)
+  h = gelu(checkpoint_name(dense(x, params, "in", dtype, layout=layout), "mlp_pre_activation"), approximate_gelu)
   h = partitioning.constrain(h, ("batch", "length", "act_mlp"))
   h = dropout(h, dropout_rate, rng)
   out = dense(h, params, "out", dtype, layout=layout)

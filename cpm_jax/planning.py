@@ -309,7 +309,8 @@ def _tensor_kernels(axes: Any, rules, mesh_axes) -> dict[bool, int]:
   return counts
 
 
-REMAT_RECOMPUTE = {"none": 0.0, "full": 1 / 3, "dots": 0.0, "dots_no_batch": 0.05}  # extra fraction of block FLOPs
+# Extra fraction of block FLOPs recomputed per policy ("elementwise" recomputes element-wise ops, no product).
+REMAT_RECOMPUTE = {"none": 0.0, "elementwise": 0.0, "full": 1 / 3, "dots": 0.0, "dots_no_batch": 0.05}
 
 
 def estimate(model: Any, optimizer: optax.GradientTransformation, layout: Layout, device: Device, *,

@@ -106,6 +106,23 @@ def scale_by_row_rss(eps: float = 1e-10) -> optax.GradientTransformation:
 OPTIMIZERS = ("adamw", "adagrad", "row_adagrad")
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """optax.clip_by_global_norm as one scalar factor, min(1, max_norm / norm), taking the norm from the caller when
+  given (`update(..., global_norm=)`; train_step has computed it already).
+
+  optax's own selects between the updates and a per-element division; its result is then written out in full
+  before AdamW reads it (two [params]-sized temporaries and two extra passes per step with the gradient's
+  1 / weight-sum scaling). A scalar factor is folded into AdamW's element-wise update instead.
+  """
+  def update(updates, state, params=None, *, global_norm=None, **extra_args):
+    del params, extra_args
+    norm = optax.tree.norm(updates) if global_norm is None else global_norm
+    scale = jnp.minimum(1.0, max_norm / norm)
+    return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 @gin.configurable
 def make_optimizer(schedule: optax.Schedule | None = None, weight_decay: float = 0.01, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0,
@@ -119,7 +136,7 @@ def make_optimizer(schedule: optax.Schedule | None = None, weight_decay: float =
   if optimizer not in OPTIMIZERS:
     raise ValueError(f"make_optimizer.optimizer={optimizer!r}; expected one of {list(OPTIMIZERS)}.")
   schedule = schedule or learning_rate_schedule()
-  chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+  chain = [clip_by_global_norm(clip_norm)] if clip_norm else []
   if optimizer == "adamw":
     chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
   else:
@@ -244,14 +261,17 @@ def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax
   grads, sums = _loss_and_grad_sums(model, state.params, batch, step_rng if dropout else None,
                                     num_microbatches)
   denominator = jnp.maximum(sums["weight_sum"], 1.0)
-  grads = jax.tree.map(lambda g: g / denominator, grads)
   loss = (sums["loss_sum"] + sums["z_loss_sum"]) / denominator
-  grad_norm = optax.tree.norm(grads)
+  grad_norm = optax.tree.norm(grads) / denominator  # of the mean gradient
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(params, opt_state):
+    # The mean gradient and its norm (clip_by_global_norm takes it as `global_norm`) are scalar factors that XLA
+    # folds into the optimizer's element-wise update: no scaled copy of the gradients is written first.
     trained, frozen = split_trainable(model, params)
-    updates, opt_state = optimizer.update(grads, opt_state, trained)
+    mean_grads = jax.tree.map(lambda g: g * (1.0 / denominator).astype(g.dtype), grads)
+    updates, opt_state = optax.with_extra_args_support(optimizer).update(mean_grads, opt_state, trained,
+                                                                         global_norm=grad_norm)
     return join_trainable(optax.apply_updates(trained, updates), frozen), opt_state
 
   # A branch, not a select between old and new state: skipping costs nothing and applying reads the state once.

@@ -1,10 +1,12 @@
-"""objectives.lm_loss against its textbook definition (take_along_axis / argmax / softmax - one-hot)."""
+"""objectives.lm_loss against its textbook definition (take_along_axis / argmax / softmax - one-hot), and the fused
+tied-head loss against lm_loss of the tied logits."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from cpm_jax import objectives
+from cpm_jax import objectives, transformer
 
 
 def _reference(logits, targets, weights):
@@ -35,3 +37,34 @@ def test_lm_loss_matches_definition_with_ties_and_gradient():
   grad = jax.grad(lambda l: objectives.lm_loss(l, targets, weights)[1]["loss_sum"])(logits)
   expected = (jax.nn.softmax(logits) - jax.nn.one_hot(targets, 50)) * weights[..., None]
   np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), atol=1e-6)
+
+
+@pytest.mark.parametrize("z_loss, chunk_length", [(0.0, 5), (1e-2, None)])
+def test_tied_lm_loss_equals_lm_loss_of_tied_logits(z_loss, chunk_length):
+  """Values and gradients (hidden and embedding), with weights, ties, z-loss and unequal cotangents for loss_sum and
+  z_loss_sum; chunk_length 5 of length 12 runs 3 chunks of 4."""
+  rng = np.random.default_rng(1)
+  hidden = jnp.asarray(rng.standard_normal((2, 12, 16)), jnp.float32)
+  embedding = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
+  embedding = embedding.at[7].set(embedding[3])  # tied logits for ids 3 and 7
+  targets = jnp.asarray(rng.integers(0, 40, (2, 12)), jnp.int32).at[0, :3].set(7)
+  weights = jnp.asarray(rng.random((2, 12)) > 0.3, jnp.float32) * 1.5
+
+  def objective(sums):
+    return 0.7 * sums["loss_sum"] + 1.3 * sums["z_loss_sum"]
+
+  def reference(h, e):
+    return objectives.lm_loss(transformer.tied_logits(e, h, jnp.float32), targets, weights, z_loss)
+
+  def fused(h, e):
+    return objectives.tied_lm_loss(h, e, targets, weights, dtype=jnp.float32, z_loss=z_loss,
+                                   chunk_length=chunk_length)
+
+  (loss, sums), (expected_loss, expected) = fused(hidden, embedding), reference(hidden, embedding)
+  np.testing.assert_allclose(float(loss), float(expected_loss), rtol=1e-6)
+  for key in expected:
+    np.testing.assert_allclose(float(sums[key]), float(expected[key]), rtol=1e-6, err_msg=key)
+  got = jax.grad(lambda h, e: objective(fused(h, e)[1]), argnums=(0, 1))(hidden, embedding)
+  want = jax.grad(lambda h, e: objective(reference(h, e)[1]), argnums=(0, 1))(hidden, embedding)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)

@@ -94,6 +94,19 @@ def test_schedule_warmup_then_cosine_to_end_ratio():
     training.learning_rate_schedule(decay="exp")
 
 
+def test_clip_by_global_norm_matches_optax():
+  rng = np.random.default_rng(0)
+  grads = {"a": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32)}
+  norm = float(optax.tree.norm(grads))
+  for max_norm in (norm / 3, norm * 2):  # clipped, then left alone
+    expected, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+    ours = training.clip_by_global_norm(max_norm)
+    for given in (None, norm):  # the norm computed by the transformation, or passed in by the step
+      clipped, _ = ours.update(grads, ours.init(grads), global_norm=given)
+      for key in grads:
+        np.testing.assert_allclose(clipped[key], expected[key], rtol=1e-6)
+
+
 def test_weight_decay_skips_biases_and_layer_norms():
   params = cpm.init(TINY, jax.random.key(0))
   zero_grads = jax.tree.map(np.zeros_like, params)

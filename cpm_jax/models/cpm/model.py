@@ -40,7 +40,7 @@ class CPMConfig(transformer.TransformerConfig):
   init_stddev: float = 0.02
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
-  remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
+  remat_policy: str = "elementwise"  # one of transformer.REMAT_POLICIES
   scan_layers: bool = True
   attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
   pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
@@ -113,14 +113,17 @@ class CPMLanguageModel:
 
   config: CPMConfig = dataclasses.field(default_factory=CPMConfig)
   z_loss: float = 0.0
+  loss_chunk_length: int | None = 64  # positions per chunk of the fused head + loss (objectives.tied_lm_loss)
 
   def param_specs(self) -> dict:
     return param_specs(self.config)
 
   def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
-    logits = forward(params, batch["inputs"], self.config, positions=batch.get("positions"),
-                     segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
-    return objectives.lm_loss(logits, batch["targets"], batch["weights"], self.z_loss)
+    hidden = hidden_states(params, batch["inputs"], self.config, positions=batch.get("positions"),
+                           segment_ids=batch.get("segment_ids"), dropout_rng=dropout_rng)
+    return objectives.tied_lm_loss(hidden, params["embed"]["wte"], batch["targets"], batch["weights"],
+                                   dtype=self.config.compute_dtype, z_loss=self.z_loss,
+                                   chunk_length=self.loss_chunk_length)
 
   def with_config(self, config):
     """This model with another config (e.g. other execution fields)."""
