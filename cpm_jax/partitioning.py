@@ -233,6 +233,11 @@ def _axes_size(mesh: Mesh, entry: Any) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
+def batch_shards(mesh: Mesh, rules: Rules | None = None) -> int:
+  """How many pieces the rules cut a batch into on `mesh` (the product of the mesh axes "batch" maps to)."""
+  return _axes_size(mesh, logical_to_spec(("batch",), rules, mesh.axis_names)[0])
+
+
 def _path_name(path) -> str:
   return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 

@@ -250,6 +250,11 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   model = model_fit.fit(model, data)
   check_batch = model_fit.BatchCheck(model.config, data.model_requirements())
   mesh = partitioning.make_mesh(mesh_config)
+  shards_of_a_batch = partitioning.batch_shards(mesh)
+  if data.global_batch_size % (shards_of_a_batch * num_microbatches):
+    raise ConfigError(f"{type(data).__name__}.global_batch_size={data.global_batch_size} does not split into "
+                      f"num_microbatches={num_microbatches} x {shards_of_a_batch} batch shards of the mesh "
+                      f"{dict(mesh.shape)}: bind a multiple of {shards_of_a_batch * num_microbatches}.")
   optimizer = training.make_optimizer()
   steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches)
   checkpoint_dir = os.path.join(workdir, "checkpoints")

@@ -96,6 +96,17 @@ def test_training_start_fails_on_a_vocab_below_the_tokenizers(small_tokenizer, d
   assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
+def test_training_start_fails_on_a_batch_the_mesh_cannot_split(small_tokenizer, demo_data_dir, tmp_path,  # noqa: F811
+                                                               clean_gin):
+  gin_setup.parse(["experiments/cpm_demo.gin"], _demo_bindings(small_tokenizer.model_path, demo_data_dir) + [
+      "LMData.global_batch_size = 6", "train.mesh_config = @MeshConfig()", "MeshConfig.data = 2",
+      "MeshConfig.fsdp = 2", "MeshConfig.tensor = 2"])
+  with pytest.raises(ValueError, match=re.escape("LMData.global_batch_size=6 does not split into num_microbatches=1 "
+                                                 "x 4 batch shards")):
+    train_loop.train(str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_train_program_takes_the_vocab_from_the_tokenizer_and_logs_no_probe_noise(
     small_tokenizer, demo_data_dir, tmp_path):  # noqa: F811
   """The demo recipe without a vocab binding (CPMConfig's default is 30000), shrunk to 2 steps."""
