@@ -9,9 +9,10 @@
 """
 
 from cpm_jax.convert.common import Format
-from cpm_jax.models.cpm import convert, hf
+from cpm_jax.models.cpm import convert, decode, hf
 from cpm_jax.models.cpm.data import LMData
-from cpm_jax.models.cpm.decode import cache_logical_axes, decode_layout, generate, init_cache, prefill, step_fn
+from cpm_jax.models.cpm.decode import (SlidingWindow, cache_logical_axes, decode_layout, generate, init_cache,
+                                      prefill, step_fn, stream)
 from cpm_jax.models.cpm.evaluation import language_model, score_fn
 from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
                                       hidden_states, logits_from_hidden, param_specs)
@@ -36,7 +37,7 @@ init = FAMILY.init
 abstract_params = FAMILY.abstract_params
 logical_axes = FAMILY.logical_axes
 
-__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LMData", "abstract_params", "cache_logical_axes",
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LMData", "SlidingWindow", "abstract_params", "cache_logical_axes",
            "cached_hidden_states", "decode_layout", "embed", "forward", "generate", "hidden_states", "init",
            "init_cache", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "prefill",
-           "score_fn", "step_fn"]
+           "score_fn", "step_fn", "stream"]

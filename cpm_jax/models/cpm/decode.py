@@ -7,9 +7,11 @@ callers that generate repeatedly convert once and pass the result.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,50 +72,175 @@ def step_fn(config: model.CPMConfig) -> decoding.StepFn:
   return step
 
 
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SlidingWindow:
+  """Generation past CPM's positions. The model reads at most `length` tokens (None: max_positions); when the
+  cache is full, every row keeps its last `length - stride` tokens, re-prefilled at positions 0.. (re-based), and
+  generation goes on. So the cache is refilled once every `stride` tokens (None: length // 4), not on every token,
+  and each prediction sees between length - stride + 1 and length tokens of context (the rows of a batch move
+  together: a row with a shorter prompt keeps what it has)."""
+
+  length: int | None = None
+  stride: int | None = None
+
+  def resolve(self, config: model.CPMConfig) -> tuple[int, int]:
+    """(length, stride), checked against the model's positions."""
+    length = self.length or config.max_positions
+    stride = self.stride or max(length // 4, 1)
+    if not 2 <= length <= config.max_positions:
+      raise ValueError(f"SlidingWindow.length={length}; expected in [2, max_positions={config.max_positions}].")
+    if not 1 <= stride < length:
+      raise ValueError(f"SlidingWindow.stride={stride}; expected in [1, length={length}).")
+    return length, stride
+
+
+def _move_window(params: transformer.DecodeParams, cache: dict, config: model.CPMConfig, length: int,
+                 stride: int) -> dict:
+  """The cache after its window moved by `stride`: each row's last `length - stride` cached tokens, recomputed at
+  positions 0.. in a fresh cache (left padding stays padding)."""
+  kept, segment_ids = cache["history"][:, stride:], cache["lm"]["segment_ids"][:, stride:]
+  positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
+  fresh = transformer.constrain_cache(init_cache(config, kept.shape[0], length),
+                                      transformer.cache_logical_axes(config.num_layers))
+  _, lm = model.cached_hidden_states(params, kept, config, fresh, positions=positions, segment_ids=segment_ids)
+  history = jnp.pad(kept, ((0, 0), (0, stride)))
+  return {"lm": lm, "position": segment_ids.sum(1).astype(jnp.int32), "history": history,
+          "moves": cache["moves"] + 1}
+
+
+def windowed_step_fn(config: model.CPMConfig, length: int, stride: int) -> decoding.StepFn:
+  """`step_fn` over a cache of `length` slots that also records the token in each slot ("history") and, when the
+  cache is full, moves the window by `stride` first (`_move_window`, counted in "moves")."""
+  step = step_fn(config)
+
+  def windowed(params, tokens, cache):
+    cache = jax.lax.cond(cache["lm"]["index"] == length,
+                         lambda c: _move_window(params, c, config, length, stride), lambda c: c, cache)
+    history = jax.lax.dynamic_update_slice_in_dim(cache["history"], tokens.astype(jnp.int32),
+                                                  cache["lm"]["index"], axis=1)
+    logits, inner = step(params, tokens, {"lm": cache["lm"], "position": cache["position"]})
+    return logits, {**inner, "history": history, "moves": cache["moves"]}
+  return windowed
+
+
+def windowed_cache_logical_axes(config: model.CPMConfig) -> dict:
+  """Logical axes of `windowed_step_fn`'s cache."""
+  return {**cache_logical_axes(config), "history": ("batch", "cache_length"), "moves": ()}
+
+
+def start(params: transformer.DecodeParams, prompts: jax.Array, lengths: jax.Array, config: model.CPMConfig,
+          max_new_tokens: int, window: tuple[int, int] | None) -> tuple[dict, jax.Array, decoding.StepFn, dict]:
+  """Prefill for generating `max_new_tokens` after left-padded prompts: (cache, last prompt tokens, step function,
+  the cache's logical axes). With a resolved `window` (length, stride) that the prompt and the new tokens overflow,
+  the cache has `length` slots and the step moves the window (`windowed_step_fn`); otherwise it holds them all."""
+  needed = prompts.shape[1] - 1 + max_new_tokens
+  if window is None or needed <= window[0]:
+    cache, last = prefill(params, prompts, lengths, config, needed)
+    return cache, last, step_fn(config), cache_logical_axes(config)
+  length, stride = window
+  cache, last = prefill(params, prompts, lengths, config, length)
+  history = jnp.pad(prompts[:, :-1].astype(jnp.int32), ((0, 0), (0, length - prompts.shape[1] + 1)))
+  cache = {**cache, "history": history, "moves": jnp.zeros((), jnp.int32)}
+  return cache, last, windowed_step_fn(config, length, stride), windowed_cache_logical_axes(config)
+
+
+def _seen(prompts: jax.Array, lengths: jax.Array, config: model.CPMConfig) -> jax.Array:
+  valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
+  return decoding.seen_tokens(prompts, valid, config.vocab_size)
+
+
 @functools.lru_cache(maxsize=None)
-def _decoder(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, eod_id: int, pad_id: int, mesh):
+def _decoder(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, eod_id: int, pad_id: int,
+             window: tuple[int, int] | None, mesh):
   """Jitted (decode params, prompts, lengths, rng) -> (tokens, lengths) for one model/decoding setting (compiled
   per shape bucket); one per mesh, since the mesh in force when it is traced shapes its sharding constraints."""
   del mesh
-  step = step_fn(config)
 
   def run(params, prompts, lengths, rng):
-    cache_length = prompts.shape[1] - 1 + decoding_config.max_new_tokens
-    cache, last = prefill(params, prompts, lengths, config, cache_length)
-    seen = None
-    if decoding_config.needs_seen_tokens:
-      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
-      seen = decoding.seen_tokens(prompts, valid, config.vocab_size)
-    return decoding_config.run(step, params, cache, cache_logical_axes(config), last, eod_id=eod_id,
-                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng, seen=seen)
+    cache, last, step, axes = start(params, prompts, lengths, config, decoding_config.max_new_tokens, window)
+    seen = _seen(prompts, lengths, config) if decoding_config.needs_seen_tokens else None
+    return decoding_config.run(step, params, cache, axes, last, eod_id=eod_id, pad_id=pad_id,
+                               vocab_size=config.vocab_size, rng=rng, seen=seen)
 
   return jax.jit(run)
 
 
+def _prompt_room(config: model.CPMConfig, decoding_config: decoding.DecodingConfig,
+                 window: SlidingWindow | None) -> tuple[int, tuple[int, int] | None]:
+  """(the most prompt tokens kept, the resolved window or None)."""
+  if window is None:
+    return config.max_positions - decoding_config.max_new_tokens, None
+  resolved = window.resolve(config)
+  return resolved[0], resolved
+
+
 def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], config: model.CPMConfig,
              decoding_config: decoding.DecodingConfig, *, eod_id: int, pad_id: int, batch_size: int | None = None,
-             strict: bool = False, mesh: jax.sharding.Mesh | None = None,
-             progress: bool = False) -> list[list[int]]:
+             strict: bool = False, mesh: jax.sharding.Mesh | None = None, progress: bool = False,
+             window: SlidingWindow | None = None) -> list[list[int]]:
   """CPM-LM continuations (new token ids, without <eod>) of token-id prompts, from `decode_layout(params)`.
 
   Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
   has one shape). With `mesh`, the model's activations and the cache are sharded by the logical-axis rules
   (params should already be placed, e.g. by checkpointing.restore_params with shardings). CPM's protocol lets
-  <eod> end a text at any step (min_length None -> 0).
+  <eod> end a text at any step (min_length None -> 0). Without `window`, prompt + new tokens must fit the model's
+  positions (longer prompts keep their last tokens); with one, generation goes on past them (`SlidingWindow`).
   """
   if not prompts:
     return []
-  max_prompt = config.max_positions - decoding_config.max_new_tokens
+  max_prompt, resolved = _prompt_room(config, decoding_config, window)
   batch_size = batch_size or len(prompts)
   rng = jax.random.key(decoding_config.seed)
-  run = _decoder(config, decoding_config.with_min_length_fraction(0.0).unseeded(), eod_id, pad_id, mesh)
+  run = _decoder(config, decoding_config.with_min_length_fraction(0.0).unseeded(), eod_id, pad_id, resolved, mesh)
   results = []
-  for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
-    chunk = list(prompts[start:start + batch_size])
+  for begin in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
+    chunk = list(prompts[begin:begin + batch_size])
     chunk += [[]] * (batch_size - len(chunk))
     tokens, lengths = decoding.prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
     with partitioning.on_mesh(mesh):
-      out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, start))
+      out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, begin))
     out, out_lengths = np.asarray(out), np.asarray(out_lengths)
-    results += [out[i, :out_lengths[i]].tolist() for i in range(len(prompts[start:start + batch_size]))]
+    results += [out[i, :out_lengths[i]].tolist() for i in range(len(prompts[begin:begin + batch_size]))]
   return results
+
+
+@functools.lru_cache(maxsize=None)
+def _streamer(config: model.CPMConfig, decoding_config: decoding.SamplingConfig, eod_id: int, pad_id: int,
+              window: tuple[int, int] | None, mesh):
+  """Jitted (prefill, one sampling step) of `stream` for one setting; the step donates the cache."""
+  del mesh
+
+  def begin(params, prompts, lengths):
+    cache, last, _, _ = start(params, prompts, lengths, config, decoding_config.max_new_tokens, window)
+    seen = _seen(prompts, lengths, config) if decoding_config.needs_seen_tokens else None
+    return cache, decoding.sample_state(last, decoding_config, pad_id=pad_id, vocab_size=config.vocab_size,
+                                        seen=seen)
+
+  @functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
+  def step(params, cache, state, rng, windowed):
+    step = windowed_step_fn(config, *window) if windowed else step_fn(config)
+    return decoding.sample_step(step, params, cache, state, decoding_config, eod_id=eod_id, pad_id=pad_id, rng=rng)
+
+  return jax.jit(begin), step
+
+
+def stream(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], config: model.CPMConfig,
+           decoding_config: decoding.SamplingConfig, *, eod_id: int, pad_id: int, strict: bool = False,
+           mesh: jax.sharding.Mesh | None = None, window: SlidingWindow | None = None) -> Iterator[np.ndarray]:
+  """The tokens of `generate` for one batch of prompts as they are produced: each step's tokens [batch] (<eod>,
+  then pad_id, in rows that have ended), by a host loop over one jitted step (`decoding.stream_steps`)."""
+  max_prompt, resolved = _prompt_room(config, decoding_config, window)
+  decoding_config = decoding_config.with_min_length_fraction(0.0)
+  begin, step = _streamer(config, decoding_config.unseeded(), eod_id, pad_id, resolved, mesh)
+  tokens, lengths = decoding.prepare_prompts(prompts, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
+  windowed = resolved is not None and tokens.shape[1] - 1 + decoding_config.max_new_tokens > resolved[0]
+  rng = jax.random.key(decoding_config.seed)
+
+  def one_step(cache, state):
+    with partitioning.on_mesh(mesh):
+      return step(params, cache, state, rng, windowed)
+
+  with partitioning.on_mesh(mesh):
+    cache, state = begin(params, tokens, lengths)
+  return decoding.stream_steps(one_step, cache, state, decoding_config.max_new_tokens)

@@ -7,9 +7,11 @@ Decoding runs on `transformer.DecodeParams` made once by `decode_layout` (the de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,4 +116,140 @@ def generate(params: transformer.DecodeParams, sources: Sequence[Sequence[int]],
                    pad_id, mesh)
   with partitioning.on_mesh(mesh):
     out, lengths = jax.device_get(run(params, tokens, segment_ids, types, rng))
+  return [row[:n].tolist() for row, n in zip(out, lengths)]
+
+
+# ---- long texts: the released generate_plug.py protocol ------------------------------------------
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class LongText:
+  """PLUG's long-text generation as released (FORMATS.md, "PLUG long-text generation"): the encoder reads the last
+  `context_length` tokens of the context between [CLS] and [SEP]; every `chunk_length` generated tokens the chunk
+  is appended to the context (its last `kept_length` tokens kept), the context is re-encoded and the decoder
+  restarts from [CLS]; with an open SamplingConfig.min_length, [SEP] ends the text only once `sep_fraction` of
+  the requested length (max_new_tokens, over all chunks) has been generated."""
+
+  context_length: int = 510
+  kept_length: int = 512
+  chunk_length: int = 128
+  sep_fraction: float = RELEASE_SEP_FRACTION
+
+  def __post_init__(self):
+    if min(self.context_length, self.kept_length, self.chunk_length) < 1:
+      raise ValueError(f"LongText: context_length={self.context_length}, kept_length={self.kept_length} and "
+                       f"chunk_length={self.chunk_length} must all be >= 1.")
+    if not 0.0 <= self.sep_fraction <= 1.0:
+      raise ValueError(f"LongText.sep_fraction={self.sep_fraction}; expected in [0, 1].")
+
+  @property
+  def read_length(self) -> int:
+    """Context tokens the encoder reads."""
+    return min(self.context_length, self.kept_length)
+
+
+def _encode_context(params: transformer.DecodeParams, context: jax.Array, valid: jax.Array, config: model.PlugConfig,
+                    long_text: LongText, *, cls_id: int, sep_id: int) -> dict:
+  """A fresh decoder cache over [CLS] + the context's last `read_length` tokens + [SEP] (context left-padded, `valid`
+  marking its tokens; positions count only valid tokens, so the padding changes nothing)."""
+  batch, read = context.shape[0], long_text.read_length
+  tokens = jnp.concatenate([jnp.full((batch, 1), cls_id, jnp.int32), context[:, -read:],
+                            jnp.full((batch, 1), sep_id, jnp.int32)], axis=1)
+  segment_ids = jnp.concatenate([jnp.ones((batch, 1), jnp.int32), valid[:, -read:].astype(jnp.int32),
+                                 jnp.ones((batch, 1), jnp.int32)], axis=1)
+  positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32)
+  hidden = model.encode(params.tree, tokens, config, positions=positions, segment_ids=segment_ids)
+  return transformer.constrain_cache(init_cache(params, config, hidden, segment_ids, long_text.chunk_length),
+                                     cache_logical_axes(config))
+
+
+def long_text_prefill(params: transformer.DecodeParams, context: jax.Array, valid: jax.Array,
+                      config: model.PlugConfig, long_text: LongText, *, cls_id: int, sep_id: int
+                      ) -> tuple[dict, jax.Array]:
+  """(cache of `long_text_step_fn`, first decoder tokens = [CLS]) for left-padded contexts [batch, kept_length]."""
+  cache = {"decoder": _encode_context(params, context, valid, config, long_text, cls_id=cls_id, sep_id=sep_id),
+           "context": context.astype(jnp.int32), "valid": valid.astype(bool),
+           "chunk": jnp.zeros((context.shape[0], long_text.chunk_length), jnp.int32),
+           "fed": jnp.zeros((), jnp.int32), "reencodes": jnp.zeros((), jnp.int32)}
+  return cache, jnp.full((context.shape[0],), cls_id, jnp.int32)
+
+
+def long_text_step_fn(config: model.PlugConfig, long_text: LongText, *, cls_id: int, sep_id: int
+                      ) -> decoding.StepFn:
+  """`step_fn` over `long_text_prefill`'s cache: records each generated token of the chunk; once `chunk_length`
+  tokens were fed ([CLS] and the chunk's first chunk_length - 1), the token given (the chunk's last) completes the
+  chunk, which is appended to the context; the context is re-encoded and the decoder fed [CLS] again."""
+  step = step_fn(config)
+  chunk_length = long_text.chunk_length
+
+  def reencode(params, cache, tokens):
+    chunk = jax.lax.dynamic_update_slice_in_dim(cache["chunk"], tokens.astype(jnp.int32), chunk_length - 1, axis=1)
+    context = jnp.concatenate([cache["context"], chunk], axis=1)[:, -long_text.kept_length:]
+    valid = jnp.concatenate([cache["valid"], jnp.ones_like(chunk, bool)], axis=1)[:, -long_text.kept_length:]
+    decoder = _encode_context(params, context, valid, config, long_text, cls_id=cls_id, sep_id=sep_id)
+    return {**cache, "decoder": decoder, "context": context, "valid": valid, "fed": jnp.zeros((), jnp.int32),
+            "reencodes": cache["reencodes"] + 1}
+
+  def long_step(params, tokens, cache):
+    full = cache["fed"] == chunk_length
+    cache = jax.lax.cond(full, lambda c: reencode(params, c, tokens), lambda c: c, cache)
+    tokens = jnp.where(full, cls_id, tokens)
+    chunk = jax.lax.dynamic_update_slice_in_dim(cache["chunk"], tokens.astype(jnp.int32),
+                                                jnp.maximum(cache["fed"] - 1, 0), axis=1)
+    chunk = jnp.where(cache["fed"] > 0, chunk, cache["chunk"])
+    logits, decoder = step(params, tokens, cache["decoder"])
+    return logits, {**cache, "decoder": decoder, "chunk": chunk, "fed": cache["fed"] + 1}
+  return long_step
+
+
+def long_text_cache_logical_axes(config: model.PlugConfig) -> dict:
+  """Logical axes of `long_text_prefill`'s cache."""
+  return {"decoder": cache_logical_axes(config), "context": ("batch", "cache_length"),
+          "valid": ("batch", "cache_length"), "chunk": ("batch", "cache_length"), "fed": (), "reencodes": ()}
+
+
+@functools.lru_cache(maxsize=None)
+def _long_text_generator(config: model.PlugConfig, decoding_config: decoding.DecodingConfig, long_text: LongText,
+                         cls_id: int, sep_id: int, pad_id: int, mesh):
+  """Jitted (decode params, contexts, valid, rng) -> (tokens, lengths) of `generate_long`; one per mesh."""
+  del mesh
+  step = long_text_step_fn(config, long_text, cls_id=cls_id, sep_id=sep_id)
+
+  def run(params, context, valid, rng):
+    cache, first = long_text_prefill(params, context, valid, config, long_text, cls_id=cls_id, sep_id=sep_id)
+    return decoding_config.run(step, params, cache, long_text_cache_logical_axes(config), first, eod_id=sep_id,
+                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng)
+
+  return jax.jit(run)
+
+
+def long_text_contexts(contexts: Sequence[Sequence[int]], long_text: LongText) -> tuple[np.ndarray, np.ndarray]:
+  """Token-id contexts (text without [CLS] / [SEP]) as the protocol keeps them: each row's last kept_length tokens,
+  left-padded; returns (tokens, valid)."""
+  tokens = np.zeros((len(contexts), long_text.kept_length), np.int32)
+  valid = np.zeros(tokens.shape, bool)
+  for row, context in enumerate(contexts):
+    kept = list(context)[-long_text.kept_length:]
+    if kept:
+      tokens[row, -len(kept):], valid[row, -len(kept):] = kept, True
+  return tokens, valid
+
+
+def generate_long(params: transformer.DecodeParams, contexts: Sequence[Sequence[int]], config: model.PlugConfig,
+                  decoding_config: decoding.DecodingConfig, *, cls_id: int, sep_id: int, pad_id: int = 0,
+                  long_text: LongText = LongText(), mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
+  """Continuations (token ids, without [SEP]) of token-id texts by PLUG's long-text protocol (`LongText`): any
+  number of new tokens, in chunks of chunk_length decoded from a re-encoded context; one on-device loop for all."""
+  if not contexts:
+    return []
+  if long_text.read_length + 2 > config.max_positions:
+    raise ValueError(f"LongText reads {long_text.read_length} context tokens + [CLS] and [SEP], more than "
+                     f"max_positions={config.max_positions}; lower LongText.context_length.")
+  if long_text.chunk_length > config.max_positions:
+    raise ValueError(f"LongText.chunk_length={long_text.chunk_length} exceeds max_positions={config.max_positions}.")
+  tokens, valid = long_text_contexts(contexts, long_text)
+  run = _long_text_generator(config, decoding_config.with_min_length_fraction(long_text.sep_fraction).unseeded(),
+                             long_text, cls_id, sep_id, pad_id, mesh)
+  with partitioning.on_mesh(mesh):
+    out, lengths = jax.device_get(run(params, tokens, valid, jax.random.key(decoding_config.seed)))
   return [row[:n].tolist() for row, n in zip(out, lengths)]
