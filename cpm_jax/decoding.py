@@ -340,6 +340,54 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
   return tokens, _lengths(tokens, eod_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
 
 
+# ---- a family's decoding, compiled ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProgram:
+  """What a family decodes with: `prefill(params, *inputs) -> (cache, first tokens [batch], seen tokens or None)`,
+  the step function the loops call, and the cache's logical axes. `compiled` and `streamed` make the two ways to
+  run it; families build one per setting (and cache it) in their decode.py."""
+
+  prefill: Callable[..., tuple[Any, jax.Array, jax.Array | None]]
+  step: StepFn
+  cache_axes: Any
+
+  def compiled(self, config: DecodingConfig, *, eod_id: int, pad_id: int, vocab_size: int) -> Callable:
+    """Jitted (params, *inputs, rng) -> (tokens [batch, max_new_tokens], lengths [batch]): prefill and the whole
+    loop on device, one program per input shape."""
+    def run(params, *inputs_and_rng):
+      *inputs, rng = inputs_and_rng
+      cache, first, seen = self.prefill(params, *inputs)
+      return config.run(self.step, params, cache, self.cache_axes, first, eod_id=eod_id, pad_id=pad_id,
+                        vocab_size=vocab_size, rng=rng, seen=seen)
+    return jax.jit(run)
+
+  def streamed(self, config: SamplingConfig, *, eod_id: int, pad_id: int, vocab_size: int,
+               mesh: jax.sharding.Mesh | None = None) -> Callable[..., Iterator[np.ndarray]]:
+    """(params, *inputs, rng) -> each step's tokens [batch] as they are produced (`stream_steps`: a host loop over
+    one jitted `sample_step` that donates the cache), under `mesh`'s sharding rules."""
+    def begin(params, *inputs):
+      cache, first, seen = self.prefill(params, *inputs)
+      return cache, sample_state(first, config, pad_id=pad_id, vocab_size=vocab_size, seen=seen)
+
+    begin = jax.jit(begin)
+    step = jax.jit(lambda params, cache, state, rng: sample_step(self.step, params, cache, state, config,
+                                                                 eod_id=eod_id, pad_id=pad_id, rng=rng),
+                   donate_argnums=1)
+
+    def stream(params, *inputs_and_rng):
+      *inputs, rng = inputs_and_rng
+
+      def one_step(cache, state):
+        with partitioning.on_mesh(mesh):
+          return step(params, cache, state, rng)
+
+      with partitioning.on_mesh(mesh):
+        cache, state = begin(params, *inputs)
+      return stream_steps(one_step, cache, state, config.max_new_tokens)
+    return stream
+
+
 # ---- stopping on the host: stop strings, sentences, time ----------------------------------------
 
 CLOSING_MARKS = "”’」』）)]】》\"'"

@@ -184,13 +184,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   """
   if implementation == "xla":
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    return jnp.einsum("bhqk,bkhd->bqhd", _masked_softmax(logits, mask).astype(v.dtype), v)
+    return jnp.einsum("bhqk,bkhd->bqhd", masked_softmax(logits, mask).astype(v.dtype), v)
   impl = None if implementation == "jax" else implementation
   out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
   return jnp.where(mask.any(-1)[:, 0, :, None, None], out, 0).astype(v.dtype)
 
 
-def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   """float32 softmax over the last axis of the visible logits; rows with no visible key (padding) get zeros,
   not a uniform average."""
   weights = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
@@ -230,7 +230,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     return dot_product_attention(q, *(jnp.swapaxes(a.reshape(b, heads, length, d), 1, 2) for a in (keys, values)),
                                  mask, implementation)
   logits = jnp.einsum("nqd,nkd->nqk", cache_layout(q), keys, preferred_element_type=jnp.float32)
-  weights = _masked_softmax(logits.reshape(b, heads, t, length) / math.sqrt(d), mask)
+  weights = masked_softmax(logits.reshape(b, heads, t, length) / math.sqrt(d), mask)
   out = jnp.einsum("nqk,nkd->nqd", weights.astype(values.dtype).reshape(b * heads, t, length), values)
   return jnp.swapaxes(out.reshape(b, heads, t, d), 1, 2)
 

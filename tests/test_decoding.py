@@ -280,7 +280,9 @@ def test_sliding_window_equals_windowed_recomputation_without_cache(params, deco
 
   @jax.jit
   def run(params, tokens, lengths):
-    cache, last, step, _ = cpm.decode.start(params, tokens, lengths, CONFIG, WINDOW_STEPS, window.resolve(CONFIG))
+    program = cpm.decode_program(CONFIG, WINDOW_STEPS, window.resolve(CONFIG), True, False)
+    cache, last, _ = program.prefill(params, tokens, lengths)
+    step = program.step
     cache = {"inner": cache, "logits": jnp.zeros((tokens.shape[0], WINDOW_STEPS, CONFIG.vocab_size)), "t": 0}
     out, _, cache = decoding.sample_loop(recording_step_fn(step), params, cache, last, greedy, eod_id=-1,
                                          pad_id=PAD, vocab_size=CONFIG.vocab_size, rng=jax.random.key(0))

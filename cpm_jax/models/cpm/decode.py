@@ -129,50 +129,49 @@ def windowed_cache_logical_axes(config: model.CPMConfig) -> dict:
   return {**cache_logical_axes(config), "history": ("batch", "cache_length"), "moves": ()}
 
 
-def start(params: transformer.DecodeParams, prompts: jax.Array, lengths: jax.Array, config: model.CPMConfig,
-          max_new_tokens: int, window: tuple[int, int] | None) -> tuple[dict, jax.Array, decoding.StepFn, dict]:
-  """Prefill for generating `max_new_tokens` after left-padded prompts: (cache, last prompt tokens, step function,
-  the cache's logical axes). With a resolved `window` (length, stride) that the prompt and the new tokens overflow,
-  the cache has `length` slots and the step moves the window (`windowed_step_fn`); otherwise it holds them all."""
-  needed = prompts.shape[1] - 1 + max_new_tokens
-  if window is None or needed <= window[0]:
-    cache, last = prefill(params, prompts, lengths, config, needed)
-    return cache, last, step_fn(config), cache_logical_axes(config)
-  length, stride = window
-  cache, last = prefill(params, prompts, lengths, config, length)
-  history = jnp.pad(prompts[:, :-1].astype(jnp.int32), ((0, 0), (0, length - prompts.shape[1] + 1)))
-  cache = {**cache, "history": history, "moves": jnp.zeros((), jnp.int32)}
-  return cache, last, windowed_step_fn(config, length, stride), windowed_cache_logical_axes(config)
+def decode_program(config: model.CPMConfig, max_new_tokens: int, window: tuple[int, int] | None, windowed: bool,
+             with_seen: bool) -> decoding.DecodeProgram:
+  """The decode program for left-padded prompts (prefill inputs: prompts, lengths): a cache holding prompt + new
+  tokens, or (`windowed`: they overflow the resolved `window`) `length` slots and a step that moves the window."""
+  def prefill_all(params, prompts, lengths):
+    seen = None
+    if with_seen:
+      valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
+      seen = decoding.seen_tokens(prompts, valid, config.vocab_size)
+    if not windowed:
+      return (*prefill(params, prompts, lengths, config, prompts.shape[1] - 1 + max_new_tokens), seen)
+    length = window[0]
+    cache, last = prefill(params, prompts, lengths, config, length)
+    history = jnp.pad(prompts[:, :-1].astype(jnp.int32), ((0, 0), (0, length - prompts.shape[1] + 1)))
+    return {**cache, "history": history, "moves": jnp.zeros((), jnp.int32)}, last, seen
 
-
-def _seen(prompts: jax.Array, lengths: jax.Array, config: model.CPMConfig) -> jax.Array:
-  valid = jnp.arange(prompts.shape[1])[None, :] >= prompts.shape[1] - lengths[:, None]
-  return decoding.seen_tokens(prompts, valid, config.vocab_size)
+  if windowed:
+    return decoding.DecodeProgram(prefill_all, windowed_step_fn(config, *window), windowed_cache_logical_axes(config))
+  return decoding.DecodeProgram(prefill_all, step_fn(config), cache_logical_axes(config))
 
 
 @functools.lru_cache(maxsize=None)
-def _decoder(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, eod_id: int, pad_id: int,
-             window: tuple[int, int] | None, mesh):
-  """Jitted (decode params, prompts, lengths, rng) -> (tokens, lengths) for one model/decoding setting (compiled
-  per shape bucket); one per mesh, since the mesh in force when it is traced shapes its sharding constraints."""
-  del mesh
-
-  def run(params, prompts, lengths, rng):
-    cache, last, step, axes = start(params, prompts, lengths, config, decoding_config.max_new_tokens, window)
-    seen = _seen(prompts, lengths, config) if decoding_config.needs_seen_tokens else None
-    return decoding_config.run(step, params, cache, axes, last, eod_id=eod_id, pad_id=pad_id,
-                               vocab_size=config.vocab_size, rng=rng, seen=seen)
-
-  return jax.jit(run)
+def _compiled(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, eod_id: int, pad_id: int,
+              window: tuple[int, int] | None, windowed: bool, streamed: bool, mesh):
+  """The program of one setting, jitted for `generate` or (`streamed`) made a stream; one per mesh, since the mesh
+  in force when it is traced shapes its sharding constraints."""
+  program = decode_program(config, decoding_config.max_new_tokens, window, windowed, decoding_config.needs_seen_tokens)
+  options = dict(eod_id=eod_id, pad_id=pad_id, vocab_size=config.vocab_size)
+  return program.streamed(decoding_config, mesh=mesh, **options) if streamed else program.compiled(decoding_config,
+                                                                                                    **options)
 
 
-def _prompt_room(config: model.CPMConfig, decoding_config: decoding.DecodingConfig,
-                 window: SlidingWindow | None) -> tuple[int, tuple[int, int] | None]:
-  """(the most prompt tokens kept, the resolved window or None)."""
-  if window is None:
-    return config.max_positions - decoding_config.max_new_tokens, None
-  resolved = window.resolve(config)
-  return resolved[0], resolved
+def _prepared(prompts: Sequence[Sequence[int]], config: model.CPMConfig, decoding_config: decoding.DecodingConfig,
+              window: SlidingWindow | None, eod_id: int, pad_id: int, strict: bool
+              ) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None, bool]:
+  """(left-padded prompts, lengths, the resolved window, whether this batch overflows it). Without a window the
+  prompt and the new tokens must fit the positions (longer prompts keep their last tokens); with one, a prompt
+  keeps at most `length` tokens."""
+  resolved = window.resolve(config) if window is not None else None
+  max_prompt = config.max_positions - decoding_config.max_new_tokens if resolved is None else resolved[0]
+  tokens, lengths = decoding.prepare_prompts(prompts, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
+  windowed = resolved is not None and tokens.shape[1] - 1 + decoding_config.max_new_tokens > resolved[0]
+  return tokens, lengths, resolved, windowed
 
 
 def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], config: model.CPMConfig,
@@ -189,15 +188,15 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
   """
   if not prompts:
     return []
-  max_prompt, resolved = _prompt_room(config, decoding_config, window)
+  decoding_config = decoding_config.with_min_length_fraction(0.0)
   batch_size = batch_size or len(prompts)
   rng = jax.random.key(decoding_config.seed)
-  run = _decoder(config, decoding_config.with_min_length_fraction(0.0).unseeded(), eod_id, pad_id, resolved, mesh)
   results = []
   for begin in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
     chunk = list(prompts[begin:begin + batch_size])
     chunk += [[]] * (batch_size - len(chunk))
-    tokens, lengths = decoding.prepare_prompts(chunk, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
+    tokens, lengths, resolved, windowed = _prepared(chunk, config, decoding_config, window, eod_id, pad_id, strict)
+    run = _compiled(config, decoding_config.unseeded(), eod_id, pad_id, resolved, windowed, False, mesh)
     with partitioning.on_mesh(mesh):
       out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, begin))
     out, out_lengths = np.asarray(out), np.asarray(out_lengths)
@@ -205,42 +204,12 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
   return results
 
 
-@functools.lru_cache(maxsize=None)
-def _streamer(config: model.CPMConfig, decoding_config: decoding.SamplingConfig, eod_id: int, pad_id: int,
-              window: tuple[int, int] | None, mesh):
-  """Jitted (prefill, one sampling step) of `stream` for one setting; the step donates the cache."""
-  del mesh
-
-  def begin(params, prompts, lengths):
-    cache, last, _, _ = start(params, prompts, lengths, config, decoding_config.max_new_tokens, window)
-    seen = _seen(prompts, lengths, config) if decoding_config.needs_seen_tokens else None
-    return cache, decoding.sample_state(last, decoding_config, pad_id=pad_id, vocab_size=config.vocab_size,
-                                        seen=seen)
-
-  @functools.partial(jax.jit, static_argnums=4, donate_argnums=1)
-  def step(params, cache, state, rng, windowed):
-    step = windowed_step_fn(config, *window) if windowed else step_fn(config)
-    return decoding.sample_step(step, params, cache, state, decoding_config, eod_id=eod_id, pad_id=pad_id, rng=rng)
-
-  return jax.jit(begin), step
-
-
 def stream(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], config: model.CPMConfig,
            decoding_config: decoding.SamplingConfig, *, eod_id: int, pad_id: int, strict: bool = False,
            mesh: jax.sharding.Mesh | None = None, window: SlidingWindow | None = None) -> Iterator[np.ndarray]:
   """The tokens of `generate` for one batch of prompts as they are produced: each step's tokens [batch] (<eod>,
-  then pad_id, in rows that have ended), by a host loop over one jitted step (`decoding.stream_steps`)."""
-  max_prompt, resolved = _prompt_room(config, decoding_config, window)
+  then pad_id, in rows that have ended), by a host loop over one jitted step (`decoding.DecodeProgram.streamed`)."""
   decoding_config = decoding_config.with_min_length_fraction(0.0)
-  begin, step = _streamer(config, decoding_config.unseeded(), eod_id, pad_id, resolved, mesh)
-  tokens, lengths = decoding.prepare_prompts(prompts, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
-  windowed = resolved is not None and tokens.shape[1] - 1 + decoding_config.max_new_tokens > resolved[0]
-  rng = jax.random.key(decoding_config.seed)
-
-  def one_step(cache, state):
-    with partitioning.on_mesh(mesh):
-      return step(params, cache, state, rng, windowed)
-
-  with partitioning.on_mesh(mesh):
-    cache, state = begin(params, tokens, lengths)
-  return decoding.stream_steps(one_step, cache, state, decoding_config.max_new_tokens)
+  tokens, lengths, resolved, windowed = _prepared(prompts, config, decoding_config, window, eod_id, pad_id, strict)
+  run = _compiled(config, decoding_config.unseeded(), eod_id, pad_id, resolved, windowed, True, mesh)
+  return run(params, tokens, lengths, jax.random.key(decoding_config.seed))

@@ -75,15 +75,14 @@ def _generator(config: model.PlugConfig, decoding_config: decoding.DecodingConfi
   """Jitted (decode params, sources, segment ids, token types, rng) -> (tokens, lengths) for one setting; one per
   mesh, since the mesh in force when it is traced shapes its sharding constraints."""
   del mesh
-  step = step_fn(config)
 
-  def run(params, sources, segment_ids, token_types, rng):
+  def prefill_sources(params, sources, segment_ids, token_types):
     cache, first = prefill(params, sources, segment_ids, config, decoding_config.max_new_tokens, cls_id=cls_id,
                            source_token_types=token_types)
-    return decoding_config.run(step, params, cache, cache_logical_axes(config), first, eod_id=sep_id,
-                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng)
+    return cache, first, None
 
-  return jax.jit(run)
+  program = decoding.DecodeProgram(prefill_sources, step_fn(config), cache_logical_axes(config))
+  return program.compiled(decoding_config, eod_id=sep_id, pad_id=pad_id, vocab_size=config.vocab_size)
 
 
 def generate(params: transformer.DecodeParams, sources: Sequence[Sequence[int]], config: model.PlugConfig,
@@ -213,14 +212,14 @@ def _long_text_generator(config: model.PlugConfig, decoding_config: decoding.Dec
                          cls_id: int, sep_id: int, pad_id: int, mesh):
   """Jitted (decode params, contexts, valid, rng) -> (tokens, lengths) of `generate_long`; one per mesh."""
   del mesh
-  step = long_text_step_fn(config, long_text, cls_id=cls_id, sep_id=sep_id)
 
-  def run(params, context, valid, rng):
-    cache, first = long_text_prefill(params, context, valid, config, long_text, cls_id=cls_id, sep_id=sep_id)
-    return decoding_config.run(step, params, cache, long_text_cache_logical_axes(config), first, eod_id=sep_id,
-                               pad_id=pad_id, vocab_size=config.vocab_size, rng=rng)
+  def prefill_contexts(params, context, valid):
+    return (*long_text_prefill(params, context, valid, config, long_text, cls_id=cls_id, sep_id=sep_id), None)
 
-  return jax.jit(run)
+  program = decoding.DecodeProgram(prefill_contexts, long_text_step_fn(config, long_text, cls_id=cls_id,
+                                                                       sep_id=sep_id),
+                                   long_text_cache_logical_axes(config))
+  return program.compiled(decoding_config, eod_id=sep_id, pad_id=pad_id, vocab_size=config.vocab_size)
 
 
 def long_text_contexts(contexts: Sequence[Sequence[int]], long_text: LongText) -> tuple[np.ndarray, np.ndarray]:
