@@ -240,16 +240,20 @@ class Layout(enum.Enum):
 
   TRAINING: `{name}_kernel` [*in, *out] (the layout params are created, trained and checkpointed in).
   DECODE: `{name}_weight` [out, in], a 2-D matrix (`decode_layout`), for cached decoding.
+  DECODE_INT8: DECODE with int8 weights and a float32 `{name}_scale` [out] per output channel
+  (cpm_jax.serving_weights).
   """
 
   TRAINING = "training"
   DECODE = "decode"
+  DECODE_INT8 = "decode_int8"
 
 
 def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
           layout: Layout = Layout.TRAINING) -> jax.Array:
   """x [..., *in] times the layer's `{name}_kernel` [*in, *out] (Layout.TRAINING) or `{name}_weight` [out, in]
-  (Layout.DECODE, see `decode_layout`), plus `{name}_bias` [*out].
+  (Layout.DECODE, see `decode_layout`; Layout.DECODE_INT8: int8, times `{name}_scale` [out]), plus `{name}_bias`
+  [*out].
 
   Several input dims are merged into one before the product: contracted as separate dims (e.g. an output
   projection's heads and head_dim) XLA:CPU re-lays the kernel out (a full copy) on every call.
@@ -264,6 +268,8 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
       out = out + low_rank_update(x, params, name, dtype).reshape(out.shape)
     return out
   out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+  if layout is Layout.DECODE_INT8:
+    out = out * params[f"{name}_scale"].astype(dtype)
   if bias.ndim == 3:  # fused [n, heads, head_dim] outputs, stored heads first
     out = jnp.swapaxes(out.reshape(*lead, bias.shape[1], bias.shape[0], bias.shape[2]), -3, -2)
   return out.reshape(*lead, *bias.shape) + bias

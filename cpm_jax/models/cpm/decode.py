@@ -68,7 +68,7 @@ def step_fn(config: model.CPMConfig) -> decoding.StepFn:
     position = cache["position"]
     hidden, lm = model.cached_hidden_states(params, tokens, config, cache["lm"], positions=position[:, None],
                                             segment_ids=jnp.ones_like(tokens))
-    return model.logits_from_hidden(params.tree, hidden, config), {"lm": lm, "position": position + 1}
+    return model.logits_from_hidden(params.tree, hidden, config, params.layout), {"lm": lm, "position": position + 1}
   return step
 
 

@@ -155,8 +155,8 @@ def _feed_forward(x: jax.Array, attn: jax.Array, params: dict, config: CPMXLConf
   return partitioning.constrain(x + layers.dropout(h, rate, rngs[2]), ("batch", "length", "act_embed"))
 
 
-def embed(params: dict, tokens: jax.Array, config: CPMXLConfig) -> jax.Array:
-  x = params["embed"]["wte"][tokens]
+def embed(params: dict, tokens: jax.Array, config: CPMXLConfig, layout: Layout = Layout.TRAINING) -> jax.Array:
+  x = transformer.table_rows(params["embed"], "wte", tokens, layout)
   return partitioning.constrain(x.astype(config.compute_dtype), ("batch", "length", "act_embed"))
 
 
@@ -217,8 +217,9 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMXLConfig, *, posit
   return layers.layer_norm(out, params["ln_f"], config.layer_norm_eps)
 
 
-def logits_from_hidden(params: dict, hidden: jax.Array, config: CPMXLConfig) -> jax.Array:
-  return transformer.tied_logits(params["embed"]["wte"], hidden, config.compute_dtype)
+def logits_from_hidden(params: dict, hidden: jax.Array, config: CPMXLConfig,
+                       layout: Layout = Layout.TRAINING) -> jax.Array:
+  return transformer.tied_table_logits(params["embed"], "wte", hidden, config.compute_dtype, layout)
 
 
 def forward(params: dict, tokens: jax.Array, config: CPMXLConfig, **kwargs) -> jax.Array:
@@ -246,20 +247,20 @@ def cached_hidden_states(params: transformer.DecodeParams, tokens: jax.Array, co
   heads, dtype = config.num_heads, config.compute_dtype
   head_rows = (jnp.arange(batch)[:, None] * heads + jnp.arange(heads)[None, :]).reshape(-1, 1)
   head_slots = jnp.repeat(slots, heads, axis=0)
-  x = embed(tree, tokens, config)
+  x = embed(tree, tokens, config, params.layout)
 
   def body(x, layer_inputs):
     block, keys, values = layer_inputs
     attn = block["attn"]
     h = layers.layer_norm(x, block["ln_1"], config.layer_norm_eps)
-    qkv = layers.project_qkv(h, attn, dtype, Layout.DECODE)
+    qkv = layers.project_qkv(h, attn, dtype, params.layout)
     new = [layers.cache_layout(qkv[:, :, i]).astype(keys.dtype) for i in (1, 2)]
     keys, values = (c.at[head_rows, head_slots].set(n, mode="drop") for c, n in zip((keys, values), new))
     unmerge = lambda c: jnp.swapaxes(c.reshape(batch, heads, span, -1), 1, 2).astype(dtype)  # noqa: E731
     out = relative_attention(qkv[:, :, 0], unmerge(keys), unmerge(values), attn["rel_table"],
                              attn["content_bias"], attn["position_bias"], distance, mask)
-    out = _feed_forward(x, layers.project_out(out, attn, dtype, Layout.DECODE), block, config, (None,) * 3,
-                        Layout.DECODE)
+    out = _feed_forward(x, layers.project_out(out, attn, dtype, params.layout), block, config, (None,) * 3,
+                        params.layout)
     return out, (keys, values)
 
   x, new_kv = transformer.run_layers(body, x, tuple(zip(tree["blocks"], cache["k"], cache["v"])), config.num_layers,

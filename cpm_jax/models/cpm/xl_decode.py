@@ -77,7 +77,7 @@ def step_fn(config: xl.CPMXLConfig) -> decoding.StepFn:
     position = cache["position"]
     hidden, memory = xl.cached_hidden_states(params, tokens, config, cache["xl"], positions=position[:, None],
                                              segment_ids=jnp.ones_like(tokens))
-    return xl.logits_from_hidden(params.tree, hidden, config), {"xl": memory, "position": position + 1}
+    return xl.logits_from_hidden(params.tree, hidden, config, params.layout), {"xl": memory, "position": position + 1}
   return step
 
 

@@ -36,7 +36,7 @@ def init_cache(params: transformer.DecodeParams, config: model.PlugConfig, encod
   dtype = dtype or config.compute_dtype
   cache = transformer.empty_cache(encoder_hidden.shape[0], length, config.num_decoder_layers, config.num_heads,
                                   config.head_dim, dtype)
-  kv = [layers.project_qkv(encoder_hidden, block["cross_attn"], config.compute_dtype, layers.Layout.DECODE)
+  kv = [layers.project_qkv(encoder_hidden, block["cross_attn"], config.compute_dtype, params.layout)
         .astype(dtype) for block in params.tree["decoder"]["blocks"]]  # [batch, src, k/v, heads, head_dim] per layer
   return {**cache, "cross_k": tuple(layers.cache_layout(a[:, :, 0]) for a in kv),
           "cross_v": tuple(layers.cache_layout(a[:, :, 1]) for a in kv),
