@@ -18,7 +18,7 @@ with s = max |w| / 127 over each output channel's inputs; `layers.dense` in Layo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +40,9 @@ class Quantized:
   tables: tuple[tuple[str, ...], ...] = ()
 
 
-def check_weights(weights: str, where: str = "--weights") -> None:
-  if weights not in WEIGHTS:
+def check_weights(weights: str | None, where: str = "--weights") -> None:
+  """A ValueError naming `where` unless weights is one of WEIGHTS or None (the params as they are)."""
+  if weights is not None and weights not in WEIGHTS:
     raise ValueError(f"{where}={weights!r}; expected one of {list(WEIGHTS)}.")
 
 
@@ -89,10 +90,12 @@ def _map_kernels(blocks: dict, fn) -> dict:
   return out
 
 
-def round_trip(params: dict, weights: str, quantized: Quantized) -> dict:
-  """Training-layout params holding the numbers `for_decoding` serves: bfloat16 casts every float; int8 quantises
-  and dequantises what `quantized` names (the rest stays as it is)."""
+def round_trip(params: dict, weights: str | None, quantized: Quantized) -> dict:
+  """Training-layout params holding the numbers `for_decoding` serves: None the params as they are; float32 /
+  bfloat16 casts every leaf; int8 quantises and dequantises what `quantized` names (the rest stays as it is)."""
   check_weights(weights)
+  if weights is None:
+    return params
   if weights != "int8":
     return jax.tree.map(lambda x: x.astype(weights), params)
 
@@ -107,12 +110,21 @@ def round_trip(params: dict, weights: str, quantized: Quantized) -> dict:
   return params
 
 
-def for_decoding(params: transformer.DecodeParams, weights: str, quantized: Quantized) -> transformer.DecodeParams:
-  """Decode-layout params as served: float32 as they are, every float cast to bfloat16, or (int8) each decode
-  block's `{name}_weight` [out, in] and each of `quantized.tables` as int8 with `{name}_scale` [out] (Layout.
-  DECODE_INT8). Compiled as one program of its own."""
+def for_decoding(params: transformer.DecodeParams, weights: str | None, quantized: Quantized
+                 ) -> transformer.DecodeParams:
+  """Decode-layout params as served: None as they are, every leaf cast to float32 / bfloat16, or (int8) each
+  decode block's `{name}_weight` [out, in] and each of `quantized.tables` as int8 with `{name}_scale` [out]
+  (Layout.DECODE_INT8). Compiled as one program of its own."""
   check_weights(weights)
-  return _for_decoding(params, weights, quantized)
+  return params if weights is None else _for_decoding(params, weights, quantized)
+
+
+def serving_layout(decode_layout: Callable[[Any], transformer.DecodeParams], weights: str | None,
+                   quantized: Quantized) -> Callable[[Any], transformer.DecodeParams]:
+  """params -> `for_decoding(decode_layout(params), weights, quantized)`: a family's decode layout as served (what an
+  evaluation adapter's batching.ModelRunner makes once)."""
+  check_weights(weights)
+  return lambda params: for_decoding(decode_layout(params), weights, quantized)
 
 
 @jax.jit(static_argnums=(1, 2))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from cpm_jax import decoding, gin_setup, logging_setup, partitioning
+from cpm_jax import decoding, gin_setup, logging_setup, partitioning, serving_weights
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -52,6 +52,9 @@ _STRICT = flags.DEFINE_bool("strict", False, "Fail on inputs longer than the mod
                             "truncating them from the left.")
 _DECODING = flags.DEFINE_enum("decoding", "greedy", ["greedy", "sample", "beam"], "Decoding for generation tasks "
                               "(SamplingConfig / BeamSearchConfig gin bindings set the rest).")
+_WEIGHTS = flags.DEFINE_enum("weights", None, list(serving_weights.WEIGHTS), "Evaluate the weights as served "
+                             "after this conversion (bfloat16, or int8 weight-only: scored with the dequantised "
+                             "numbers the int8 decoder computes with); default: as the checkpoint stores them.")
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Extra gin files, e.g. meshes/tensor8_fsdp.gin.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'LabelPromptTask.shots = 2'.")
 
@@ -74,7 +77,7 @@ def main(argv):
                      "beam": decoding.BeamSearchConfig}[_DECODING.value]()
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,
                                    batch_size=_BATCH_SIZE.value, decoding_config=decoding_config, mesh=mesh,
-                                   strict=_STRICT.value, progress=True)
+                                   strict=_STRICT.value, progress=True, weights=_WEIGHTS.value)
   examples = tasks.sample_examples(tasks.load_examples(task, _INPUT_FILE.value, _DATA_DIR.value, _SPLIT.value),
                                    _LIMIT.value, task.seed)
   demonstrations = []
@@ -87,7 +90,9 @@ def main(argv):
     print(report.jsonl_text(result.predictions), end="")
   print(report.table(task.name, result.metrics))
   source = _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}"
-  settings = {"checkpoint": _CHECKPOINT.value, "input": source, "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value, "untrained": _UNTRAINED.value}
+  settings = {"checkpoint": _CHECKPOINT.value, "input": source, "shots": task.shots, "seed": task.seed,
+              "decoding": _DECODING.value, "untrained": _UNTRAINED.value,
+              "weights": _WEIGHTS.value or checkpoint.metadata.get("weights")}
   if _OUTPUT.value:
     report.write_result(_OUTPUT.value, task.name, result, settings)
   if _PREDICTIONS.value:

@@ -13,7 +13,7 @@
 from cpm_jax.convert.common import Format
 from cpm_jax.models.cpm import convert, decode, hf, xl, xl_decode
 from cpm_jax.models.cpm.data import LMData
-from cpm_jax.models.cpm.decode import (SlidingWindow, cache_logical_axes, decode_layout, decode_program, generate,
+from cpm_jax.models.cpm.decode import (QUANTIZED, SlidingWindow, cache_logical_axes, decode_layout, decode_program, generate,
                                       init_cache, prefill, step_fn, stream)
 from cpm_jax.models.cpm.evaluation import language_model, score_fn
 from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
@@ -34,6 +34,7 @@ FAMILY = Family(
         "megatron": Format(load=convert.load_megatron, save=convert.save_megatron,
                            load_options=("num_heads", "tag", "trust_pickle"), save_options=("num_ranks", "tag")),
     },
+    quantized=QUANTIZED,
 )
 init = FAMILY.init
 abstract_params = FAMILY.abstract_params
@@ -48,9 +49,10 @@ XL_FAMILY = Family(
     data=(LMData,),
     tokenizer=CPMTokenizer,
     language_model=xl_decode.language_model,
+    quantized=xl_decode.QUANTIZED,
 )
 
-__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "XL_FAMILY", "LMData", "SlidingWindow", "abstract_params", "cache_logical_axes",
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "XL_FAMILY", "LMData", "QUANTIZED", "SlidingWindow", "abstract_params", "cache_logical_axes",
            "cached_hidden_states", "decode_layout", "decode_program", "embed", "forward", "generate", "hidden_states", "init",
            "init_cache", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "prefill",
            "score_fn", "step_fn", "stream"]

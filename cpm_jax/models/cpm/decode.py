@@ -17,8 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from cpm_jax import decoding, partitioning, transformer
+from cpm_jax import decoding, partitioning, serving_weights, transformer
 from cpm_jax.models.cpm import model
+
+
+# What int8 serving quantises: the blocks' dense layers and the tied word embedding (embedding rows, head channels).
+QUANTIZED = serving_weights.Quantized(blocks=(("blocks",),), tables=(("embed", "wte"),))
 
 
 def decode_layout(params: dict) -> transformer.DecodeParams:

@@ -16,10 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from cpm_jax import decoding, layers, partitioning, transformer
+from cpm_jax import decoding, layers, partitioning, serving_weights, transformer
 from cpm_jax.evaluation import scoring
 from cpm_jax.evaluation.interface import LanguageModel
 from cpm_jax.models.cpm import xl
+
+
+# What int8 serving quantises: the blocks' dense layers and the tied word embedding.
+QUANTIZED = serving_weights.Quantized(blocks=(("blocks",),), tables=(("embed", "wte"),))
 
 
 def decode_layout(params: dict, config: xl.CPMXLConfig) -> transformer.DecodeParams:
@@ -157,23 +161,30 @@ SCORE_SEGMENTS = 16
 
 def language_model(params: dict, config: xl.CPMXLConfig, tokenizer: Any, metadata: dict, *, batch_size: int = 8,
                    decoding_config: decoding.DecodingConfig | None = None, mesh=None, strict: bool = False,
-                   progress: bool = False) -> LanguageModel:
+                   progress: bool = False, weights: str | None = None, long_text: bool = False) -> LanguageModel:
   """CPM-XL behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise); requests are
-  scored over at most SCORE_SEGMENTS segments."""
-  del metadata
+  scored over at most SCORE_SEGMENTS segments. weights as CPM's; long_text changes nothing (the memory carries
+  any length)."""
+  del metadata, long_text
   score = score_fn(config)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
+  scored = functools.cache(lambda: serving_weights.round_trip(params, weights, QUANTIZED))
 
   def score_requests(requests, names=None):
     with partitioning.on_mesh(mesh):
-      return scoring.score_requests(score, params, requests, max_length=SCORE_SEGMENTS * config.segment_length,
+      return scoring.score_requests(score, scored(), requests, max_length=SCORE_SEGMENTS * config.segment_length,
                                     batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict,
                                     progress=progress, names=names)
 
-  decode_params = functools.cache(lambda: decode_layout(params, config))
+  decode_params = functools.cache(
+      lambda: serving_weights.for_decoding(decode_layout(params, config), weights, QUANTIZED))
+  ids = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, mesh=mesh)
 
   def generate_ids(prompts):
-    return generate(decode_params(), prompts, config, decoding_config, eod_id=tokenizer.eod_id,
-                    pad_id=tokenizer.pad_id, batch_size=batch_size, mesh=mesh, progress=progress)
+    return generate(decode_params(), prompts, config, decoding_config, batch_size=batch_size, progress=progress,
+                    **ids)
 
-  return LanguageModel(tokenizer, score_requests, generate_ids)
+  def stream_ids(prompts):
+    return stream(decode_params(), prompts, config, decoding_config, **ids)
+
+  return LanguageModel(tokenizer, score_requests, generate_ids, stream=stream_ids)

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import decoding, layers, partitioning, transformer
+from cpm_jax import decoding, layers, partitioning, serving_weights, transformer
 from cpm_jax.models.plug import model
 
 # PLUG's release samples no [SEP] (the end) before this fraction of the requested length.
 RELEASE_SEP_FRACTION = 0.8
+# What int8 serving quantises: the decoder's dense layers (the encoder, run once per input, and the word embedding
+# it shares stay as they are).
+QUANTIZED = serving_weights.Quantized(blocks=(("decoder", "blocks"),))
 
 
 def decode_layout(params: dict) -> transformer.DecodeParams:
@@ -69,20 +72,42 @@ def step_fn(config: model.PlugConfig) -> decoding.StepFn:
   return step
 
 
-@functools.lru_cache(maxsize=None)
-def _generator(config: model.PlugConfig, decoding_config: decoding.DecodingConfig, sep_id: int, cls_id: int,
-               pad_id: int, mesh):
-  """Jitted (decode params, sources, segment ids, token types, rng) -> (tokens, lengths) for one setting; one per
-  mesh, since the mesh in force when it is traced shapes its sharding constraints."""
-  del mesh
+def _made(program: decoding.DecodeProgram, config: model.PlugConfig, decoding_config: decoding.DecodingConfig,
+          sep_id: int, pad_id: int, streamed: bool, mesh):
+  """`program` jitted for generation or (`streamed`) made a stream, [SEP] ending a text."""
+  options = dict(eod_id=sep_id, pad_id=pad_id, vocab_size=config.vocab_size)
+  return program.streamed(decoding_config, mesh=mesh, **options) if streamed else program.compiled(decoding_config,
+                                                                                                    **options)
 
+
+@functools.lru_cache(maxsize=None)
+def _compiled(config: model.PlugConfig, decoding_config: decoding.DecodingConfig, sep_id: int, cls_id: int,
+              pad_id: int, streamed: bool, mesh):
+  """(decode params, sources, segment ids, token types, rng) -> (tokens, lengths), or the stream of tokens, for one
+  setting; one per mesh, since the mesh in force when it is traced shapes its sharding constraints."""
   def prefill_sources(params, sources, segment_ids, token_types):
     cache, first = prefill(params, sources, segment_ids, config, decoding_config.max_new_tokens, cls_id=cls_id,
                            source_token_types=token_types)
     return cache, first, None
 
   program = decoding.DecodeProgram(prefill_sources, step_fn(config), cache_logical_axes(config))
-  return program.compiled(decoding_config, eod_id=sep_id, pad_id=pad_id, vocab_size=config.vocab_size)
+  return _made(program, config, decoding_config, sep_id, pad_id, streamed, mesh)
+
+
+def encoder_inputs(sources: Sequence[Sequence[int]], config: model.PlugConfig, pad_id: int,
+                   token_types: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(tokens, segment ids, token types) of encoder inputs, right-padded to a power-of-two width."""
+  longest = max(len(s) for s in sources)
+  if longest > config.max_positions:
+    raise ValueError(f"A source has {longest} tokens; the model takes at most max_positions={config.max_positions}.")
+  width = decoding.bucket_width(longest, config.max_positions)
+  tokens = np.full((len(sources), width), pad_id, np.int32)
+  types = np.zeros_like(tokens)
+  for i, source in enumerate(sources):
+    tokens[i, :len(source)] = source
+    types[i, :len(source)] = token_types[i] if token_types is not None else 0
+  segment_ids = (np.arange(width)[None] < np.array([len(s) for s in sources])[:, None]).astype(np.int32)
+  return tokens, segment_ids, types
 
 
 def generate(params: transformer.DecodeParams, sources: Sequence[Sequence[int]], config: model.PlugConfig,
@@ -100,22 +125,22 @@ def generate(params: transformer.DecodeParams, sources: Sequence[Sequence[int]],
   """
   if not sources:
     return []
-  longest = max(len(s) for s in sources)
-  if longest > config.max_positions:
-    raise ValueError(f"A source has {longest} tokens; the model takes at most max_positions={config.max_positions}.")
-  width = decoding.bucket_width(longest, config.max_positions)
-  tokens = np.full((len(sources), width), pad_id, np.int32)
-  types = np.zeros_like(tokens)
-  for i, source in enumerate(sources):
-    tokens[i, :len(source)] = source
-    types[i, :len(source)] = token_types[i] if token_types is not None else 0
-  segment_ids = (np.arange(width)[None] < np.array([len(s) for s in sources])[:, None]).astype(np.int32)
-  rng = jax.random.key(decoding_config.seed)
-  run = _generator(config, decoding_config.with_min_length_fraction(RELEASE_SEP_FRACTION).unseeded(), sep_id, cls_id,
-                   pad_id, mesh)
+  inputs = encoder_inputs(sources, config, pad_id, token_types)
+  decoding_config = decoding_config.with_min_length_fraction(RELEASE_SEP_FRACTION)
+  run = _compiled(config, decoding_config.unseeded(), sep_id, cls_id, pad_id, False, mesh)
   with partitioning.on_mesh(mesh):
-    out, lengths = jax.device_get(run(params, tokens, segment_ids, types, rng))
+    out, lengths = jax.device_get(run(params, *inputs, jax.random.key(decoding_config.seed)))
   return [row[:n].tolist() for row, n in zip(out, lengths)]
+
+
+def stream(params: transformer.DecodeParams, sources: Sequence[Sequence[int]], config: model.PlugConfig,
+           decoding_config: decoding.SamplingConfig, *, cls_id: int, sep_id: int, pad_id: int = 0,
+           token_types: Sequence[Sequence[int]] | None = None,
+           mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
+  """The tokens of `generate` for one batch as they are produced (`decoding.DecodeProgram.streamed`)."""
+  decoding_config = decoding_config.with_min_length_fraction(RELEASE_SEP_FRACTION)
+  run = _compiled(config, decoding_config.unseeded(), sep_id, cls_id, pad_id, True, mesh)
+  return run(params, *encoder_inputs(sources, config, pad_id, token_types), jax.random.key(decoding_config.seed))
 
 
 # ---- long texts: the released generate_plug.py protocol ------------------------------------------
@@ -208,18 +233,16 @@ def long_text_cache_logical_axes(config: model.PlugConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _long_text_generator(config: model.PlugConfig, decoding_config: decoding.DecodingConfig, long_text: LongText,
-                         cls_id: int, sep_id: int, pad_id: int, mesh):
-  """Jitted (decode params, contexts, valid, rng) -> (tokens, lengths) of `generate_long`; one per mesh."""
-  del mesh
-
+def _long_text_compiled(config: model.PlugConfig, decoding_config: decoding.DecodingConfig, long_text: LongText,
+                        cls_id: int, sep_id: int, pad_id: int, streamed: bool, mesh):
+  """(decode params, contexts, valid, rng) -> (tokens, lengths) of `generate_long`, or its stream; one per mesh."""
   def prefill_contexts(params, context, valid):
     return (*long_text_prefill(params, context, valid, config, long_text, cls_id=cls_id, sep_id=sep_id), None)
 
   program = decoding.DecodeProgram(prefill_contexts, long_text_step_fn(config, long_text, cls_id=cls_id,
                                                                        sep_id=sep_id),
                                    long_text_cache_logical_axes(config))
-  return program.compiled(decoding_config, eod_id=sep_id, pad_id=pad_id, vocab_size=config.vocab_size)
+  return _made(program, config, decoding_config, sep_id, pad_id, streamed, mesh)
 
 
 def long_text_contexts(contexts: Sequence[Sequence[int]], long_text: LongText) -> tuple[np.ndarray, np.ndarray]:
@@ -234,6 +257,20 @@ def long_text_contexts(contexts: Sequence[Sequence[int]], long_text: LongText) -
   return tokens, valid
 
 
+def _long_text_run(contexts: Sequence[Sequence[int]], config: model.PlugConfig,
+                   decoding_config: decoding.DecodingConfig, long_text: LongText, cls_id: int, sep_id: int,
+                   pad_id: int, streamed: bool, mesh):
+  """(the compiled program, its inputs and rng) of `generate_long` / `stream_long`."""
+  if long_text.read_length + 2 > config.max_positions:
+    raise ValueError(f"LongText reads {long_text.read_length} context tokens + [CLS] and [SEP], more than "
+                     f"max_positions={config.max_positions}; lower LongText.context_length.")
+  if long_text.chunk_length > config.max_positions:
+    raise ValueError(f"LongText.chunk_length={long_text.chunk_length} exceeds max_positions={config.max_positions}.")
+  decoding_config = decoding_config.with_min_length_fraction(long_text.sep_fraction)
+  run = _long_text_compiled(config, decoding_config.unseeded(), long_text, cls_id, sep_id, pad_id, streamed, mesh)
+  return run, (*long_text_contexts(contexts, long_text), jax.random.key(decoding_config.seed))
+
+
 def generate_long(params: transformer.DecodeParams, contexts: Sequence[Sequence[int]], config: model.PlugConfig,
                   decoding_config: decoding.DecodingConfig, *, cls_id: int, sep_id: int, pad_id: int = 0,
                   long_text: LongText = LongText(), mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
@@ -241,14 +278,15 @@ def generate_long(params: transformer.DecodeParams, contexts: Sequence[Sequence[
   number of new tokens, in chunks of chunk_length decoded from a re-encoded context; one on-device loop for all."""
   if not contexts:
     return []
-  if long_text.read_length + 2 > config.max_positions:
-    raise ValueError(f"LongText reads {long_text.read_length} context tokens + [CLS] and [SEP], more than "
-                     f"max_positions={config.max_positions}; lower LongText.context_length.")
-  if long_text.chunk_length > config.max_positions:
-    raise ValueError(f"LongText.chunk_length={long_text.chunk_length} exceeds max_positions={config.max_positions}.")
-  tokens, valid = long_text_contexts(contexts, long_text)
-  run = _long_text_generator(config, decoding_config.with_min_length_fraction(long_text.sep_fraction).unseeded(),
-                             long_text, cls_id, sep_id, pad_id, mesh)
+  run, inputs = _long_text_run(contexts, config, decoding_config, long_text, cls_id, sep_id, pad_id, False, mesh)
   with partitioning.on_mesh(mesh):
-    out, lengths = jax.device_get(run(params, tokens, valid, jax.random.key(decoding_config.seed)))
+    out, lengths = jax.device_get(run(params, *inputs))
   return [row[:n].tolist() for row, n in zip(out, lengths)]
+
+
+def stream_long(params: transformer.DecodeParams, contexts: Sequence[Sequence[int]], config: model.PlugConfig,
+                decoding_config: decoding.SamplingConfig, *, cls_id: int, sep_id: int, pad_id: int = 0,
+                long_text: LongText = LongText(), mesh: jax.sharding.Mesh | None = None) -> Iterator[np.ndarray]:
+  """The tokens of `generate_long` for one batch as they are produced."""
+  run, inputs = _long_text_run(contexts, config, decoding_config, long_text, cls_id, sep_id, pad_id, True, mesh)
+  return run(params, *inputs)
