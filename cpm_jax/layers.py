@@ -332,11 +332,12 @@ def project_q(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAININ
 
 def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implementation: str = "xla",
                    layout: Layout = Layout.TRAINING, kv: tuple[jax.Array, jax.Array] | None = None,
-                   cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+                   cache_index: jax.Array | int | None = None, span: int | None = None) -> tuple[jax.Array, Any]:
   """Fused-QKV self-attention with its output projection; returns (output [b, t, e], kv).
 
   With `kv` (this layer's decode cache: keys and values in `cache_layout`) the new keys and values are written at
-  `cache_index`, the queries attend over the whole cache, and the updated kv is returned.
+  `cache_index`, the queries attend over the cache's first `span` slots (default: all; the mask has as many), and
+  the updated kv is returned.
   """
   qkv = project_qkv(x, params, dtype, layout)
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -346,7 +347,8 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
     return project_out(dot_product_attention(q, k, v, mask, implementation), params, dtype, layout), None
   kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
              for cached, new in zip(kv, (k, v)))
-  out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
+  keys, values = (a[:, :span].astype(dtype) for a in kv)
+  out = cached_attention(q, keys, values, mask, implementation)
   return project_out(out, params, dtype, layout), kv
 
 

@@ -105,16 +105,17 @@ def pre_ln_block_specs(config: Any) -> dict:
 
 def pre_ln_block(x: jax.Array, params: dict, config: Any, mask: jax.Array, rng: jax.Array | None,
                  layout: layers.Layout = layers.Layout.TRAINING, kv: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+                 cache_index: jax.Array | int | None = None, span: int | None = None) -> tuple[jax.Array, Any]:
   """One GPT-2-style pre-LN block (ln_1 -> self-attention -> residual; ln_2 -> tanh-GELU MLP -> residual), dropout
   on each residual branch when `rng` is given; returns (output, kv). params: ln_1, attn, ln_2, mlp (CPM, M6);
   config: compute_dtype, dropout_rate, layer_norm_eps, attention_impl. With `kv` (this layer's decode cache) the
-  new keys and values are written at cache_index."""
+  new keys and values are written at cache_index and attention reads the cache's first `span` slots (default all)."""
   dtype = config.compute_dtype
   rate = config.dropout_rate if rng is not None else 0.0
   rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
   h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
-  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index)
+  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index,
+                                   span)
   x = x + layers.dropout(attn, rate, rngs[0])
   h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
   h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1], layout=layout)
@@ -246,13 +247,15 @@ def updated_cache(cache: dict, new_kv: Sequence[tuple[jax.Array, jax.Array]], kv
 
 def cached_pre_ln_stack(blocks: Sequence[dict], x: jax.Array, config: Any, cache: dict, mask: jax.Array,
                         kv_segments: jax.Array, kv_positions: jax.Array,
-                        layout: layers.Layout = layers.Layout.DECODE) -> tuple[jax.Array, dict]:
+                        layout: layers.Layout = layers.Layout.DECODE,
+                        span: int | None = None) -> tuple[jax.Array, dict]:
   """`pre_ln_block` over each layer's decode-layout block (in `layout`: DECODE, or DECODE_INT8 for served int8
   weights) and cache for positions x [batch, t, embed] appended at cache["index"] (mask, kv_segments, kv_positions
-  as `cached_self_mask` gives them); returns (the last block's output, before any final norm; the updated cache)."""
+  as `cached_self_mask` gives them, mask cut to `span`); attention reads the caches' first `span` slots (default
+  all). Returns (the last block's output, before any final norm; the updated cache)."""
   def body(x, layer_inputs):
     layer_params, kv = layer_inputs
-    return pre_ln_block(x, layer_params, config, mask, None, layout, kv, cache["index"])
+    return pre_ln_block(x, layer_params, config, mask, None, layout, kv, cache["index"], span)
 
   x, new_kv = run_layers(body, x, tuple(zip(blocks, zip(cache["k"], cache["v"]))), config.num_layers, per_layer=True)
   return x, updated_cache(cache, new_kv, kv_segments, kv_positions, x.shape[1])

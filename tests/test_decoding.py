@@ -280,7 +280,7 @@ def test_sliding_window_equals_windowed_recomputation_without_cache(params, deco
 
   @jax.jit
   def run(params, tokens, lengths):
-    program = cpm.decode_program(CONFIG, WINDOW_STEPS, window.resolve(CONFIG), True, False)
+    program = cpm.decode_program(CONFIG, WINDOW_STEPS, window.resolve(CONFIG), True, False, (12, WINDOW))
     cache, last, _ = program.prefill(params, tokens, lengths)
     step = program.step
     cache = {"inner": cache, "logits": jnp.zeros((tokens.shape[0], WINDOW_STEPS, CONFIG.vocab_size)), "t": 0}
@@ -288,7 +288,7 @@ def test_sliding_window_equals_windowed_recomputation_without_cache(params, deco
                                          pad_id=PAD, vocab_size=CONFIG.vocab_size, rng=jax.random.key(0))
     return out, cache["logits"], cache["inner"]["moves"]
 
-  out, logits, moves = jax.device_get(run(decode_params, tokens, lengths))
+  out, logits, moves = jax.device_get(run(decode_params, tokens, lengths))  # length-bucketed: spans 12, 16
   reference, expected_moves = windowed_reference_logits(params, PROMPTS, out, tokens.shape[1])
   # The window moved every STRIDE tokens once the cache was full, not on every token.
   assert moves == expected_moves == 1 + (WINDOW_STEPS - 2) // STRIDE

@@ -66,14 +66,35 @@ def prefill(params: transformer.DecodeParams, prompts: jax.Array, lengths: jax.A
   return {"lm": lm, "position": positions[:, -1]}, prompts[:, -1]
 
 
-def step_fn(config: model.CPMConfig) -> decoding.StepFn:
-  """One cached CPM step: tokens [batch, 1] at each row's next position."""
-  def step(params, tokens, cache):
+def step_fn(config: model.CPMConfig, spans: Sequence[int] | None = None) -> decoding.StepFn:
+  """One cached CPM step: tokens [batch, 1] at each row's next position.
+
+  spans (increasing, the last the cache's length): a length-bucketed step, whose attention reads only the
+  smallest span holding every filled slot (a lax.switch over one step per span), not the whole cache.
+  """
+  def step_over(span, params, tokens, cache):
     position = cache["position"]
     hidden, lm = model.cached_hidden_states(params, tokens, config, cache["lm"], positions=position[:, None],
-                                            segment_ids=jnp.ones_like(tokens))
+                                            segment_ids=jnp.ones_like(tokens), span=span)
     return model.logits_from_hidden(params.tree, hidden, config, params.layout), {"lm": lm, "position": position + 1}
-  return step
+
+  if not spans:
+    return functools.partial(step_over, None)
+
+  def bucketed(params, tokens, cache):
+    bucket = jnp.searchsorted(jnp.asarray(spans), cache["lm"]["index"] + 1)  # the first span holding this slot
+    return jax.lax.switch(bucket, [functools.partial(step_over, span) for span in spans], params, tokens, cache)
+  return bucketed
+
+
+def attention_spans(length: int, smallest: int = 64) -> tuple[int, ...]:
+  """The spans of a length-bucketed step over a cache of `length` slots: powers of two from `smallest`, then
+  length."""
+  spans = []
+  while smallest < length:
+    spans.append(smallest)
+    smallest *= 2
+  return (*spans, length)
 
 
 @gin.configurable
@@ -113,10 +134,11 @@ def _move_window(params: transformer.DecodeParams, cache: dict, config: model.CP
           "moves": cache["moves"] + 1}
 
 
-def windowed_step_fn(config: model.CPMConfig, length: int, stride: int) -> decoding.StepFn:
-  """`step_fn` over a cache of `length` slots that also records the token in each slot ("history") and, when the
-  cache is full, moves the window by `stride` first (`_move_window`, counted in "moves")."""
-  step = step_fn(config)
+def windowed_step_fn(config: model.CPMConfig, length: int, stride: int,
+                     spans: Sequence[int] | None = None) -> decoding.StepFn:
+  """`step_fn` (with `spans`) over a cache of `length` slots that also records the token in each slot ("history")
+  and, when the cache is full, moves the window by `stride` first (`_move_window`, counted in "moves")."""
+  step = step_fn(config, spans)
 
   def windowed(params, tokens, cache):
     cache = jax.lax.cond(cache["lm"]["index"] == length,
@@ -134,9 +156,10 @@ def windowed_cache_logical_axes(config: model.CPMConfig) -> dict:
 
 
 def decode_program(config: model.CPMConfig, max_new_tokens: int, window: tuple[int, int] | None, windowed: bool,
-             with_seen: bool) -> decoding.DecodeProgram:
+                   with_seen: bool, spans: tuple[int, ...] | None = None) -> decoding.DecodeProgram:
   """The decode program for left-padded prompts (prefill inputs: prompts, lengths): a cache holding prompt + new
-  tokens, or (`windowed`: they overflow the resolved `window`) `length` slots and a step that moves the window."""
+  tokens, or (`windowed`: they overflow the resolved `window`) `length` slots and a step that moves the window.
+  spans: a length-bucketed step (`step_fn`; `attention_spans` of the cache's length)."""
   def prefill_all(params, prompts, lengths):
     seen = None
     if with_seen:
@@ -150,38 +173,42 @@ def decode_program(config: model.CPMConfig, max_new_tokens: int, window: tuple[i
     return {**cache, "history": history, "moves": jnp.zeros((), jnp.int32)}, last, seen
 
   if windowed:
-    return decoding.DecodeProgram(prefill_all, windowed_step_fn(config, *window), windowed_cache_logical_axes(config))
-  return decoding.DecodeProgram(prefill_all, step_fn(config), cache_logical_axes(config))
+    return decoding.DecodeProgram(prefill_all, windowed_step_fn(config, *window, spans),
+                                  windowed_cache_logical_axes(config))
+  return decoding.DecodeProgram(prefill_all, step_fn(config, spans), cache_logical_axes(config))
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(config: model.CPMConfig, decoding_config: decoding.DecodingConfig, eod_id: int, pad_id: int,
-              window: tuple[int, int] | None, windowed: bool, streamed: bool, mesh):
+              window: tuple[int, int] | None, windowed: bool, spans: tuple[int, ...] | None, streamed: bool, mesh):
   """The program of one setting, jitted for `generate` or (`streamed`) made a stream; one per mesh, since the mesh
   in force when it is traced shapes its sharding constraints."""
-  program = decode_program(config, decoding_config.max_new_tokens, window, windowed, decoding_config.needs_seen_tokens)
+  program = decode_program(config, decoding_config.max_new_tokens, window, windowed,
+                           decoding_config.needs_seen_tokens, spans)
   options = dict(eod_id=eod_id, pad_id=pad_id, vocab_size=config.vocab_size)
   return program.streamed(decoding_config, mesh=mesh, **options) if streamed else program.compiled(decoding_config,
                                                                                                     **options)
 
 
 def _prepared(prompts: Sequence[Sequence[int]], config: model.CPMConfig, decoding_config: decoding.DecodingConfig,
-              window: SlidingWindow | None, eod_id: int, pad_id: int, strict: bool
-              ) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None, bool]:
-  """(left-padded prompts, lengths, the resolved window, whether this batch overflows it). Without a window the
-  prompt and the new tokens must fit the positions (longer prompts keep their last tokens); with one, a prompt
-  keeps at most `length` tokens."""
+              window: SlidingWindow | None, bucketed: bool, eod_id: int, pad_id: int, strict: bool
+              ) -> tuple[np.ndarray, np.ndarray, tuple]:
+  """(left-padded prompts, lengths, the program's setting: the resolved window, whether this batch overflows it,
+  the attention spans if `bucketed`). Without a window the prompt and the new tokens must fit the positions (longer
+  prompts keep their last tokens); with one, a prompt keeps at most `length` tokens."""
   resolved = window.resolve(config) if window is not None else None
   max_prompt = config.max_positions - decoding_config.max_new_tokens if resolved is None else resolved[0]
   tokens, lengths = decoding.prepare_prompts(prompts, max_prompt, eod_id=eod_id, pad_id=pad_id, strict=strict)
-  windowed = resolved is not None and tokens.shape[1] - 1 + decoding_config.max_new_tokens > resolved[0]
-  return tokens, lengths, resolved, windowed
+  needed = tokens.shape[1] - 1 + decoding_config.max_new_tokens
+  windowed = resolved is not None and needed > resolved[0]
+  spans = attention_spans(resolved[0] if windowed else needed) if bucketed else None
+  return tokens, lengths, (resolved, windowed, spans)
 
 
 def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], config: model.CPMConfig,
              decoding_config: decoding.DecodingConfig, *, eod_id: int, pad_id: int, batch_size: int | None = None,
              strict: bool = False, mesh: jax.sharding.Mesh | None = None, progress: bool = False,
-             window: SlidingWindow | None = None) -> list[list[int]]:
+             window: SlidingWindow | None = None, bucketed: bool = False) -> list[list[int]]:
   """CPM-LM continuations (new token ids, without <eod>) of token-id prompts, from `decode_layout(params)`.
 
   Prompts go in batches of `batch_size` (default: all at once; the last batch is padded so every batch
@@ -189,6 +216,7 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
   (params should already be placed, e.g. by checkpointing.restore_params with shardings). CPM's protocol lets
   <eod> end a text at any step (min_length None -> 0). Without `window`, prompt + new tokens must fit the model's
   positions (longer prompts keep their last tokens); with one, generation goes on past them (`SlidingWindow`).
+  bucketed: attention reads only the filled part of the cache, in power-of-two spans (`step_fn`).
   """
   if not prompts:
     return []
@@ -199,8 +227,8 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
   for begin in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
     chunk = list(prompts[begin:begin + batch_size])
     chunk += [[]] * (batch_size - len(chunk))
-    tokens, lengths, resolved, windowed = _prepared(chunk, config, decoding_config, window, eod_id, pad_id, strict)
-    run = _compiled(config, decoding_config.unseeded(), eod_id, pad_id, resolved, windowed, False, mesh)
+    tokens, lengths, setting = _prepared(chunk, config, decoding_config, window, bucketed, eod_id, pad_id, strict)
+    run = _compiled(config, decoding_config.unseeded(), eod_id, pad_id, *setting, False, mesh)
     with partitioning.on_mesh(mesh):
       out, out_lengths = run(params, tokens, lengths, jax.random.fold_in(rng, begin))
     out, out_lengths = np.asarray(out), np.asarray(out_lengths)
@@ -210,10 +238,11 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
 
 def stream(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], config: model.CPMConfig,
            decoding_config: decoding.SamplingConfig, *, eod_id: int, pad_id: int, strict: bool = False,
-           mesh: jax.sharding.Mesh | None = None, window: SlidingWindow | None = None) -> Iterator[np.ndarray]:
+           mesh: jax.sharding.Mesh | None = None, window: SlidingWindow | None = None,
+           bucketed: bool = False) -> Iterator[np.ndarray]:
   """The tokens of `generate` for one batch of prompts as they are produced: each step's tokens [batch] (<eod>,
   then pad_id, in rows that have ended), by a host loop over one jitted step (`decoding.DecodeProgram.streamed`)."""
   decoding_config = decoding_config.with_min_length_fraction(0.0)
-  tokens, lengths, resolved, windowed = _prepared(prompts, config, decoding_config, window, eod_id, pad_id, strict)
-  run = _compiled(config, decoding_config.unseeded(), eod_id, pad_id, resolved, windowed, True, mesh)
+  tokens, lengths, setting = _prepared(prompts, config, decoding_config, window, bucketed, eod_id, pad_id, strict)
+  run = _compiled(config, decoding_config.unseeded(), eod_id, pad_id, *setting, True, mesh)
   return run(params, tokens, lengths, jax.random.key(decoding_config.seed))

@@ -89,15 +89,16 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
 
 
 def cached_hidden_states(params: transformer.DecodeParams, tokens: jax.Array, config: CPMConfig, cache: dict, *,
-                         positions=None, segment_ids=None) -> tuple[jax.Array, dict]:
+                         positions=None, segment_ids=None, span: int | None = None) -> tuple[jax.Array, dict]:
   """`hidden_states` of tokens appended at cache["index"] (a `transformer.empty_cache`), attending to everything
-  cached before them; params in the decode layout. Returns (hidden states, updated cache)."""
+  cached before them; params in the decode layout. `span`: attention reads only the cache's first span slots (they
+  must hold every filled one). Returns (hidden states, updated cache)."""
   positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids, cache["index"])
   tree = params.tree
   x = embed(tree, tokens, positions, config, params.layout)
   mask, kv_segments, kv_positions = transformer.cached_self_mask(cache, segment_ids, positions)
-  x, cache = transformer.cached_pre_ln_stack(tree["blocks"], x, config, cache, mask, kv_segments, kv_positions,
-                                             params.layout)
+  x, cache = transformer.cached_pre_ln_stack(tree["blocks"], x, config, cache, mask[..., :span], kv_segments,
+                                             kv_positions, params.layout, span)
   return layers.layer_norm(x, tree["ln_f"], config.layer_norm_eps), cache
 
 
