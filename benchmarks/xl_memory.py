@@ -26,8 +26,8 @@ flags.DEFINE_string("data_dir", "workdir/demo/tfds", "TFDS data_dir holding peop
 flags.DEFINE_string("tokenizer", "workdir/demo/spm.model", "SentencePiece model (scripts/demo.sh trains one).")
 flags.DEFINE_integer("vocab_size", 8000, "The tokenizer's vocabulary size.")
 flags.DEFINE_integer("steps", 300, "Training steps of each run.")
-flags.DEFINE_integer("num_layers", 4, "Model size of both runs: layers (cpm_xl_tiny: 4).")
-flags.DEFINE_integer("embed_dim", 256, "Model size of both runs: hidden size (cpm_xl_tiny: 256).")
+flags.DEFINE_multi_string("gin_bindings", [], "More bindings for both runs, e.g. a size: "
+                          "'CPMXLConfig.num_layers = 2' (default: cpm_xl_tiny.gin).")
 flags.DEFINE_integer("eval_documents", 400, "Validation documents scored.")
 FLAGS = flags.FLAGS
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def train(workdir: pathlib.Path, memory_length: int) -> None:
   bindings = [f"LMData.tokenizer_path = '{os.path.abspath(FLAGS.tokenizer)}'",
               f"LMData.data_dir = '{os.path.abspath(FLAGS.data_dir)}'", f"CPMXLConfig.vocab_size = {FLAGS.vocab_size}",
               f"CPMXLConfig.memory_length = {memory_length}", f"train.num_steps = {FLAGS.steps}",
-              f"CPMXLConfig.num_layers = {FLAGS.num_layers}", f"CPMXLConfig.embed_dim = {FLAGS.embed_dim}",
+              *FLAGS.gin_bindings,
               f"learning_rate_schedule.total_steps = {FLAGS.steps}"]
   subprocess.run([sys.executable, str(REPO / "experiments" / "train.py"), "--gin_file=experiments/cpm_xl_demo.gin",
                   f"--workdir={workdir}", *(f"--gin_bindings={b}" for b in bindings)], check=True, cwd=REPO)
@@ -104,8 +104,8 @@ def main(argv):
                                                                                    memory_length=0), batches)
   later_tokens = int(results["with memory"]["later tokens"])
   print(f"validation: {FLAGS.eval_documents} documents of peoples_daily_1998 in rows of 4 x 64 tokens; "
-        f"{later_tokens} target tokens in later segments; {FLAGS.num_layers} layers x {FLAGS.embed_dim}, "
-        f"{FLAGS.steps} training steps of 8 x 256 tokens each")
+        f"{later_tokens} target tokens in later segments; {checkpoint.config.num_layers} layers x "
+        f"{checkpoint.config.embed_dim}, {FLAGS.steps} training steps of 8 x 256 tokens each")
   print(f"{'':28s} {'all':>8s} {'first segment':>14s} {'later segments':>15s}")
   for name, result in results.items():
     print(f"{name:28s} {result['all']:8.1f} {result['first segment']:14.1f} {result['later segments']:15.1f}")

@@ -251,6 +251,7 @@ def stream_steps(step: Callable[[Any, tuple], tuple[Any, tuple]], cache: Any, st
   if pending is not None:
     yield jax.device_get(pending[0])
 
+
 def _lengths(tokens: jax.Array, eod_id: int) -> jax.Array:
   """New tokens before the first <eod> of each row (all of them if there is none)."""
   stop = tokens == eod_id

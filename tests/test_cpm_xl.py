@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _params_helpers import randomised
 from cpm_jax import decoding, partitioning, training
+from cpm_jax.models import cpm
 from cpm_jax.models.cpm import xl, xl_decode
 
 CONFIG = xl.CPMXLConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, segment_length=4, memory_length=3,
@@ -16,12 +18,7 @@ PAD, EOD = 5, 7
 
 
 def random_params(config, seed=0):
-  """Random values for every param (biases and LayerNorms included), big enough that outputs depend on context."""
-  rng = np.random.default_rng(seed)
-  def draw(path, x):
-    noise = 0.3 * rng.standard_normal(x.shape, np.float32)
-    return jnp.asarray(noise + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else noise)
-  return jax.tree_util.tree_map_with_path(draw, xl.abstract_params(config))
+  return randomised(cpm.XL_FAMILY.abstract_params(config), seed, scale=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +123,7 @@ def test_memory_never_crosses_documents(params):
 
 def test_trains_through_the_shared_train_step():
   model = xl.CPMXLLanguageModel(CONFIG)
-  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=-1, fsdp=1, tensor=1))
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   optimizer = training.make_optimizer(training.learning_rate_schedule(peak=3e-3, warmup_steps=1, total_steps=10))
   state = training.create_train_state(model, optimizer, mesh, seed=0)
   steps = training.make_sharded_steps(model, optimizer, mesh)

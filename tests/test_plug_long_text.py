@@ -1,10 +1,9 @@
 """PLUG's long-text protocol (the released generate_plug.py): the output at every re-encode boundary equals plain
 generation from the spliced context, computed from scratch."""
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from _params_helpers import randomised
 from cpm_jax import decoding
 from cpm_jax.models import plug
 
@@ -17,11 +16,7 @@ NEW = 14  # chunks of 4, 4, 4 and 2: three re-encodes
 
 
 def random_params(seed=0):
-  rng = np.random.default_rng(seed)
-  def draw(path, x):
-    noise = 0.3 * rng.standard_normal(x.shape, np.float32)
-    return jnp.asarray(noise + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else noise)
-  return jax.tree_util.tree_map_with_path(draw, plug.abstract_params(CONFIG))
+  return randomised(plug.abstract_params(CONFIG), seed, scale=0.3)
 
 
 def test_long_text_output_at_each_reencode_equals_generation_from_the_spliced_context():

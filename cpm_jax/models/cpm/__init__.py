@@ -13,8 +13,8 @@
 from cpm_jax.convert.common import Format
 from cpm_jax.models.cpm import convert, decode, hf, xl, xl_decode
 from cpm_jax.models.cpm.data import LMData
-from cpm_jax.models.cpm.decode import (QUANTIZED, SlidingWindow, cache_logical_axes, decode_layout, decode_program, generate,
-                                      init_cache, prefill, step_fn, stream)
+from cpm_jax.models.cpm.decode import (QUANTIZED, SlidingWindow, attention_spans, cache_logical_axes, decode_layout,
+                                      decode_program, generate, init_cache, prefill, step_fn, stream)
 from cpm_jax.models.cpm.evaluation import language_model, score_fn
 from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
                                       hidden_states, logits_from_hidden, param_specs)
@@ -52,7 +52,7 @@ XL_FAMILY = Family(
     quantized=xl_decode.QUANTIZED,
 )
 
-__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "XL_FAMILY", "LMData", "QUANTIZED", "SlidingWindow", "abstract_params", "cache_logical_axes",
-           "cached_hidden_states", "decode_layout", "decode_program", "embed", "forward", "generate", "hidden_states", "init",
-           "init_cache", "language_model", "logical_axes", "logits_from_hidden", "param_specs", "prefill",
-           "score_fn", "step_fn", "stream"]
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LMData", "QUANTIZED", "SlidingWindow", "XL_FAMILY",
+           "abstract_params", "attention_spans", "cache_logical_axes", "cached_hidden_states", "decode_layout",
+           "decode_program", "embed", "forward", "generate", "hidden_states", "init", "init_cache", "language_model",
+           "logical_axes", "logits_from_hidden", "param_specs", "prefill", "score_fn", "step_fn", "stream"]

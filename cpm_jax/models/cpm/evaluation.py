@@ -14,11 +14,11 @@ from cpm_jax.evaluation.interface import LanguageModel
 from cpm_jax.models.cpm import decode, model
 
 
-def score_fn(config: model.CPMConfig) -> scoring.ScoreFn:
-  """Jitted (params, batch) -> scoring.continuation_log_likelihood for CPM-LM."""
+def score_fn(config: model.CPMConfig, forward=model.forward) -> scoring.ScoreFn:
+  """Jitted (params, batch) -> scoring.continuation_log_likelihood for CPM-LM (or another forward pass of CPM's
+  signature, e.g. CPM-XL's)."""
   def score(params, batch):
-    logits = model.forward(params, batch["inputs"], config, positions=batch["positions"],
-                           segment_ids=batch["segment_ids"])
+    logits = forward(params, batch["inputs"], config, positions=batch["positions"], segment_ids=batch["segment_ids"])
     return scoring.continuation_log_likelihood(logits, batch["targets"], batch["weights"])
   return jax.jit(score)
 

@@ -67,11 +67,6 @@ class CPMXLConfig(transformer.TransformerConfig):
     return self.memory_length + self.segment_length
 
 
-def abstract_params(config: CPMXLConfig) -> dict:
-  """ShapeDtypeStructs of the params (no allocation)."""
-  return layers.abstract_params(param_specs(config), config.param_dtype)
-
-
 def param_specs(config: CPMXLConfig) -> dict:
   std = config.init_stddev
   out_std = std / math.sqrt(2 * config.num_layers)
@@ -122,27 +117,29 @@ def key_visibility(q_positions: jax.Array, q_segments: jax.Array, k_positions: j
 
 def relative_attention(q: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array, content_bias: jax.Array,
                        position_bias: jax.Array, distance: jax.Array, mask: jax.Array) -> jax.Array:
-  """Transformer-XL attention of queries [b, t, h, d] over keys / values [b, s, h, d]: content (q + u) . k plus
-  position (q + v) . table[distance], / sqrt(d); table [span, h, d] (`relative_table`), distance [b, t, s]."""
+  """Transformer-XL attention of queries [b, t, h, d] over keys / values [b, h, s, d] (heads first: the decode
+  cache's [b * h, s, d] reshaped, no copy): content (q + u) . k plus position (q + v) . table[distance], / sqrt(d);
+  table [span, h, d] (`relative_table`), distance [b, t, s]."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  content = jnp.einsum("bthd,bshd->bhts", q + content_bias.astype(q.dtype), k, preferred_element_type=jnp.float32)
+  content = jnp.einsum("bthd,bhsd->bhts", q + content_bias.astype(q.dtype), k, preferred_element_type=jnp.float32)
   by_distance = jnp.einsum("bthd,phd->bhtp", q + position_bias.astype(q.dtype), table,
                            preferred_element_type=jnp.float32)
   index = jnp.minimum(distance, table.shape[0] - 1)[:, None]
   position = jnp.take_along_axis(by_distance, jnp.broadcast_to(index, content.shape), axis=-1)
   weights = layers.masked_softmax((content + position) * scale, mask)
-  return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+  return jnp.einsum("bhts,bhsd->bthd", weights.astype(v.dtype), v)
 
 
-def _attention(x_norm: jax.Array, memory_norm: jax.Array, params: dict, config: CPMXLConfig, distance, mask,
-               layout: Layout = Layout.TRAINING, table: jax.Array | None = None) -> jax.Array:
-  """Self-attention of the (normalised) segment over memory + segment; returns the output projection [b, t, e]."""
+def _attention(x_norm: jax.Array, memory_norm: jax.Array, params: dict, config: CPMXLConfig, distance,
+               mask) -> jax.Array:
+  """Self-attention of the (normalised) segment over memory + segment, params in the training layout; returns the
+  output projection [b, t, e]."""
   dtype = config.compute_dtype
-  qkv = layers.project_qkv(jnp.concatenate([memory_norm, x_norm], axis=1), params, dtype, layout)
-  q, k, v = qkv[:, memory_norm.shape[1]:, 0], qkv[:, :, 1], qkv[:, :, 2]
-  table = relative_table(params, config, dtype) if table is None else table
-  out = relative_attention(q, k, v, table, params["content_bias"], params["position_bias"], distance, mask)
-  return layers.project_out(out, params, dtype, layout)
+  qkv = layers.project_qkv(jnp.concatenate([memory_norm, x_norm], axis=1), params, dtype)
+  q, k, v = qkv[:, memory_norm.shape[1]:, 0], jnp.swapaxes(qkv[:, :, 1], 1, 2), jnp.swapaxes(qkv[:, :, 2], 1, 2)
+  out = relative_attention(q, k, v, relative_table(params, config, dtype), params["content_bias"],
+                           params["position_bias"], distance, mask)
+  return layers.project_out(out, params, dtype)
 
 
 def _feed_forward(x: jax.Array, attn: jax.Array, params: dict, config: CPMXLConfig, rngs, layout: Layout):
@@ -256,7 +253,7 @@ def cached_hidden_states(params: transformer.DecodeParams, tokens: jax.Array, co
     qkv = layers.project_qkv(h, attn, dtype, params.layout)
     new = [layers.cache_layout(qkv[:, :, i]).astype(keys.dtype) for i in (1, 2)]
     keys, values = (c.at[head_rows, head_slots].set(n, mode="drop") for c, n in zip((keys, values), new))
-    unmerge = lambda c: jnp.swapaxes(c.reshape(batch, heads, span, -1), 1, 2).astype(dtype)  # noqa: E731
+    unmerge = lambda c: c.reshape(batch, heads, span, -1).astype(dtype)  # noqa: E731
     out = relative_attention(qkv[:, :, 0], unmerge(keys), unmerge(values), attn["rel_table"],
                              attn["content_bias"], attn["position_bias"], distance, mask)
     out = _feed_forward(x, layers.project_out(out, attn, dtype, params.layout), block, config, (None,) * 3,

@@ -19,6 +19,7 @@ import tqdm
 from cpm_jax import decoding, layers, partitioning, serving_weights, transformer
 from cpm_jax.evaluation import scoring
 from cpm_jax.evaluation.interface import LanguageModel
+from cpm_jax.models.cpm import evaluation as cpm_evaluation
 from cpm_jax.models.cpm import xl
 
 
@@ -146,15 +147,6 @@ def stream(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]], c
   return run(params, tokens, lengths, jax.random.key(decoding_config.seed))
 
 
-def score_fn(config: xl.CPMXLConfig) -> scoring.ScoreFn:
-  """Jitted (params, batch) -> scoring.continuation_log_likelihood by the segment-recurrent forward pass."""
-  def score(params, batch):
-    logits = xl.forward(params, batch["inputs"], config, positions=batch["positions"],
-                        segment_ids=batch["segment_ids"])
-    return scoring.continuation_log_likelihood(logits, batch["targets"], batch["weights"])
-  return jax.jit(score)
-
-
 # What scoring reads of a request at most (the model itself has no limit; memory grows with the length).
 SCORE_SEGMENTS = 16
 
@@ -166,7 +158,7 @@ def language_model(params: dict, config: xl.CPMXLConfig, tokenizer: Any, metadat
   scored over at most SCORE_SEGMENTS segments. weights as CPM's; long_text changes nothing (the memory carries
   any length)."""
   del metadata, long_text
-  score = score_fn(config)
+  score = cpm_evaluation.score_fn(config, xl.forward)  # by the segment-recurrent forward pass
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   scored = functools.cache(lambda: serving_weights.round_trip(params, weights, QUANTIZED))
 

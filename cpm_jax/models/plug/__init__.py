@@ -13,8 +13,8 @@ from cpm_jax.convert.common import Format
 from cpm_jax.models.family import Family
 from cpm_jax.models.plug import convert
 from cpm_jax.models.plug.data import ClassificationData, Noise, PalmData, Seq2SeqData, StructBertData
-from cpm_jax.models.plug.decode import (QUANTIZED, LongText, cache_logical_axes, decode_layout, generate, generate_long, init_cache,
-                                       prefill, step_fn)
+from cpm_jax.models.plug.decode import (QUANTIZED, LongText, cache_logical_axes, decode_layout, generate,
+                                       generate_long, init_cache, prefill, step_fn, stream, stream_long)
 from cpm_jax.models.plug.evaluation import language_model
 from cpm_jax.models.plug.model import (ClassifierModel, PlugConfig, Seq2SeqModel, StructBertModel,
                                        cached_decode, classification_logits, decode, decoder_logits, embed, encode,
@@ -42,7 +42,6 @@ logical_axes = FAMILY.logical_axes
 
 __all__ = ["ClassificationData", "ClassifierModel", "FAMILY", "LongText", "Noise", "PalmData", "PlugConfig",
            "QUANTIZED", "Seq2SeqData", "Seq2SeqModel", "StructBertData", "StructBertModel", "abstract_params",
-           "cache_logical_axes",
-           "cached_decode", "classification_logits", "decode", "decode_layout", "decoder_logits", "embed", "encode",
-           "generate", "generate_long", "init", "init_cache", "language_model", "logical_axes", "mlm_logits",
-           "param_specs", "pooled", "prefill", "relation_logits", "step_fn"]
+           "cache_logical_axes", "cached_decode", "classification_logits", "decode", "decode_layout", "decoder_logits",
+           "embed", "encode", "generate", "generate_long", "init", "init_cache", "language_model", "logical_axes",
+           "mlm_logits", "param_specs", "pooled", "prefill", "relation_logits", "step_fn", "stream", "stream_long"]
