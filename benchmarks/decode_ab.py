@@ -3,10 +3,12 @@
 Each round runs one process per checkout, in turn; a process imports that checkout's cpm_jax (PYTHONPATH), builds
 cpm_small (random weights, seed 0), converts it to the decode layout and times greedy decoding of 64 tokens after a
 32-token prompt at batch 1 and 8 (best of --repeats calls after a warm-up). Both checkouts must have
-`cpm.init`, `cpm.decode_layout` and `cpm.generate(decode_params, prompts, config, SamplingConfig, eod_id, pad_id)`.
-Prints each round, the paired medians and the load average.
+`cpm_jax.models.cpm.init` and `.decode_layout`; the generate function of each is named by --generate_a / _b
+(`generate(decode_params, prompts, config, SamplingConfig, eod_id=, pad_id=)`: before the family restructuring it
+was cpm_jax.decoding.generate). Prints each round, the paired medians and the load average.
 
-  .venv/bin/python benchmarks/decode_ab.py --a=/work/wt-base --b=. --rounds=5
+  .venv/bin/python benchmarks/decode_ab.py --a=/work/wt-base --generate_a=cpm_jax.decoding:generate --b=. \
+      --rounds=5
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from absl import app, flags
 
 flags.DEFINE_string("a", None, "Checkout A (its root holds cpm_jax/).", required=True)
 flags.DEFINE_string("b", ".", "Checkout B.")
+flags.DEFINE_string("generate_a", "cpm_jax.models.cpm:generate", "module:function that generates in checkout A.")
+flags.DEFINE_string("generate_b", "cpm_jax.models.cpm:generate", "module:function that generates in checkout B.")
+flags.DEFINE_string("generate", None, "Internal: the child's generate function.")
 flags.DEFINE_integer("rounds", 5, "Rounds; each runs A then B (B then A in odd rounds).")
 flags.DEFINE_integer("repeats", 3, "Timed calls per batch size in each process.")
 flags.DEFINE_bool("child", False, "Internal: time this process's cpm_jax and print JSON.")
@@ -30,19 +35,23 @@ BATCHES = (1, 8)
 
 
 def child() -> None:
+  import importlib
+
   import jax
   import numpy as np
 
   from cpm_jax import decoding
   from cpm_jax.models import cpm
 
+  module, function = FLAGS.generate.split(":")
+  generate = getattr(importlib.import_module(module), function)
   config = cpm.CPMConfig(dropout_rate=0.0)
   params = cpm.decode_layout(cpm.init(config, jax.random.key(0)))
   greedy = decoding.SamplingConfig(max_new_tokens=64, greedy=True)
   result = {}
   for batch in BATCHES:
     prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, 32)).tolist()
-    run = lambda: cpm.generate(params, prompts, config, greedy, eod_id=-1, pad_id=5)  # noqa: E731
+    run = lambda: generate(params, prompts, config, greedy, eod_id=-1, pad_id=5)  # noqa: E731
     run()
     times = []
     for _ in range(FLAGS.repeats):
@@ -53,9 +62,9 @@ def child() -> None:
   print(json.dumps(result))
 
 
-def measure(checkout: str) -> dict:
+def measure(checkout: str, generate: str) -> dict:
   env = {**os.environ, "PYTHONPATH": os.path.abspath(checkout), "XLA_FLAGS": ""}
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--a=unused",
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--a=unused", f"--generate={generate}",
                         f"--repeats={FLAGS.repeats}"], env=env, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -71,7 +80,7 @@ def main(argv):
     order = ("a", "b") if round_index % 2 == 0 else ("b", "a")
     for side in order:
       loads.append(os.getloadavg()[0])
-      rows[side].append(measure(getattr(FLAGS, side)))
+      rows[side].append(measure(getattr(FLAGS, side), getattr(FLAGS, f"generate_{side}")))
     print(f"round {round_index + 1}: " + "; ".join(
         f"{key}: A {rows['a'][-1][key]:.1f}, B {rows['b'][-1][key]:.1f} tokens/s" for key in rows["a"][-1]),
           flush=True)

@@ -68,7 +68,7 @@ def main(argv):
       total, count = total + float((nll * batch["weights"]).sum()), count + float(batch["weights"].sum())
     return math.exp(total / count)
 
-  reference = perplexity(lambda b: forward(params, b))
+  reference = perplexity(lambda b: forward(params, b))  # float32, the training layout
   tokens = int(sum(b["weights"].sum() for b in batches))
   print(f"{FLAGS.checkpoint}: {config.num_layers} layers x {config.embed_dim}, vocab {config.vocab_size}; "
         f"{tokens} held-out tokens of peoples_daily_1998 validation; load average {os.getloadavg()[0]:.1f}")
@@ -81,7 +81,7 @@ def main(argv):
           f"{100 * (served_ppl / reference - 1):+10.2f}%")
 
   with tempfile.TemporaryDirectory() as hf_dir:
-    hf = transformers.GPT2LMHeadModel.from_pretrained(cpm.hf.save_hf(params, config, hf_dir)).eval()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(cpm.hf.save_hf(params, config, f"{hf_dir}/hf")).eval()
   prompt = np.random.default_rng(0).integers(10, config.vocab_size, (1, 32))
   greedy = decoding.SamplingConfig(max_new_tokens=64, greedy=True)
   inputs = torch.from_numpy(prompt)
