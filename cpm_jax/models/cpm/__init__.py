@@ -11,7 +11,7 @@
 """
 
 from cpm_jax.convert.common import Format
-from cpm_jax.models.cpm import convert, decode, hf, xl, xl_decode
+from cpm_jax.models.cpm import convert, hf, xl, xl_decode
 from cpm_jax.models.cpm.data import LMData
 from cpm_jax.models.cpm.decode import (QUANTIZED, SlidingWindow, attention_spans, cache_logical_axes, decode_layout,
                                       decode_program, generate, init_cache, prefill, step_fn, stream)
