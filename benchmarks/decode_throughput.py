@@ -8,7 +8,7 @@ size an on-device loop of bare matrix products over the same weights, the ceilin
 transformers, the bare loop and the bandwidth probes run in turn in every timed round, so they meet the same load.
 At batch 1 the rounds also time the streamed path (`cpm.stream`: a host loop over one jitted step, as generate.py
 --stream), the same decoding with bfloat16 and int8 weights (cpm_jax.serving_weights), and int8 matrix-vector
-probes (XLA; PyTorch's int8 weight-only kernel `_weight_int8pack_mm`).
+probes (XLA; PyTorch's int8 weight-only kernel `_weight_int8pack_mm`; XLA's int8 x int8 product).
 
   .venv/bin/python benchmarks/decode_throughput.py
 """
@@ -58,9 +58,10 @@ def matvec_products(times: int = 5) -> tuple[int, list]:
 
 
 def int8_matvec_products(times: int = 5) -> tuple[int, list]:
-  """Bytes streamed by two calls that each run `times` batch-1 products of a float32 vector with an 8192 x 8192
+  """Bytes streamed by three calls that each run `times` batch-1 products of a float32 vector with an 8192 x 8192
   int8 matrix (one scale per output row, float32 out): (XLA as layers.dense computes it, PyTorch's
-  _weight_int8pack_mm)."""
+  _weight_int8pack_mm, XLA with the vector quantised to int8 too and padded to the two rows YNNPACK's int8 x int8
+  product takes: what a weight-and-activation int8 step could reach)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -74,6 +75,14 @@ def int8_matvec_products(times: int = 5) -> tuple[int, list]:
   product = jax.jit(lambda x, w, s: jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ()))) * s)
   wt, st, xt = torch.from_numpy(np.array(matrix)), torch.from_numpy(np.array(scale[:, 0])), torch.ones(1, 8192)
 
+  @jax.jit
+  def int8_activations(x, w, s):
+    x = jnp.concatenate([x, x])  # YNNPACK takes no one-row dot (XLA's ynn_support.cc: m == 1)
+    x_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
+    x_int8 = jnp.round(x / x_scale).astype(jnp.int8)
+    dot = jax.lax.dot_general(x_int8, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return (dot.astype(jnp.float32) * x_scale * s)[:1]
+
   def xla_products():
     for _ in range(times):
       product(x, matrix, scale[:, 0]).block_until_ready()
@@ -82,7 +91,11 @@ def int8_matvec_products(times: int = 5) -> tuple[int, list]:
     with torch.inference_mode():
       for _ in range(times):
         torch.ops.aten._weight_int8pack_mm(xt, wt, st)
-  return times * matrix.size, [xla_products, torch_products]
+
+  def xla_int8_activation_products():
+    for _ in range(times):
+      int8_activations(x, matrix, scale[:, 0]).block_until_ready()
+  return times * matrix.size, [xla_products, torch_products, xla_int8_activation_products]
 
 
 def weight_streaming_loop(decode_params, steps: int, batch: int = 1):
@@ -170,7 +183,7 @@ def main(argv):
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
             f"{bare_tps / theirs_tps:.2f}x transformers), cpm_jax reaches {bare / ours:.2f} of it")
     if extra:
-      streamed, bf16, int8, xla_probe, torch_probe, xla_int8_probe, torch_int8_probe = extra
+      streamed, bf16, int8, xla_probe, torch_probe, xla_int8_probe, torch_int8_probe, int8_activations_probe = extra
       xla_bandwidth, torch_bandwidth = matrix_bytes / xla_probe, matrix_bytes / torch_probe
       limit = xla_bandwidth / param_bytes
       line += (f"; matvec bandwidth XLA {xla_bandwidth / 1e9:.1f} GB/s, PyTorch {torch_bandwidth / 1e9:.1f} GB/s -> "
@@ -180,7 +193,8 @@ def main(argv):
                f"{new / int8:.1f} tokens/s ({ours / int8:.2f}x float32, {theirs / int8:.2f}x transformers)"
                f"\n  int8 matvec of 8192 x 8192 (the ceiling of int8 decoding): XLA {xla_probe / xla_int8_probe:.2f}x "
                f"the float32 product's speed ({int8_bytes / xla_int8_probe / 1e9:.1f} GB/s of int8), PyTorch "
-               f"_weight_int8pack_mm {torch_probe / torch_int8_probe:.2f}x its float32 product")
+               f"_weight_int8pack_mm {torch_probe / torch_int8_probe:.2f}x its float32 product; XLA with int8 "
+               f"activations (YNNPACK, 2 rows) {xla_probe / int8_activations_probe:.2f}x the float32 product")
     print(line)
 
 

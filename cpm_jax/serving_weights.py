@@ -98,7 +98,11 @@ def round_trip(params: dict, weights: str | None, quantized: Quantized) -> dict:
     return params
   if weights != "int8":
     return jax.tree.map(lambda x: x.astype(weights), params)
+  return _dequantised(params, quantized)
 
+
+@jax.jit(static_argnums=1)  # one program: op by op, every kernel shape compiled each of quantize's ops
+def _dequantised(params: dict, quantized: Quantized) -> dict:
   def fake(block, key):
     q, scale = quantize(block[key], _kernel_channels(block, key))
     return {key: (q.astype(jnp.float32) * scale).astype(block[key].dtype)}
@@ -156,6 +160,7 @@ def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Qua
 
 # ---- int8 checkpoints (training layout) ---------------------------------------------------------
 
+@jax.jit(static_argnums=1)
 def to_checkpoint(params: dict, quantized: Quantized) -> dict:
   """The tree an int8 checkpoint stores: what `quantized` names as int8, each with a `{key}_scale` beside it."""
   def store(block, key):
@@ -188,6 +193,7 @@ def checkpoint_abstract(abstract: dict, logical_axes: dict, quantized: Quantized
   return stored, jax.tree_util.tree_map_with_path(axes_of, stored)
 
 
+@jax.jit(static_argnums=(1, 2))
 def from_checkpoint(stored: dict, quantized: Quantized, dtype) -> dict:
   """The float params (dequantised, in `dtype`) of `to_checkpoint`'s tree."""
   def restore(block, key):

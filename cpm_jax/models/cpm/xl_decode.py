@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 
 from cpm_jax import decoding, layers, partitioning, serving_weights, transformer
-from cpm_jax.evaluation import scoring
+from cpm_jax.evaluation import batching, scoring
 from cpm_jax.evaluation.interface import LanguageModel
 from cpm_jax.models.cpm import evaluation as cpm_evaluation
 from cpm_jax.models.cpm import xl
@@ -161,22 +161,21 @@ def language_model(params: dict, config: xl.CPMXLConfig, tokenizer: Any, metadat
   score = cpm_evaluation.score_fn(config, xl.forward)  # by the segment-recurrent forward pass
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   scored = functools.cache(lambda: serving_weights.round_trip(params, weights, QUANTIZED))
+  served_layout = serving_weights.serving_layout(lambda p: decode_layout(p, config), weights, QUANTIZED)
+  runner = batching.ModelRunner(params, served_layout, batch_size, mesh, progress)
 
   def score_requests(requests, names=None):
-    with partitioning.on_mesh(mesh):
-      return scoring.score_requests(score, scored(), requests, max_length=SCORE_SEGMENTS * config.segment_length,
-                                    batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict,
-                                    progress=progress, names=names)
+    return scoring.score_requests(score, scored(), requests, max_length=SCORE_SEGMENTS * config.segment_length,
+                                  batch_size=batch_size, pad_id=tokenizer.pad_id, strict=strict, progress=progress,
+                                  names=names, mesh=mesh)
 
-  decode_params = functools.cache(
-      lambda: serving_weights.for_decoding(decode_layout(params, config), weights, QUANTIZED))
   ids = dict(eod_id=tokenizer.eod_id, pad_id=tokenizer.pad_id, mesh=mesh)
 
   def generate_ids(prompts):
-    return generate(decode_params(), prompts, config, decoding_config, batch_size=batch_size, progress=progress,
+    return generate(runner.decode_params, prompts, config, decoding_config, batch_size=batch_size, progress=progress,
                     **ids)
 
   def stream_ids(prompts):
-    return stream(decode_params(), prompts, config, decoding_config, **ids)
+    return stream(runner.decode_params, prompts, config, decoding_config, **ids)
 
   return LanguageModel(tokenizer, score_requests, generate_ids, stream=stream_ids)

@@ -118,7 +118,8 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
   def stream(prompts):
     check_decoder()
     if long_text:
-      return decode.stream_long(runner.decode_params, prompts, config, decoding_config, long_text=decode.LongText(), **ids)
+      return decode.stream_long(runner.decode_params, prompts, config, decoding_config, long_text=decode.LongText(),
+                                **ids)
     return decode.stream(runner.decode_params, prompts, config, decoding_config,
                          token_types=[prompts_tokenizer.token_types(p) for p in prompts], **ids)
 
