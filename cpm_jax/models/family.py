@@ -33,7 +33,8 @@ class Family:
   tokenizer: path -> the tokenizer (or vocabulary) the family's programs use.
   language_model: (params, config, tokenizer, metadata, **options) -> what evaluation tasks and generate.py call
     (cpm_jax.evaluation.interface.LanguageModel for text models); options: batch_size, decoding_config, mesh,
-    strict, progress.
+    strict, progress, weights (serving_weights: None, "bfloat16", "int8"), long_text (generation past the
+    positions by the family's protocol).
   formats: checkpoint formats by name (convert.common.Format); the registry adds "orbax" for every family.
   quantized: what int8 serving and int8 checkpoints quantise (serving_weights.Quantized); None: no int8.
   """
