@@ -192,7 +192,7 @@ def main(argv):
                f"the on-device loop); bfloat16 weights {new / bf16:.1f} tokens/s ({ours / bf16:.2f}x float32), int8 "
                f"{new / int8:.1f} tokens/s ({ours / int8:.2f}x float32, {theirs / int8:.2f}x transformers)"
                f"\n  int8 matvec of 8192 x 8192 (the ceiling of int8 decoding): XLA {xla_probe / xla_int8_probe:.2f}x "
-               f"the float32 product's speed ({int8_bytes / xla_int8_probe / 1e9:.1f} GB/s of int8), PyTorch "
+               f"the float32 product's speed ({int8_bytes / xla_int8_probe / 1e9:.2f} GB/s of int8), PyTorch "
                f"_weight_int8pack_mm {torch_probe / torch_int8_probe:.2f}x its float32 product; XLA with int8 "
                f"activations (YNNPACK, 2 rows) {xla_probe / int8_activations_probe:.2f}x the float32 product")
     print(line)
