@@ -58,8 +58,8 @@ def main(argv):
         run()
         times[name].append(time.perf_counter() - start)
     ratios = [w / b for w, b in zip(times["whole cache"], times["bucketed"])]
-    print(f"batch {batch}: per step weights {weight_bytes / 1e6:.0f} MB, attention reads {capacity * per_slot / 1e6:.0f}"
-          f" MB (whole cache) or {bucketed_reads * per_slot / 1e6:.0f} MB on average (bucketed); "
+    print(f"batch {batch}: per step weights {weight_bytes / 1e6:.0f} MB, attention reads "
+          f"{capacity * per_slot / 1e6:.0f} MB (whole cache) or {bucketed_reads * per_slot / 1e6:.0f} MB on average (bucketed); "
           + ", ".join(f"{name} {batch * FLAGS.new_tokens / statistics.median(t):.1f} tokens/s" for name, t in
                       times.items())
           + f"; paired speed-ups {', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}x); "
