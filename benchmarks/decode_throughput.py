@@ -6,6 +6,9 @@ its decode layout (as experiments/generate.py does). Also prints the physical li
 weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (bytes of params); and at each batch
 size an on-device loop of bare matrix products over the same weights, the ceiling of a decode step. cpm_jax,
 transformers, the bare loop and the bandwidth probes run in turn in every timed round, so they meet the same load.
+At batch 1 the rounds also time the streamed path (`cpm.stream`: a host loop over one jitted step, as generate.py
+--stream), the same decoding with bfloat16 and int8 weights (cpm_jax.serving_weights), and int8 matrix-vector
+probes (XLA; PyTorch's int8 weight-only kernel `_weight_int8pack_mm`; XLA's int8 x int8 product).
 
   .venv/bin/python benchmarks/decode_throughput.py
 """
@@ -54,6 +57,47 @@ def matvec_products(times: int = 5) -> tuple[int, list]:
   return times * matrix.nbytes, [xla_products, torch_products]
 
 
+def int8_matvec_products(times: int = 5) -> tuple[int, list]:
+  """Bytes streamed by three calls that each run `times` batch-1 products of a float32 vector with an 8192 x 8192
+  int8 matrix (one scale per output row, float32 out): (XLA as layers.dense computes it, PyTorch's
+  _weight_int8pack_mm, XLA with the vector quantised to int8 too and padded to the two rows YNNPACK's int8 x int8
+  product takes: what a weight-and-activation int8 step could reach)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import torch
+
+  from cpm_jax import serving_weights
+
+  matrix, scale = serving_weights.quantize(jnp.asarray(np.random.default_rng(1).standard_normal((8192, 8192),
+                                                                                               np.float32)), (1,))
+  x = jnp.ones((1, 8192), jnp.float32)
+  product = jax.jit(lambda x, w, s: jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ()))) * s)
+  wt, st, xt = torch.from_numpy(np.array(matrix)), torch.from_numpy(np.array(scale[:, 0])), torch.ones(1, 8192)
+
+  @jax.jit
+  def int8_activations(x, w, s):
+    x = jnp.concatenate([x, x])  # YNNPACK takes no one-row dot (XLA's ynn_support.cc: m == 1)
+    x_scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
+    x_int8 = jnp.round(x / x_scale).astype(jnp.int8)
+    dot = jax.lax.dot_general(x_int8, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+    return (dot.astype(jnp.float32) * x_scale * s)[:1]
+
+  def xla_products():
+    for _ in range(times):
+      product(x, matrix, scale[:, 0]).block_until_ready()
+
+  def torch_products():
+    with torch.inference_mode():
+      for _ in range(times):
+        torch.ops.aten._weight_int8pack_mm(xt, wt, st)
+
+  def xla_int8_activation_products():
+    for _ in range(times):
+      int8_activations(x, matrix, scale[:, 0]).block_until_ready()
+  return times * matrix.size, [xla_products, torch_products, xla_int8_activation_products]
+
+
 def weight_streaming_loop(decode_params, steps: int, batch: int = 1):
   """A jitted on-device loop of bare matrix products of `batch` rows over every decode matmul's weights (per
   layer, plus the tied head) of params in the decode layout (`cpm.decode_layout`: [out, in]): the same weight bytes
@@ -87,7 +131,7 @@ def main(argv):
   import torch
   import transformers
 
-  from cpm_jax import decoding, layers
+  from cpm_jax import decoding, layers, serving_weights
   from cpm_jax.models import cpm
 
   torch.set_num_threads(FLAGS.threads)
@@ -110,6 +154,11 @@ def main(argv):
   convert = best_time(lambda: jax.block_until_ready(cpm.decode_layout(params)), FLAGS.repeats)
   decode_params = cpm.decode_layout(params)
   print(f"params converted once to the decode layout (cpm.decode_layout, {convert * 1e3:.0f} ms)")
+  served = {weights: serving_weights.for_decoding(decode_params, weights, cpm.QUANTIZED)
+            for weights in ("bfloat16", "int8")}
+  print("weights: " + ", ".join(f"{name} {serving_weights.weight_bytes(tree) / 1e6:.0f} MB" for name, tree in (
+      ("float32", decode_params.tree), *((w, p.tree) for w, p in served.items()))))
+  int8_bytes, int8_matvecs = int8_matvec_products()
   for batch in map(int, FLAGS.batch_sizes):
     prompts = np.random.default_rng(batch).integers(10, config.vocab_size, (batch, FLAGS.prompt_length))
     inputs = torch.from_numpy(prompts)
@@ -119,19 +168,33 @@ def main(argv):
         hf.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=new,
                     min_new_tokens=new, pad_token_id=0)
 
-    ours, theirs, bare, *probes = best_times([
-        lambda: cpm.generate(decode_params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5),
-        transformers_generate, weight_streaming_loop(decode_params, new, batch), *(matvecs if batch == 1 else [])],
+    def generate(params):
+      return lambda: cpm.generate(params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5)
+
+    batch_1 = []
+    if batch == 1:
+      batch_1 = [lambda: list(cpm.stream(decode_params, prompts.tolist(), config, greedy, eod_id=-1, pad_id=5)),
+                 *(generate(p) for p in served.values()), *matvecs, *int8_matvecs]
+    ours, theirs, bare, *extra = best_times([
+        generate(decode_params), transformers_generate, weight_streaming_loop(decode_params, new, batch), *batch_1],
         FLAGS.repeats)
     ours_tps, theirs_tps, bare_tps = batch * new / ours, batch * new / theirs, batch * new / bare
     line = (f"batch {batch}: cpm_jax {ours_tps:.1f} tokens/s, transformers {theirs_tps:.1f} tokens/s, "
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
             f"{bare_tps / theirs_tps:.2f}x transformers), cpm_jax reaches {bare / ours:.2f} of it")
-    if probes:
-      xla_bandwidth, torch_bandwidth = (matrix_bytes / probe for probe in probes)
+    if extra:
+      streamed, bf16, int8, xla_probe, torch_probe, xla_int8_probe, torch_int8_probe, int8_activations_probe = extra
+      xla_bandwidth, torch_bandwidth = matrix_bytes / xla_probe, matrix_bytes / torch_probe
       limit = xla_bandwidth / param_bytes
       line += (f"; matvec bandwidth XLA {xla_bandwidth / 1e9:.1f} GB/s, PyTorch {torch_bandwidth / 1e9:.1f} GB/s -> "
                f"weight-streaming limit {limit:.1f} tokens/s, cpm_jax reaches {100 * ours_tps / limit:.0f}% of it")
+      line += (f"\n  streamed (host loop over a jitted step) {new / streamed:.1f} tokens/s ({ours / streamed:.2f} of "
+               f"the on-device loop); bfloat16 weights {new / bf16:.1f} tokens/s ({ours / bf16:.2f}x float32), int8 "
+               f"{new / int8:.1f} tokens/s ({ours / int8:.2f}x float32, {theirs / int8:.2f}x transformers)"
+               f"\n  int8 matvec of 8192 x 8192 (the ceiling of int8 decoding): XLA {xla_probe / xla_int8_probe:.2f}x "
+               f"the float32 product's speed ({int8_bytes / xla_int8_probe / 1e9:.2f} GB/s of int8), PyTorch "
+               f"_weight_int8pack_mm {torch_probe / torch_int8_probe:.2f}x its float32 product; XLA with int8 "
+               f"activations (YNNPACK, 2 rows) {xla_probe / int8_activations_probe:.2f}x the float32 product")
     print(line)
 
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import gin
 import jax
@@ -184,48 +185,82 @@ def seen_tokens(tokens: jax.Array, valid: jax.Array, vocab: int) -> jax.Array:
 
 # ---- generic loops -----------------------------------------------------------------------------
 
+def sample_state(last_tokens: jax.Array, config: SamplingConfig, *, pad_id: int, vocab_size: int,
+                 seen: jax.Array | None = None) -> tuple:
+  """The loop state of `sample_step` before the first step: (step, tokens [batch, max_new_tokens], last tokens,
+  done [batch], seen tokens or None)."""
+  batch, penalise = last_tokens.shape[0], config.repetition_penalty != 1.0
+  if penalise and seen is None:
+    seen = seen_tokens(last_tokens[:, None], jnp.ones((batch, 1), bool), vocab_size)
+  return (jnp.zeros((), jnp.int32), jnp.full((batch, config.max_new_tokens), pad_id, jnp.int32),
+          last_tokens.astype(jnp.int32), jnp.zeros((batch,), bool), seen if penalise else None)
+
+
+def sample_step(step_fn: StepFn, params: Any, cache: Any, state: tuple, config: SamplingConfig, *, eod_id: int,
+                pad_id: int, rng: jax.Array) -> tuple[Any, tuple]:
+  """One token of greedy / sampled decoding: (cache, state) -> (cache, state), state from `sample_state`.
+
+  The body of `sample_loop`'s on-device loop, and what a host loop (`stream_steps`) runs jitted, one call a token.
+  config.min_length must be set (`with_min_length_fraction`): <eod> is forbidden before that many new tokens.
+  """
+  if config.min_length is None:
+    raise ValueError("sample_step: SamplingConfig.min_length is None; fill it in with with_min_length_fraction.")
+  step, out, last, done, seen = state
+  penalise = config.repetition_penalty != 1.0
+  logits, cache = step_fn(params, last[:, None], cache)
+  logits = logits[:, -1].astype(jnp.float32)
+  if penalise:
+    logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+  if config.min_length:
+    logits = logits.at[:, eod_id].set(jnp.where(step < config.min_length, NEG_INF, logits[:, eod_id]))
+  token = choose_tokens(logits, config, jax.random.fold_in(rng, step))
+  token = jnp.where(done, pad_id, token)
+  if penalise:
+    seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+  out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
+  return cache, (step + 1, out, token, done | (token == eod_id), seen)
+
+
 def sample_loop(step_fn: StepFn, params: Any, cache: Any, last_tokens: jax.Array, config: SamplingConfig,
                 *, eod_id: int, pad_id: int, vocab_size: int, rng: jax.Array,
                 seen: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
-  """Greedy / sampled decoding until every row has produced <eod> or max_new_tokens.
+  """Greedy / sampled decoding on device until every row has produced <eod> or max_new_tokens.
 
   last_tokens [batch]: the token each row feeds first (the last prompt token, whose predecessors are
   already in `cache`). seen: bool [batch, vocab] of prompt tokens, needed for a repetition penalty.
-  config.min_length must be set (`with_min_length_fraction`): <eod> is forbidden before that many new tokens.
   Returns tokens [batch, max_new_tokens] (pad_id after a row's <eod>), lengths [batch] (new tokens
   before <eod>) and the final cache.
   """
-  if config.min_length is None:
-    raise ValueError("sample_loop: SamplingConfig.min_length is None; fill it in with with_min_length_fraction.")
-  batch, steps = last_tokens.shape[0], config.max_new_tokens
-  penalise = config.repetition_penalty != 1.0
-  if penalise and seen is None:
-    seen = seen_tokens(last_tokens[:, None], jnp.ones((batch, 1), bool), vocab_size)
+  def cond(carry):
+    step, _, _, done, _ = carry[1]
+    return (step < config.max_new_tokens) & ~done.all()
 
-  def cond(state):
-    step, _, _, done, _, _ = state
-    return (step < steps) & ~done.all()
+  def body(carry):
+    return sample_step(step_fn, params, *carry, config, eod_id=eod_id, pad_id=pad_id, rng=rng)
 
-  def body(state):
-    step, out, last, done, cache, seen = state
-    logits, cache = step_fn(params, last[:, None], cache)
-    logits = logits[:, -1].astype(jnp.float32)
-    if penalise:
-      logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-    if config.min_length:
-      logits = logits.at[:, eod_id].set(jnp.where(step < config.min_length, NEG_INF, logits[:, eod_id]))
-    token = choose_tokens(logits, config, jax.random.fold_in(rng, step))
-    token = jnp.where(done, pad_id, token)
-    if penalise:
-      seen = seen.at[jnp.arange(batch), token].set(True)
-    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
-    return step + 1, out, token, done | (token == eod_id), cache, seen
-
-  out = jnp.full((batch, steps), pad_id, jnp.int32)
-  state = (jnp.zeros((), jnp.int32), out, last_tokens.astype(jnp.int32), jnp.zeros((batch,), bool), cache,
-           seen if penalise else None)
-  _, out, _, _, cache, _ = jax.lax.while_loop(cond, body, state)
+  state = sample_state(last_tokens, config, pad_id=pad_id, vocab_size=vocab_size, seen=seen)
+  cache, (_, out, _, _, _) = jax.lax.while_loop(cond, body, (cache, state))
   return out, _lengths(out, eod_id), cache
+
+
+def stream_steps(step: Callable[[Any, tuple], tuple[Any, tuple]], cache: Any, state: tuple,
+                 max_new_tokens: int) -> Iterator[np.ndarray]:
+  """A host loop over a jitted `step(cache, state) -> (cache, state)` (a closure of `sample_step`, its cache
+  donated): yields each step's tokens [batch] as numpy (pad_id in rows that have ended) until every row has ended
+  or max_new_tokens. Step t + 1 is dispatched before step t's tokens are read, so the device never waits for the
+  host; closing the generator stops it.
+  """
+  pending = None
+  for _ in range(max_new_tokens):
+    cache, state = step(cache, state)
+    if pending is not None:
+      tokens, done = jax.device_get(pending)
+      yield tokens
+      if done.all():
+        return
+    pending = state[2], state[3]
+  if pending is not None:
+    yield jax.device_get(pending[0])
 
 
 def _lengths(tokens: jax.Array, eod_id: int) -> jax.Array:
@@ -317,6 +352,162 @@ def beam_search_loop(step_fn: StepFn, params: Any, cache: Any, cache_axes: Any, 
   return tokens, _lengths(tokens, eod_id), jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0]
 
 
+# ---- a family's decoding, compiled ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecodeProgram:
+  """What a family decodes with: `prefill(params, *inputs) -> (cache, first tokens [batch], seen tokens or None,
+  history or None)` (history: the (tokens, valid) fed before the first token, for no_repeat_ngram_size), the step
+  function the loops call, and the cache's logical axes. `compiled` and `streamed` make the two ways to
+  run it; families build one per setting (and cache it) in their decode.py."""
+
+  prefill: Callable[..., tuple[Any, jax.Array, jax.Array | None]]
+  step: StepFn
+  cache_axes: Any
+
+  def compiled(self, config: DecodingConfig, *, eod_id: int, pad_id: int, vocab_size: int) -> Callable:
+    """Jitted (params, *inputs, rng) -> (tokens [batch, max_new_tokens], lengths [batch]): prefill and the whole
+    loop on device, one program per input shape."""
+    def run(params, *inputs_and_rng):
+      *inputs, rng = inputs_and_rng
+      cache, first, seen, history = self.prefill(params, *inputs)
+      return config.run(self.step, params, cache, self.cache_axes, first, eod_id=eod_id, pad_id=pad_id,
+                        vocab_size=vocab_size, rng=rng, seen=seen, history=history)
+    return jax.jit(run)
+
+  def streamed(self, config: SamplingConfig, *, eod_id: int, pad_id: int, vocab_size: int,
+               mesh: jax.sharding.Mesh | None = None) -> Callable[..., Iterator[np.ndarray]]:
+    """(params, *inputs, rng) -> each step's tokens [batch] as they are produced (`stream_steps`: a host loop over
+    one jitted `sample_step` that donates the cache), under `mesh`'s sharding rules."""
+    size = config.no_repeat_ngram_size
+
+    def begin(params, *inputs):
+      cache, first, seen, history = self.prefill(params, *inputs)
+      cache, _ = no_repeat_ngram.with_history(size, cache, self.cache_axes, first.shape[0], config.max_new_tokens,
+                                              history)
+      return cache, sample_state(first, config, pad_id=pad_id, vocab_size=vocab_size, seen=seen)
+
+    begin = jax.jit(begin)
+    banning = no_repeat_ngram.banning_step(size, self.step, NEG_INF)
+    step = jax.jit(lambda params, cache, state, rng: sample_step(banning, params, cache, state, config,
+                                                                 eod_id=eod_id, pad_id=pad_id, rng=rng),
+                   donate_argnums=1)
+
+    def stream(params, *inputs_and_rng):
+      *inputs, rng = inputs_and_rng
+
+      def one_step(cache, state):
+        with partitioning.on_mesh(mesh):
+          return step(params, cache, state, rng)
+
+      with partitioning.on_mesh(mesh):
+        cache, state = begin(params, *inputs)
+      return stream_steps(one_step, cache, state, config.max_new_tokens)
+    return stream
+
+
+# ---- stopping on the host: stop strings, sentences, time ----------------------------------------
+
+CLOSING_MARKS = "”’」』）)]】》\"'"
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class StopCriteria:
+  """Ends a text before max_new_tokens (besides <eod>, which the loops stop on themselves): at the first of
+  `stop_strings` (kept, like transformers' stop_strings), after `max_sentences` sentences (a run of
+  `sentence_ends` and the closing quotes or brackets after it), or after `max_seconds` of decoding. They need the
+  text, so they run on the host, between the steps of a streamed generation (`TextStreams`)."""
+
+  stop_strings: tuple[str, ...] = ()
+  max_sentences: int | None = None
+  max_seconds: float | None = None
+  sentence_ends: str = "。！？!?…"
+
+  def __post_init__(self):
+    object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+    if any(not s for s in self.stop_strings):
+      raise ValueError("StopCriteria.stop_strings holds an empty string; every stop string needs a character.")
+    if self.max_sentences is not None and self.max_sentences < 1:
+      raise ValueError(f"StopCriteria.max_sentences={self.max_sentences}; expected >= 1 (or None).")
+    if self.max_seconds is not None and self.max_seconds <= 0:
+      raise ValueError(f"StopCriteria.max_seconds={self.max_seconds}; expected > 0 (or None).")
+
+  @property
+  def active(self) -> bool:
+    """Whether any criterion is set (else the on-device loops, which stop on <eod>, need no host)."""
+    return bool(self.stop_strings) or self.max_sentences is not None or self.max_seconds is not None
+
+  def text_end(self, text: str) -> int | None:
+    """The length of `text` to keep if a stop string or the sentence count ends it, else None. A sentence counts
+    as ended only once a character other than an end mark or a closing mark follows (a closing quote may still
+    come)."""
+    ends = [i + len(s) for s in self.stop_strings if (i := text.find(s)) >= 0]
+    if self.max_sentences is not None:
+      count, i = 0, 0
+      while i < len(text):
+        if text[i] in self.sentence_ends:
+          while i < len(text) and text[i] in self.sentence_ends:
+            i += 1
+          while i < len(text) and text[i] in CLOSING_MARKS:
+            i += 1
+          if i == len(text):
+            break  # what follows is not known yet
+          count += 1
+          if count == self.max_sentences:
+            ends.append(i)
+            break
+        else:
+          i += 1
+    return min(ends) if ends else None
+
+
+class TextStreams:
+  """The texts of a streamed batch, token by token: `add(tokens)` takes one step's tokens [batch] and returns the
+  new text of each row; a row ends at <eod> or by `stop` (its text cut there). `texts` are the final texts;
+  `finished` says when every row has ended (or max_seconds has passed since the first step)."""
+
+  def __init__(self, batch: int, decode: Callable[[Sequence[int]], str], stop: StopCriteria, *, eod_id: int,
+               clock: Callable[[], float] = time.monotonic):
+    self._decode, self._stop, self._eod_id, self._clock = decode, stop, eod_id, clock
+    self._ids: list[list[int]] = [[] for _ in range(batch)]
+    self._ended = [False] * batch
+    self.texts = [""] * batch
+    self._started: float | None = None
+    self._timed_out = False
+
+  @property
+  def finished(self) -> bool:
+    return self._timed_out or all(self._ended)
+
+  def tokens(self) -> list[list[int]]:
+    """Each row's ids so far (without <eod>)."""
+    return [list(ids) for ids in self._ids]
+
+  def add(self, tokens: Sequence[int]) -> list[str]:
+    if self._started is None:
+      self._started = self._clock()
+    pieces = []
+    for row, token in enumerate(tokens):
+      piece = ""
+      if not self._ended[row]:
+        if int(token) == self._eod_id:
+          self._ended[row] = True
+        else:
+          self._ids[row].append(int(token))
+          text = self._decode(self._ids[row])
+          end = self._stop.text_end(text)
+          if end is not None:
+            text, self._ended[row] = text[:end], True
+          if text.startswith(self.texts[row]):
+            piece = text[len(self.texts[row]):]
+          self.texts[row] = text
+      pieces.append(piece)
+    if self._stop.max_seconds is not None and self._clock() - self._started >= self._stop.max_seconds:
+      self._timed_out = True
+    return pieces
+
+
 # ---- host side: prompts in, token lists out ------------------------------------------------------
 
 def bucket_width(length: int, maximum: int, minimum: int = 8) -> int:
@@ -333,15 +524,15 @@ def prepare_prompts(prompts: Sequence[Sequence[int]], max_prompt_length: int, *,
   max_prompt_length keeps its last max_prompt_length tokens with a warning, or raises when strict.
   """
   if max_prompt_length < 1:
-    raise ValueError(f"No room for a prompt: max_prompt_length={max_prompt_length}; lower max_new_tokens.")
+    raise ValueError(f"No room for a prompt: max_prompt_length={max_prompt_length}; lower max_new_tokens or "
+                     "generate past the model's window (cpm.SlidingWindow, generate.py --long_text).")
   rows = []
   for i, prompt in enumerate(prompts):
     prompt = [int(t) for t in prompt] or [eod_id]
     if len(prompt) > max_prompt_length:
-      message = (f"Prompt {i} has {len(prompt)} tokens but only {max_prompt_length} fit "
-                 "(max_positions - max_new_tokens)")
+      message = f"Prompt {i} has {len(prompt)} tokens but only {max_prompt_length} fit"
       if strict:
-        raise ValueError(message + "; shorten it or lower max_new_tokens.")
+        raise ValueError(message + "; shorten it, lower max_new_tokens or generate past the window.")
       logging.warning("%s; keeping its last %d tokens.", message, max_prompt_length)
       prompt = prompt[-max_prompt_length:]
     rows.append(prompt)

@@ -210,7 +210,7 @@ def _softmax_jvp(primals, tangents):
   return y, y * (x_dot - (y * x_dot).sum(-1, keepdims=True))
 
 
-def _masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:
   """float32 softmax over the last axis of the visible logits; rows with no visible key (padding) get zeros,
   not a uniform average."""
   weights = jax.nn.softmax(jnp.where(mask, logits, MASK_VALUE), axis=-1)
@@ -250,7 +250,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     return dot_product_attention(q, *(jnp.swapaxes(a.reshape(b, heads, length, d), 1, 2) for a in (keys, values)),
                                  mask, implementation)
   logits = jnp.einsum("nqd,nkd->nqk", cache_layout(q), keys, preferred_element_type=jnp.float32)
-  weights = _masked_softmax(logits.reshape(b, heads, t, length) / math.sqrt(d), mask)
+  weights = masked_softmax(logits.reshape(b, heads, t, length) / math.sqrt(d), mask)
   out = jnp.einsum("nqk,nkd->nqd", weights.astype(values.dtype).reshape(b * heads, t, length), values)
   return jnp.swapaxes(out.reshape(b, heads, t, d), 1, 2)
 
@@ -260,16 +260,20 @@ class Layout(enum.Enum):
 
   TRAINING: `{name}_kernel` [*in, *out] (the layout params are created, trained and checkpointed in).
   DECODE: `{name}_weight` [out, in], a 2-D matrix (`decode_layout`), for cached decoding.
+  DECODE_INT8: DECODE with int8 weights and a float32 `{name}_scale` [out] per output channel
+  (cpm_jax.serving_weights).
   """
 
   TRAINING = "training"
   DECODE = "decode"
+  DECODE_INT8 = "decode_int8"
 
 
 def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
           layout: Layout = Layout.TRAINING) -> jax.Array:
   """x [..., *in] times the layer's `{name}_kernel` [*in, *out] (Layout.TRAINING) or `{name}_weight` [out, in]
-  (Layout.DECODE, see `decode_layout`), plus `{name}_bias` [*out].
+  (Layout.DECODE, see `decode_layout`; Layout.DECODE_INT8: int8, times `{name}_scale` [out]), plus `{name}_bias`
+  [*out].
 
   Several input dims are merged into one before the product: contracted as separate dims (e.g. an output
   projection's heads and head_dim) XLA:CPU re-lays the kernel out (a full copy) on every call.
@@ -284,6 +288,8 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
       out = out + low_rank_update(x, params, name, dtype).reshape(out.shape)
     return out
   out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+  if layout is Layout.DECODE_INT8:
+    out = out * params[f"{name}_scale"].astype(dtype)
   if bias.ndim == 3:  # fused [n, heads, head_dim] outputs, stored heads first
     out = jnp.swapaxes(out.reshape(*lead, bias.shape[1], bias.shape[0], bias.shape[2]), -3, -2)
   return out.reshape(*lead, *bias.shape) + bias
@@ -346,11 +352,12 @@ def project_q(x: jax.Array, params: dict, dtype, layout: Layout = Layout.TRAININ
 
 def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implementation: str = "xla",
                    layout: Layout = Layout.TRAINING, kv: tuple[jax.Array, jax.Array] | None = None,
-                   cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+                   cache_index: jax.Array | int | None = None, span: int | None = None) -> tuple[jax.Array, Any]:
   """Fused-QKV self-attention with its output projection; returns (output [b, t, e], kv).
 
   With `kv` (this layer's decode cache: keys and values in `cache_layout`) the new keys and values are written at
-  `cache_index`, the queries attend over the whole cache, and the updated kv is returned.
+  `cache_index`, the queries attend over the cache's first `span` slots (default: all; the mask has as many), and
+  the updated kv is returned.
   """
   qkv = checkpoint_name(project_qkv(x, params, dtype, layout), "attention_qkv")
   q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -361,7 +368,8 @@ def self_attention(x: jax.Array, params: dict, mask: jax.Array, dtype, implement
     return project_out(context, params, dtype, layout), None
   kv = tuple(jax.lax.dynamic_update_slice_in_dim(cached, cache_layout(new).astype(cached.dtype), cache_index, axis=1)
              for cached, new in zip(kv, (k, v)))
-  out = cached_attention(q, kv[0].astype(dtype), kv[1].astype(dtype), mask, implementation)
+  keys, values = (a[:, :span].astype(dtype) for a in kv)
+  out = cached_attention(q, keys, values, mask, implementation)
   return project_out(out, params, dtype, layout), kv
 
 

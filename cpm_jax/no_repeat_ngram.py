@@ -46,16 +46,29 @@ def track(size: int, step_fn: Callable, cache: Any, cache_axes: Any, batch: int,
   history: (tokens, valid) [batch, width] the model was fed before the loop's first token (CPM: the prompt but
   its last token), or None when the loop's first token starts the row. The loops may feed max_new_tokens tokens.
   """
+  return (banning_step(size, step_fn, banned_logit),
+          *with_history(size, cache, cache_axes, batch, max_new_tokens, history))
+
+
+def with_history(size: int, cache: Any, cache_axes: Any, batch: int, max_new_tokens: int,
+                 history: tuple[jax.Array, jax.Array] | None) -> tuple[Any, Any]:
+  """(cache, cache_axes) of `banning_step`: the family's cache and the row's tokens so far (see `track`)."""
   if not size:
-    return step_fn, cache, cache_axes
+    return cache, cache_axes
   if history is None:
     history = (jnp.zeros((batch, 0), jnp.int32), jnp.zeros((batch, 0), bool))
   fed, fed_valid = history
-  width = fed.shape[1]
-  state = {"inner": cache, "end": jnp.asarray(width, jnp.int32),
+  state = {"inner": cache, "end": jnp.asarray(fed.shape[1], jnp.int32),
            "tokens": jnp.pad(fed.astype(jnp.int32), ((0, 0), (0, max_new_tokens))),
            "valid": jnp.pad(fed_valid.astype(bool), ((0, 0), (0, max_new_tokens)))}
-  axes = {"inner": cache_axes, "end": (), "tokens": ("batch", None), "valid": ("batch", None)}
+  return state, {"inner": cache_axes, "end": (), "tokens": ("batch", None), "valid": ("batch", None)}
+
+
+def banning_step(size: int, step_fn: Callable, banned_logit: float) -> Callable:
+  """`step_fn` over `with_history`'s cache, its logits with the tokens that would repeat an n-gram set to
+  banned_logit; `step_fn` itself when size is 0."""
+  if not size:
+    return step_fn
 
   def step(params, tokens, state):
     end = state["end"]
@@ -66,4 +79,4 @@ def track(size: int, step_fn: Callable, cache: Any, cache_axes: Any, batch: int,
     logits = jnp.where(banned[:, None, :], banned_logit, logits)
     return logits, {"inner": inner, "end": end + 1, "tokens": history, "valid": valid}
 
-  return step, state, axes
+  return step

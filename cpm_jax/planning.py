@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
 from typing import Any, Sequence
 
@@ -37,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
-from cpm_jax import layers, partitioning, pipeline_parallel, training, transformer
+from cpm_jax import layers, partitioning, pipeline_parallel, training
 
 GiB = 2 ** 30
 MESH_AXES = ("data", "stage", "fsdp", "tensor")  # the planner's mesh, major to minor (tensor innermost)

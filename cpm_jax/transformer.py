@@ -113,16 +113,17 @@ def pre_ln_block_specs(config: Any) -> dict:
 
 def pre_ln_block(x: jax.Array, params: dict, config: Any, mask: jax.Array, rng: jax.Array | None,
                  layout: layers.Layout = layers.Layout.TRAINING, kv: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Any]:
+                 cache_index: jax.Array | int | None = None, span: int | None = None) -> tuple[jax.Array, Any]:
   """One GPT-2-style pre-LN block (ln_1 -> self-attention -> residual; ln_2 -> tanh-GELU MLP -> residual), dropout
   on each residual branch when `rng` is given; returns (output, kv). params: ln_1, attn, ln_2, mlp (CPM, M6);
   config: compute_dtype, dropout_rate, layer_norm_eps, attention_impl. With `kv` (this layer's decode cache) the
-  new keys and values are written at cache_index."""
+  new keys and values are written at cache_index and attention reads the cache's first `span` slots (default all)."""
   dtype = config.compute_dtype
   rate = config.dropout_rate if rng is not None else 0.0
   rngs = jax.random.split(rng, 3) if rng is not None else (None,) * 3
   h = layers.layer_norm(x, params["ln_1"], config.layer_norm_eps)
-  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index)
+  attn, kv = layers.self_attention(h, params["attn"], mask, dtype, config.attention_impl, layout, kv, cache_index,
+                                   span)
   x = checkpoint_name(x + layers.dropout(attn, rate, rngs[0]), "attention_residual")
   h = layers.layer_norm(x, params["ln_2"], config.layer_norm_eps)
   h = layers.mlp(h, params["mlp"], dtype, approximate_gelu=True, dropout_rate=rate, rng=rngs[1], layout=layout)
@@ -153,6 +154,22 @@ def tied_logits(wte: jax.Array, hidden: jax.Array, dtype) -> jax.Array:
   return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
 
 
+def table_rows(tables: dict, name: str, ids: jax.Array, layout: layers.Layout) -> jax.Array:
+  """Rows `ids` of the table `tables[name]`: as stored, or (Layout.DECODE_INT8) int8 rows times their scale."""
+  rows = tables[name][ids]
+  if layout is layers.Layout.DECODE_INT8:
+    return rows.astype(jnp.float32) * tables[f"{name}_scale"][ids][..., None]
+  return rows
+
+
+def tied_table_logits(tables: dict, name: str, hidden: jax.Array, dtype, layout: layers.Layout) -> jax.Array:
+  """`tied_logits` of the table `tables[name]` in `layout` (Layout.DECODE_INT8: int8 rows, one scale per row)."""
+  if layout is not layers.Layout.DECODE_INT8:
+    return tied_logits(tables[name], hidden, dtype)
+  logits = tied_logits(tables[name], hidden, dtype) * tables[f"{name}_scale"].astype(jnp.float32)
+  return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
+
+
 def default_positions(tokens: jax.Array, positions: jax.Array | None, segment_ids: jax.Array | None,
                       offset: jax.Array | int = 0) -> tuple[jax.Array, jax.Array]:
   """(positions, segment_ids) of tokens [batch, length]: by default offset.. and all 1 (one document)."""
@@ -170,9 +187,12 @@ def default_positions(tokens: jax.Array, positions: jax.Array | None, segment_id
 @dataclasses.dataclass(frozen=True)
 class DecodeParams:
   """A family's params in the decode layout: `tree` is the params tree with the blocks named at conversion as
-  a tuple of per-layer Layout.DECODE trees. Made only by `to_decode_params` (each family's `decode_layout`)."""
+  a tuple of per-layer trees in `layout` (Layout.DECODE; Layout.DECODE_INT8 after cpm_jax.serving_weights, which
+  also stores the tables it names as int8 `{name}` with `{name}_scale` per row). Made by `to_decode_params` (each
+  family's `decode_layout`) and serving_weights.for_decoding."""
 
   tree: dict
+  layout: layers.Layout = dataclasses.field(default=layers.Layout.DECODE, metadata=dict(static=True))
 
 
 def to_decode_params(params: dict, block_paths: Sequence[tuple[str, ...]]) -> DecodeParams:
@@ -234,13 +254,16 @@ def updated_cache(cache: dict, new_kv: Sequence[tuple[jax.Array, jax.Array]], kv
 
 
 def cached_pre_ln_stack(blocks: Sequence[dict], x: jax.Array, config: Any, cache: dict, mask: jax.Array,
-                        kv_segments: jax.Array, kv_positions: jax.Array) -> tuple[jax.Array, dict]:
-  """`pre_ln_block` over each layer's decode-layout block and cache for positions x [batch, t, embed] appended at
-  cache["index"] (mask, kv_segments, kv_positions as `cached_self_mask` gives them); returns (the last block's
-  output, before any final norm; the updated cache)."""
+                        kv_segments: jax.Array, kv_positions: jax.Array,
+                        layout: layers.Layout = layers.Layout.DECODE,
+                        span: int | None = None) -> tuple[jax.Array, dict]:
+  """`pre_ln_block` over each layer's decode-layout block (in `layout`: DECODE, or DECODE_INT8 for served int8
+  weights) and cache for positions x [batch, t, embed] appended at cache["index"] (mask, kv_segments, kv_positions
+  as `cached_self_mask` gives them, mask cut to `span`); attention reads the caches' first `span` slots (default
+  all). Returns (the last block's output, before any final norm; the updated cache)."""
   def body(x, layer_inputs):
     layer_params, kv = layer_inputs
-    return pre_ln_block(x, layer_params, config, mask, None, layers.Layout.DECODE, kv, cache["index"])
+    return pre_ln_block(x, layer_params, config, mask, None, layout, kv, cache["index"], span)
 
   x, new_kv = run_layers(body, x, tuple(zip(blocks, zip(cache["k"], cache["v"]))), config.num_layers, per_layer=True)
   return x, updated_cache(cache, new_kv, kv_segments, kv_positions, x.shape[1])

@@ -7,6 +7,8 @@ The Hugging Face upload (GPT2LMHeadModel) -> Orbax:  --from=hf --input=/data/CPM
 Orbax -> Hugging Face / Megatron at any MP degree:    --to=hf ... | --to=megatron --mp=4 ...
 Orbax -> Orbax on another mesh:                       --mesh_fsdp=... --mesh_tensor=...
 A training workdir (its latest checkpoint's params) -> any of these:  --input=WORKDIR (--from=orbax)
+Any -> an int8 Orbax checkpoint for serving (weight-only, a scale per output channel; evaluate / generate serve it
+as int8 and read its dequantised floats for anything else):  --weights=int8 (bfloat16: --dtype=bfloat16)
 PLUG (--model=plug; the model is read from an Orbax input's metadata, and a gin PlugConfig implies it):
   PLUG's 8-way DeepSpeed release -> Orbax:  --model=plug --from=megatron --input=/data/PLUG --output=...
       --tokenizer=../shared/vocab/plug/vocab.txt      (the shapes are checked against PLUG 27B or a gin PlugConfig)
@@ -22,7 +24,7 @@ import os
 
 from absl import app, flags
 
-from cpm_jax import checkpointing, gin_setup, partitioning, programs
+from cpm_jax import checkpointing, gin_setup, partitioning, programs, serving_weights
 from cpm_jax.models import registry
 
 FORMATS = sorted({name for family in registry.FAMILIES for name in registry.formats(family)})
@@ -41,6 +43,8 @@ _OUTPUT_TAG = flags.DEFINE_string("output_tag", "release", "--to=megatron: itera
 _NUM_HEADS = flags.DEFINE_integer("num_heads", None, "Attention heads; Megatron shards do not record them (default: "
                                   "the gin model config, else the released CPM size with this hidden size).")
 _DTYPE = flags.DEFINE_string("dtype", None, "Parameter dtype written, e.g. float32, bfloat16 (default: the input's).")
+_WEIGHTS = flags.DEFINE_enum("weights", None, ["int8"], "--to=orbax: store the weights int8 serving quantises "
+                              "(serving_weights, per output channel) as int8 with their scales.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "--to=orbax: tokenizer to record in the metadata (CPM: "
                                  "SentencePiece model; PLUG: vocab.txt).")
 _TRUST_PICKLE = flags.DEFINE_bool("trust_pickle", False, "Let torch files hold arbitrary Python objects (unsafe: "
@@ -103,6 +107,10 @@ def main(argv: list[str]) -> None:
   if reader.needs_config and options["config"] is None:
     raise app.UsageError(f"--from={source} for {family.name} needs the model's config from gin (the weights do not "
                          "fix it), e.g. --gin_file=models/structbert_large.gin.")
+  if _WEIGHTS.value and target != "orbax":
+    raise app.UsageError("--weights applies only to --to=orbax.")
+  if _WEIGHTS.value and family.quantized is None:
+    raise app.UsageError(f"--weights=int8: family {family.name} has no int8 weights.")
   if _TOKENIZER.present and target != "orbax":
     raise app.UsageError("--tokenizer applies only to --to=orbax.")
   for flag in _MESH.values():
@@ -120,7 +128,11 @@ def main(argv: list[str]) -> None:
     if _TOKENIZER.value:
       metadata["tokenizer"] = _TOKENIZER.value
     save_options.update(metadata)
-  output = writer.save(loaded.params, loaded.config, _OUTPUT.value, **save_options)
+  params = loaded.params
+  if _WEIGHTS.value:
+    params = serving_weights.to_checkpoint(params, family.quantized)
+    save_options["weights"] = _WEIGHTS.value
+  output = writer.save(params, loaded.config, _OUTPUT.value, **save_options)
   print(f"Wrote {output} ({family.name}, {target}) from {_INPUT.value} ({source}): {loaded.config}")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from cpm_jax import decoding, gin_setup, partitioning, programs
+from cpm_jax import decoding, gin_setup, partitioning, programs, serving_weights
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
 
@@ -52,6 +52,9 @@ _STRICT = flags.DEFINE_bool("strict", False, "Fail on inputs longer than the mod
                             "truncating them from the left.")
 _DECODING = flags.DEFINE_enum("decoding", "greedy", ["greedy", "sample", "beam"], "Decoding for generation tasks "
                               "(SamplingConfig / BeamSearchConfig gin bindings set the rest).")
+_WEIGHTS = flags.DEFINE_enum("weights", None, list(serving_weights.WEIGHTS), "Evaluate the weights as served "
+                             "after this conversion (bfloat16, or int8 weight-only: scored with the dequantised "
+                             "numbers the int8 decoder computes with); default: as the checkpoint stores them.")
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Extra gin files, e.g. meshes/tensor8_fsdp.gin.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'LabelPromptTask.shots = 2'.")
 
@@ -89,14 +92,16 @@ def main(argv):
   params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,
                                    batch_size=_BATCH_SIZE.value, decoding_config=decoding_config, mesh=mesh,
-                                   strict=_STRICT.value, progress=True)
+                                   strict=_STRICT.value, progress=True, weights=_WEIGHTS.value)
   logging.info("Task %s: %d examples, %d-shot.", task.name, len(examples), task.shots)
   result = task.evaluate(model, examples, demonstrations)
   if _PRINT_PREDICTIONS.value:
     print(report.jsonl_text(result.predictions), end="")
   print(report.table(task.name, result.metrics))
   source = _INPUT_FILE.value or f"{task.dataset}/{_SPLIT.value or task.split}"
-  settings = {"checkpoint": _CHECKPOINT.value, "input": source, "shots": task.shots, "seed": task.seed, "decoding": _DECODING.value, "untrained": _UNTRAINED.value}
+  settings = {"checkpoint": _CHECKPOINT.value, "input": source, "shots": task.shots, "seed": task.seed,
+              "decoding": _DECODING.value, "untrained": _UNTRAINED.value,
+              "weights": _WEIGHTS.value or checkpoint.metadata.get("weights")}
   if _OUTPUT.value:
     report.write_result(_OUTPUT.value, task.name, result, settings)
   if _PREDICTIONS.value:

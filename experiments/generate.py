@@ -10,9 +10,17 @@ captions it; without --image, text from the prompt alone); sampling or beam sear
   python experiments/generate.py --checkpoint=/tmp/m6_demo --image=scene.png --prompt='' --image=scene.png \
       --prompt='图中有几个三角形？' --greedy --max_new_tokens=40
 
+  python experiments/generate.py --checkpoint=/tmp/cpm_params --prompt='今天天气' --stream --long_text \
+      --max_new_tokens=3000 --max_sentences=20 --weights=int8
+
 --checkpoint: a params-only checkpoint (checkpointing.save_params / convert_checkpoint.py) or a training
 workdir; its model family, config and tokenizer are read from it. Without --output each prompt and its
-generation are printed; with it, one JSON line {"prompt", "generated"} per prompt.
+generation are printed; with it, one JSON line {"prompt", "generated"} per prompt. --stream prints each prompt's
+text as it is produced (one prompt at a time: batch 1). Stop strings, --max_sentences and --max_seconds are
+checked on the host between steps (a streamed loop for each batch); <eod> ends a text on device.
+--long_text goes past the model's positions by its family's protocol: CPM a sliding window (gin SlidingWindow.length
+/ .stride), PLUG the released re-encoding every 128 tokens (gin LongText.*; prompts are texts to continue), CPM-XL
+its memory (always).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import re
 
 from absl import app, flags
 
-from cpm_jax import decoding, gin_setup, partitioning, programs
+from cpm_jax import decoding, gin_setup, partitioning, programs, serving_weights
 from cpm_jax.data import images
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import report, tasks
@@ -54,6 +62,16 @@ _MIN_LENGTH = flags.DEFINE_integer("min_length", None, "No end token (<eod>, PLU
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per compiled batch.")
 _STRICT = flags.DEFINE_bool("strict", False, "Fail on prompts longer than the model's positions allow instead of "
                             "keeping their last tokens.")
+_STREAM = flags.DEFINE_bool("stream", False, "Print each prompt's text as it is produced (batch 1; not with beam "
+                            "search).")
+_STOP = flags.DEFINE_multi_string("stop", [], "End a text at this string (kept; repeatable: the first found).")
+_MAX_SENTENCES = flags.DEFINE_integer("max_sentences", None, "End a text after this many sentences (。！？!?…).")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", None, "End a batch's texts after this many seconds of decoding.")
+_LONG_TEXT = flags.DEFINE_bool("long_text", False, "Generate past the model's positions by its family's protocol "
+                               "(CPM: a sliding window; PLUG: the released long-text re-encoding).")
+_WEIGHTS = flags.DEFINE_enum("weights", None, list(serving_weights.WEIGHTS), "Serve the weights converted once to "
+                             "this (int8: weight-only, a scale per output channel); default: as the checkpoint "
+                             "stores them (int8 for an int8 checkpoint).")
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, e.g. meshes/tensor8_fsdp.gin.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")
 
@@ -76,6 +94,11 @@ def _decoding_config() -> decoding.DecodingConfig:
                                  repetition_penalty=_REPETITION_PENALTY.value,
                                  no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value, min_length=_MIN_LENGTH.value,
                                  seed=_SEED.value)
+
+
+def stop_criteria() -> decoding.StopCriteria:
+  return decoding.StopCriteria(stop_strings=tuple(_STOP.value), max_sentences=_MAX_SENTENCES.value,
+                               max_seconds=_MAX_SECONDS.value)
 
 
 def read_prompts() -> tuple[list[str], list[str]]:
@@ -108,19 +131,42 @@ def main(argv):
   prompts, image_files = read_prompts()
   pixels = [images.read_file(path) for path in image_files]
   config = decoding_config()  # validates the sampling flags before the checkpoint is read
+  stop = stop_criteria()
+  if _STREAM.value and _BEAM_SIZE.value:
+    raise app.UsageError("--stream needs sampling or greedy decoding, not --beam_size.")
+  if pixels and (_STREAM.value or stop.active):
+    raise app.UsageError("--image generates whole texts: --stream, --stop, --max_sentences and --max_seconds "
+                         "are for text prompts only.")
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
-                                   strict=_STRICT.value)
-  outputs = model.describe_text(pixels, prompts) if pixels else model.generate_text(prompts)
+                                   strict=_STRICT.value, weights=_WEIGHTS.value, long_text=_LONG_TEXT.value)
+  separator = "" if model.continues_prompt else "\n=> "
+  if _STREAM.value:
+    outputs = []
+    for prompt in prompts:
+      print(f"{prompt}{separator}", end="", flush=True)
+      text = ""
+      for piece, in model.stream_text([prompt], stop):
+        print(piece, end="", flush=True)
+        text += piece
+      outputs.append(text)
+      print("\n", flush=True)
+  elif pixels:
+    outputs = model.describe_text(pixels, prompts)
+  elif stop.active:
+    outputs = []
+    for start in range(0, len(prompts), _BATCH_SIZE.value):
+      outputs += model.generate_text(prompts[start:start + _BATCH_SIZE.value], stop)
+  else:
+    outputs = model.generate_text(prompts)
   records = [{"prompt": p, "generated": g} for p, g in zip(prompts, outputs)]
   for record, path in zip(records, image_files):
     record["image"] = path
   if _OUTPUT.value:
     report.write_jsonl(_OUTPUT.value, records)
-  else:
-    separator = "" if model.continues_prompt else "\n=> "
+  elif not _STREAM.value:
     for record in records:
       image = f"[{record['image']}] " if "image" in record else ""
       print(f"{image}{record['prompt']}{separator}{record['generated']}\n")

@@ -246,3 +246,68 @@ def test_prompt_padding_truncation_and_strict_mode(caplog):
     decoding.prepare_prompts([list(range(20))], 12, eod_id=EOD, pad_id=PAD, strict=True)
   with pytest.raises(ValueError, match="max_new_tokens"):
     cpm.generate(None, [[1]], CONFIG, decoding.SamplingConfig(max_new_tokens=64), eod_id=EOD, pad_id=PAD)
+
+
+# ---- past the window: CPM's sliding window ------------------------------------------------------
+
+WINDOW, STRIDE, WINDOW_STEPS = 16, 5, 30
+
+
+def windowed_reference_logits(params, prompts, out, width):
+  """Each step's logits recomputed from scratch, without a cache, over the window the batch rule leaves each row:
+  the batch's slot counter starts at width - 1; when it reaches WINDOW every row keeps its last WINDOW - STRIDE
+  cached tokens (fewer if it has fewer). Returns [rows, steps, vocab] and the number of moves."""
+  slots, moves = width - 1, 0
+  cached = [len(p or [EOD]) - 1 for p in prompts]
+  reference = np.zeros((len(prompts), WINDOW_STEPS, CONFIG.vocab_size), np.float32)
+  for step in range(WINDOW_STEPS):
+    if slots == WINDOW:
+      slots, moves = WINDOW - STRIDE, moves + 1
+      cached = [min(c, WINDOW - STRIDE) for c in cached]
+    for row, prompt in enumerate(prompts):
+      sequence = (prompt or [EOD]) + out[row].tolist()
+      end = len(prompt or [EOD]) + step
+      reference[row, step] = full_logits(params, sequence[end - cached[row] - 1:end])[-1]
+    slots += 1
+    cached = [c + 1 for c in cached]
+  return reference, moves
+
+
+def test_sliding_window_equals_windowed_recomputation_without_cache(params, decode_params):
+  window = cpm.SlidingWindow(length=WINDOW, stride=STRIDE)
+  greedy = decoding.SamplingConfig(max_new_tokens=WINDOW_STEPS, greedy=True, min_length=0)
+  tokens, lengths = decoding.prepare_prompts(PROMPTS, WINDOW, eod_id=EOD, pad_id=PAD)
+
+  @jax.jit
+  def run(params, tokens, lengths):
+    program = cpm.decode_program(CONFIG, WINDOW_STEPS, window.resolve(CONFIG), True, False, (12, WINDOW))
+    cache, last, _ = program.prefill(params, tokens, lengths)
+    step = program.step
+    cache = {"inner": cache, "logits": jnp.zeros((tokens.shape[0], WINDOW_STEPS, CONFIG.vocab_size)), "t": 0}
+    out, _, cache = decoding.sample_loop(recording_step_fn(step), params, cache, last, greedy, eod_id=-1,
+                                         pad_id=PAD, vocab_size=CONFIG.vocab_size, rng=jax.random.key(0))
+    return out, cache["logits"], cache["inner"]["moves"]
+
+  out, logits, moves = jax.device_get(run(decode_params, tokens, lengths))  # length-bucketed: spans 12, 16
+  reference, expected_moves = windowed_reference_logits(params, PROMPTS, out, tokens.shape[1])
+  # The window moved every STRIDE tokens once the cache was full, not on every token.
+  assert moves == expected_moves == 1 + (WINDOW_STEPS - 2) // STRIDE
+  np.testing.assert_allclose(logits, reference, atol=2e-5, rtol=1e-4)
+  np.testing.assert_array_equal(out, reference.argmax(-1))
+  # The public entry point generates the same tokens, and so does its streamed path (eod_id=-1: no stop; the
+  # empty prompt, which would start from eod_id, is left out).
+  rows = [row for row, prompt in enumerate(PROMPTS) if prompt]
+  prompts = [PROMPTS[row] for row in rows]
+  generated = cpm.generate(decode_params, prompts, CONFIG, greedy, eod_id=-1, pad_id=PAD, window=window)
+  assert generated == out[rows].tolist()
+  streamed = list(cpm.stream(decode_params, prompts, CONFIG, greedy, eod_id=-1, pad_id=PAD, window=window))
+  assert np.stack(streamed, 1).tolist() == generated
+
+
+def test_three_thousand_tokens_from_a_tiny_model(decode_params):
+  window = cpm.SlidingWindow(length=CONFIG.max_positions, stride=16)
+  greedy = decoding.SamplingConfig(max_new_tokens=3000, greedy=True)
+  out, = cpm.generate(decode_params, [[11, 12, 13]], CONFIG, greedy, eod_id=-1, pad_id=PAD, window=window)
+  assert len(out) == 3000 and 0 <= min(out) and max(out) < CONFIG.vocab_size
+  with pytest.raises(ValueError, match="SlidingWindow.stride=64"):
+    cpm.SlidingWindow(length=64, stride=64).resolve(CONFIG)

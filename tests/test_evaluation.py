@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from cpm_jax import checkpointing, decoding, gin_setup, partitioning
+from cpm_jax import checkpointing, decoding, gin_setup, partitioning, serving_weights
 from cpm_jax.evaluation import model as model_lib
 from cpm_jax.evaluation import batching, interface, report, scoring, tasks
 from cpm_jax.models import cpm, registry
@@ -252,7 +252,7 @@ def test_load_cpm_from_a_training_workdir(params, tmp_path, cpm_vocab_path):
 
 
 def run_program(name, *args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}  # this checkout's cpm_jax
   result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", name), *args], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -288,6 +288,36 @@ def test_programs_lm_score_and_generate(params, tmp_path, cpm_vocab_path):
   model = cpm.language_model(loaded, config, tokenizer, {}, batch_size=8, decoding_config=
                              decoding.SamplingConfig(max_new_tokens=5, top_k=5, top_p=0.9, seed=1))
   assert generated == model.generate_text(texts)
+
+
+def test_int8_checkpoint_converts_once_then_generate_streams_and_stops(params, tmp_path, cpm_vocab_path):
+  source = checkpointing.save_params(tmp_path / "float", params, registry.record(CONFIG, tokenizer=str(
+      cpm_vocab_path)))
+  run_program("convert_checkpoint.py", f"--input={source}", f"--output={tmp_path / 'int8'}", "--weights=int8")
+  int8 = model_lib.load_checkpoint(tmp_path / "int8")
+  assert int8.metadata["weights"] == "int8"
+  size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+  assert size(tmp_path / "int8") < 0.35 * size(tmp_path / "float")
+  # Read back as the dequantised floats: exactly the numbers int8 serving quantises again.
+  expected = serving_weights.round_trip(params, "int8", cpm.QUANTIZED)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), int8.params, expected)
+
+  prompts = ["今天天气很好，", "人工智能"]
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts),
+                                     encoding="utf-8")
+  model = model_lib.language_model(int8, model_lib.load_tokenizer(int8), long_text=True,
+                                   decoding_config=decoding.SamplingConfig(max_new_tokens=70, greedy=True))
+  # On device to <eod> or 70 tokens (past the 64 positions: the sliding window), one prompt at a time.
+  full = [model.generate_text([p])[0] for p in prompts]
+  stop = next(c for c in full[0][len(full[0]) // 2:] if c.strip())  # a character the first text produces
+  stdout = run_program("generate.py", f"--checkpoint={tmp_path / 'int8'}", f"--input_file={tmp_path / 'in.jsonl'}",
+                       "--max_new_tokens=70", "--greedy", "--long_text", "--stream", f"--stop={stop}",
+                       f"--output={tmp_path / 'out.jsonl'}")
+  streamed = [json.loads(line)["generated"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+  assert all(text in stdout for text in streamed)
+  for text, whole in zip(streamed, full):
+    assert text == (whole[:whole.index(stop) + 1] if stop in whole else whole)
+  assert len(streamed[0]) < len(full[0])
 
 
 # ---- real data ---------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from cpm_jax import host_memory
 
 PROGRAM = """
 import resource, sys

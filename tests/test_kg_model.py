@@ -2,7 +2,6 @@
 which rows each optimizer changes, and the same training on 1, 4 and 8 devices."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -7,7 +7,6 @@ import pytest
 
 from cpm_jax import partitioning
 from cpm_jax.models import kg
-from cpm_jax.models.kg import model as kg_model
 from cpm_jax.models.kg import ranking
 from cpm_jax.models.kg.config import KGConfig
 from cpm_jax.models.kg.scoring import SCORERS

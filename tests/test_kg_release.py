@@ -4,7 +4,6 @@ params (streaming: the host holds about one page), written back, and converted t
 import dataclasses
 import tracemalloc
 
-import jax
 import numpy as np
 import pytest
 

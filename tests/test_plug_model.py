@@ -16,6 +16,7 @@ from cpm_jax import layers, partitioning
 from cpm_jax.models.plug import convert as convert_plug
 from cpm_jax.convert.common import ConversionError
 from cpm_jax.models import plug
+from _params_helpers import randomised
 
 GIN_MODELS = pathlib.Path(__file__).resolve().parents[1] / "gin_configs" / "models"
 encode = jax.jit(plug.encode, static_argnames="config")
@@ -157,12 +158,8 @@ def _reference(state: dict, config: plug.PlugConfig, src, types, src_mask, tgt):
 
 
 def _randomised(config, seed):
-  """Random values for every param, LayerNorm scales and biases included (numpy: quick)."""
-  rng = np.random.default_rng(seed)
-  def draw(path, x):
-    noise = 0.05 * rng.standard_normal(x.shape, np.float32)
-    return jnp.asarray(noise + 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else noise)
-  return jax.tree_util.tree_map_with_path(draw, plug.abstract_params(config))
+  """Random values for every param, LayerNorm scales and biases included."""
+  return randomised(plug.abstract_params(config), seed)
 
 
 def test_pre_ln_encoder_decoder_match_torch_reference_of_release():

@@ -47,13 +47,13 @@ def load_orbax(family: Any, path: str | os.PathLike, *, config: Any = None, dtyp
   if config is not None:
     check_config(config, stored, where)
   config = dataclasses.replace(config or stored, param_dtype=dtype or stored.param_dtype)
-  abstract = family.abstract_params(config)
-  shardings = None if mesh is None else partitioning.tree_shardings(family.logical_axes(config), mesh, abstract)
+  abstract, axes, restored = family.stored_params(config, meta, where)  # int8 checkpoints: dequantised here
+  shardings = None if mesh is None else partitioning.tree_shardings(axes, mesh, abstract)
   try:
     params = restore_by_array(path, abstract, shardings)
   except ValueError as e:
     raise ConversionError(f"{path}: {e}") from e
-  return Loaded(params, config, [], meta)
+  return Loaded(restored(params), config, [], {k: v for k, v in meta.items() if k != "weights"})
 
 
 def restore_by_array(path: str | os.PathLike, abstract: dict, shardings: dict | None = None) -> dict:

@@ -29,20 +29,22 @@ class Checkpoint:
   metadata: dict  # the record: "model", "model_config", "tokenizer", for classifiers "labels", ...
 
 
-def param_shardings(family: Family, config: Any, mesh: jax.sharding.Mesh | None) -> Any:
-  """NamedShardings of the family's params on `mesh` (None: the first local device)."""
+def param_shardings(family: Family, config: Any, mesh: jax.sharding.Mesh | None, stored=None) -> Any:
+  """NamedShardings of the family's params on `mesh` (None: the first local device); `stored`: the (abstract, axes)
+  a checkpoint stores instead (Family.stored_params)."""
   if mesh is None:
     return None
-  return partitioning.tree_shardings(family.logical_axes(config), mesh, family.abstract_params(config))
+  abstract, axes = stored or (family.abstract_params(config), family.logical_axes(config))
+  return partitioning.tree_shardings(axes, mesh, abstract)
 
 
 def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Checkpoint:
   """A params-only checkpoint or the latest checkpoint of a training workdir, read into shardings on `mesh`."""
   meta, where = checkpointing.read_record(path)
   family, config = registry.from_record(meta, where)
-  params = checkpointing.restore_any_params(path, family.abstract_params(config),
-                                            param_shardings(family, config, mesh))
-  return Checkpoint(family, params, config, meta)
+  abstract, axes, restored = family.stored_params(config, meta, where)  # int8 checkpoints: dequantised here
+  params = checkpointing.restore_any_params(path, abstract, param_shardings(family, config, mesh, (abstract, axes)))
+  return Checkpoint(family, restored(params), config, meta)
 
 
 def untrained_params(checkpoint: Checkpoint, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> dict:
@@ -62,6 +64,9 @@ def load_tokenizer(checkpoint: Checkpoint, path: str | None = None) -> Any:
 
 def language_model(checkpoint: Checkpoint, tokenizer: Any, params: dict | None = None, **options) -> Any:
   """The checkpoint's model (or `params` of its shape) behind its family's adapter; options: batch_size,
-  decoding_config, mesh, strict, progress."""
+  decoding_config, mesh, strict, progress, weights (default: int8 for an int8 checkpoint, else the params as
+  stored), long_text."""
   params = checkpoint.params if params is None else params
+  if options.get("weights") is None:
+    options["weights"] = checkpoint.metadata.get("weights")
   return checkpoint.family.language_model(params, checkpoint.config, tokenizer, checkpoint.metadata, **options)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers
+from cpm_jax import layers, serving_weights
 from cpm_jax.convert.common import Format
 
 
@@ -33,8 +33,10 @@ class Family:
   tokenizer: path -> the tokenizer (or vocabulary) the family's programs use.
   language_model: (params, config, tokenizer, metadata, **options) -> what evaluation tasks and generate.py call
     (cpm_jax.evaluation.interface.LanguageModel for text models); options: batch_size, decoding_config, mesh,
-    strict, progress.
+    strict, progress, weights (serving_weights: None, "bfloat16", "int8"), long_text (generation past the
+    positions by the family's protocol).
   formats: checkpoint formats by name (convert.common.Format); the registry adds "orbax" for every family.
+  quantized: what int8 serving and int8 checkpoints quantise (serving_weights.Quantized); None: no int8.
   """
 
   name: str
@@ -45,6 +47,7 @@ class Family:
   tokenizer: Callable[[str], Any]
   language_model: Callable[..., Any]
   formats: Mapping[str, Format] = dataclasses.field(default_factory=dict)
+  quantized: serving_weights.Quantized | None = None
 
   def init(self, config: Any, key: jax.Array) -> Any:
     """Freshly initialised params of `config` in its param_dtype."""
@@ -56,6 +59,19 @@ class Family:
 
   def logical_axes(self, config: Any) -> Any:
     return layers.logical_axes(self.param_specs(config))
+
+  def stored_params(self, config: Any, metadata: dict, where: str) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """(abstract params, logical axes, restored -> params) of a checkpoint whose metadata is `metadata`: as
+    `abstract_params` / `logical_axes`, or for an int8 checkpoint ("weights": "int8") its int8 tree, dequantised
+    on reading (serving_weights.from_checkpoint)."""
+    abstract, axes = self.abstract_params(config), self.logical_axes(config)
+    if metadata.get("weights") != "int8":
+      return abstract, axes, lambda params: params
+    if self.quantized is None:
+      raise ValueError(f"{where}: an int8 checkpoint, but family {self.name!r} has no int8 weights.")
+    abstract, axes = serving_weights.checkpoint_abstract(abstract, axes, self.quantized)
+    return abstract, axes, lambda params: serving_weights.from_checkpoint(params, self.quantized,
+                                                                          jnp.dtype(config.param_dtype))
 
   def record(self, config: Any, **extra) -> dict:
     """What a checkpoint records of its model (`record`)."""

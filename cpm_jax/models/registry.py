@@ -17,7 +17,8 @@ from cpm_jax.convert.common import Format
 from cpm_jax.models import cpm, kg, m6, plug
 from cpm_jax.models.family import Family
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (cpm.FAMILY, plug.FAMILY, kg.FAMILY, m6.FAMILY)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (cpm.FAMILY, cpm.XL_FAMILY, plug.FAMILY, kg.FAMILY,
+                                                                  m6.FAMILY)}
 DEFAULT = "cpm"  # the family of checkpoints that record none, and of programs told nothing else
 
 

@@ -6,12 +6,15 @@
   evaluation.py the LanguageModel adapter: continuation scoring and generation
   convert.py    the release's Megatron/DeepSpeed shards (one key table, config inference)
   hf.py         Hugging Face GPT2LMHeadModel directories
+  xl.py         CPM-XL, the Transformer-XL variant (segment recurrence, relative positions): family "cpm_xl"
+  xl_decode.py  its decoding adapter (generation carries the memory) and LanguageModel adapter
 """
 
 from cpm_jax.convert.common import Format
-from cpm_jax.models.cpm import convert, hf
+from cpm_jax.models.cpm import convert, hf, xl, xl_decode
 from cpm_jax.models.cpm.data import LabelPromptData, LMData
-from cpm_jax.models.cpm.decode import cache_logical_axes, decode_layout, generate, init_cache, prefill, step_fn
+from cpm_jax.models.cpm.decode import (QUANTIZED, SlidingWindow, attention_spans, cache_logical_axes, decode_layout,
+                                      decode_program, generate, init_cache, prefill, step_fn, stream)
 from cpm_jax.models.cpm.evaluation import language_model, score_fn
 from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
                                       hidden_states, logits_from_hidden, param_specs)
@@ -31,12 +34,25 @@ FAMILY = Family(
         "megatron": Format(load=convert.load_megatron, save=convert.save_megatron,
                            load_options=("num_heads", "tag", "trust_pickle"), save_options=("num_ranks", "tag")),
     },
+    quantized=QUANTIZED,
 )
 init = FAMILY.init
 abstract_params = FAMILY.abstract_params
 logical_axes = FAMILY.logical_axes
 
-__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LabelPromptData", "LMData", "abstract_params",
-           "cache_logical_axes", "cached_hidden_states", "decode_layout", "embed", "forward", "generate",
-           "hidden_states", "init", "init_cache", "language_model", "logical_axes", "logits_from_hidden",
-           "param_specs", "prefill", "score_fn", "step_fn"]
+# The Transformer-XL variant: a family of its own (its checkpoints record "cpm_xl") with CPM's tokenizer and data.
+XL_FAMILY = Family(
+    name="cpm_xl",
+    config_class=xl.CPMXLConfig,
+    param_specs=xl.param_specs,
+    training_models=(xl.CPMXLLanguageModel,),
+    data=(LMData,),
+    tokenizer=CPMTokenizer,
+    language_model=xl_decode.language_model,
+    quantized=xl_decode.QUANTIZED,
+)
+
+__all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LabelPromptData", "LMData", "QUANTIZED", "SlidingWindow", "XL_FAMILY",
+           "abstract_params", "attention_spans", "cache_logical_axes", "cached_hidden_states", "decode_layout",
+           "decode_program", "embed", "forward", "generate", "hidden_states", "init", "init_cache", "language_model",
+           "logical_axes", "logits_from_hidden", "param_specs", "prefill", "score_fn", "step_fn", "stream"]

@@ -22,6 +22,7 @@ import gin
 import jax
 
 from cpm_jax import layers, objectives, partitioning, training, transformer
+from cpm_jax.layers import Layout
 
 
 @gin.configurable
@@ -62,14 +63,16 @@ def param_specs(config: CPMConfig) -> dict:
 
 # ---- forward -----------------------------------------------------------------------------------
 
-def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: CPMConfig) -> jax.Array:
-  x = params["embed"]["wte"][tokens] + params["embed"]["wpe"][positions]
+def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: CPMConfig,
+          layout: Layout = Layout.TRAINING) -> jax.Array:
+  x = transformer.table_rows(params["embed"], "wte", tokens, layout) + params["embed"]["wpe"][positions]
   return partitioning.constrain(x.astype(config.compute_dtype), ("batch", "length", "act_embed"))
 
 
-def logits_from_hidden(params: dict, hidden: jax.Array, config: CPMConfig) -> jax.Array:
-  """Tied output head: hidden @ wte^T, float32 logits [batch, length, vocab]."""
-  return transformer.tied_logits(params["embed"]["wte"], hidden, config.compute_dtype)
+def logits_from_hidden(params: dict, hidden: jax.Array, config: CPMConfig,
+                       layout: Layout = Layout.TRAINING) -> jax.Array:
+  """Tied output head: hidden @ wte^T, float32 logits [batch, length, vocab] (`layout`: how wte is stored)."""
+  return transformer.tied_table_logits(params["embed"], "wte", hidden, config.compute_dtype, layout)
 
 
 def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positions=None, segment_ids=None,
@@ -86,14 +89,16 @@ def hidden_states(params: dict, tokens: jax.Array, config: CPMConfig, *, positio
 
 
 def cached_hidden_states(params: transformer.DecodeParams, tokens: jax.Array, config: CPMConfig, cache: dict, *,
-                         positions=None, segment_ids=None) -> tuple[jax.Array, dict]:
+                         positions=None, segment_ids=None, span: int | None = None) -> tuple[jax.Array, dict]:
   """`hidden_states` of tokens appended at cache["index"] (a `transformer.empty_cache`), attending to everything
-  cached before them; params in the decode layout. Returns (hidden states, updated cache)."""
+  cached before them; params in the decode layout. `span`: attention reads only the cache's first span slots (they
+  must hold every filled one). Returns (hidden states, updated cache)."""
   positions, segment_ids = transformer.default_positions(tokens, positions, segment_ids, cache["index"])
   tree = params.tree
-  x = embed(tree, tokens, positions, config)
+  x = embed(tree, tokens, positions, config, params.layout)
   mask, kv_segments, kv_positions = transformer.cached_self_mask(cache, segment_ids, positions)
-  x, cache = transformer.cached_pre_ln_stack(tree["blocks"], x, config, cache, mask, kv_segments, kv_positions)
+  x, cache = transformer.cached_pre_ln_stack(tree["blocks"], x, config, cache, mask[..., :span], kv_segments,
+                                             kv_positions, params.layout, span)
   return layers.layer_norm(x, tree["ln_f"], config.layer_norm_eps), cache
 
 

@@ -76,9 +76,13 @@ class KGModel:
 
 def language_model(params: dict, config: KGConfig, tokenizer: KGVocabulary, metadata: dict, *, batch_size: int = 256,
                    decoding_config=None, mesh: Mesh | None = None, strict: bool = False,
-                   progress: bool = False) -> KGModel:
-  """The family adapter evaluate.py gets (decoding_config, strict and progress do not apply to KG models)."""
+                   progress: bool = False, weights: str | None = None, long_text: bool = False) -> KGModel:
+  """The family adapter evaluate.py gets (decoding_config, strict and progress do not apply to KG models; it serves
+  its stored weights and generates no text, so `weights` and `long_text` must be left unset)."""
   del decoding_config, strict, progress
+  if weights is not None or long_text:
+    raise ValueError(f"--weights={weights} / --long_text={long_text}: a KG model serves its stored weights and "
+                     "generates no text.")
   mesh = mesh or partitioning.make_mesh(partitioning.MeshConfig(data=1), devices=jax.local_devices()[:1])
   known = []
   if metadata.get("dataset"):

@@ -16,9 +16,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from cpm_jax import decoding, partitioning, transformer
+from cpm_jax import decoding, logging_setup, partitioning, transformer
 from cpm_jax.models.m6 import model
 from cpm_jax.models.m6.vocab import CharVocab
 
@@ -117,7 +116,8 @@ def generate(params: transformer.DecodeParams, prompts: Sequence[Sequence[int]],
   rng = jax.random.key(decoding_config.seed)
   run = _decoder(config, decoding_config.with_min_length_fraction(0.0).unseeded(), vocab.eod_id, vocab.pad_id, mesh)
   results = []
-  for start in tqdm.trange(0, len(prompts), batch_size, disable=not progress, desc="generating", unit="batch"):
+  starts = range(0, len(prompts), batch_size)
+  for start in logging_setup.progress(starts, desc="generating", total=len(starts), unit="batches", enabled=progress):
     count = len(prompts[start:start + batch_size])
     chunk = [text_prefix(vocab, p) for p in prompts[start:start + batch_size]] + [[vocab.bos_id]] * (batch_size - count)
     tokens, lengths = decoding.prepare_prompts(chunk, max_prefix, eod_id=vocab.eod_id, pad_id=vocab.pad_id,

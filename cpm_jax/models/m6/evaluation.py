@@ -35,14 +35,19 @@ def score_fn(config: model.M6Config) -> scoring.ScoreFn:
 
 def language_model(params: dict, config: model.M6Config, tokenizer: CharVocab, metadata: dict, *,
                    batch_size: int = 8, decoding_config: decoding.DecodingConfig | None = None, mesh=None,
-                   strict: bool = False, progress: bool = False) -> LanguageModel:
-  """M6 behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise).
+                   strict: bool = False, progress: bool = False, weights: str | None = None,
+                   long_text: bool = False) -> LanguageModel:
+  """M6 behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise). It serves its
+  stored weights within its positions: `weights` and `long_text` must be left unset.
 
   describe(images, prompts): one stored uint8 image per prompt, resized as in training
   (cpm_jax.data.images.model_input); a model of patch_encoder "features" takes no images here (its features come
   from the user's extractor: call decode.generate with image_inputs).
   """
   del metadata  # M6 records nothing that changes how it is evaluated
+  if weights is not None or long_text:
+    raise ValueError(f"--weights={weights} / --long_text={long_text}: an M6 model serves its stored weights within "
+                     "its positions.")
   check_fits(tokenizer, config.vocab_size, "M6 tokenizer")
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   runner = batching.ModelRunner(params, decode.decode_layout, batch_size, mesh, progress)

@@ -16,7 +16,8 @@ from cpm_jax.convert.common import Format
 from cpm_jax.models.family import Family
 from cpm_jax.models.plug import convert
 from cpm_jax.models.plug.data import ClassificationData, Noise, PalmData, Seq2SeqData, StructBertData
-from cpm_jax.models.plug.decode import cache_logical_axes, decode_layout, generate, init_cache, prefill, step_fn
+from cpm_jax.models.plug.decode import (QUANTIZED, LongText, cache_logical_axes, decode_layout, generate,
+                                       generate_long, init_cache, prefill, step_fn, stream, stream_long)
 from cpm_jax.models.plug.evaluation import language_model
 from cpm_jax.models.plug.fewshot_inputs import ClsFormat, FewShotData, PromptFormat, TextMasking, UniMCFormat
 from cpm_jax.models.plug.model import (ClassifierModel, FewShotModel, PlugConfig, Seq2SeqModel, StructBertModel,
@@ -37,14 +38,15 @@ FAMILY = Family(
         "megatron": Format(load=convert.load_deepspeed, save=convert.save_deepspeed,
                            load_options=("tag", "trust_pickle"), save_options=("num_ranks", "tag")),
     },
+    quantized=QUANTIZED,
 )
 init = FAMILY.init
 abstract_params = FAMILY.abstract_params
 logical_axes = FAMILY.logical_axes
 
-__all__ = ["ClassificationData", "ClassifierModel", "ClsFormat", "FAMILY", "FewShotData", "FewShotModel", "Noise",
-           "PalmData", "PlugConfig", "PromptFormat", "Seq2SeqData", "Seq2SeqModel", "StructBertData",
-           "StructBertModel", "TextMasking", "UniMCFormat", "abstract_params", "cache_logical_axes",
+__all__ = ["ClassificationData", "ClassifierModel", "ClsFormat", "FAMILY", "FewShotData", "FewShotModel", "LongText",
+           "Noise", "PalmData", "PlugConfig", "PromptFormat", "QUANTIZED", "Seq2SeqData", "Seq2SeqModel",
+           "StructBertData", "StructBertModel", "TextMasking", "UniMCFormat", "abstract_params", "cache_logical_axes",
            "cached_decode", "classification_logits", "decode", "decode_layout", "decoder_logits", "embed", "encode",
-           "generate", "init", "init_cache", "language_model", "logical_axes", "mlm_logits", "param_specs", "pooled",
-           "prefill", "relation_logits", "step_fn"]
+           "generate", "generate_long", "init", "init_cache", "language_model", "logical_axes", "mlm_logits",
+           "param_specs", "pooled", "prefill", "relation_logits", "step_fn", "stream", "stream_long"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import decoding
+from cpm_jax import decoding, serving_weights
 from cpm_jax.evaluation import batching
 from cpm_jax.evaluation.interface import LanguageModel, unsupported
 from cpm_jax.models.plug import decode, fewshot_inputs
@@ -54,6 +54,14 @@ class PromptTokenizer:
     """0 up to and including the first [SEP], 1 after it (BERT's sentence A / B)."""
     first_sep = ids.index(self.eod_id) if self.eod_id in ids else len(ids)
     return [0 if i <= first_sep else 1 for i in range(len(ids))]
+
+
+class ContextTokenizer(PromptTokenizer):
+  """For long-text generation: encode(text) -> the text's ids without [CLS] / [SEP], however long (the protocol
+  keeps its last tokens)."""
+
+  def encode(self, text: str) -> list[int]:
+    return self.bert.encode(text)["input_ids"][1:-1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,29 +122,47 @@ def _padded(rows: Sequence[Sequence[int]], max_length: int) -> jax.Array:
 
 def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokenizer, metadata: dict, *,
                    batch_size: int = 8, decoding_config: decoding.DecodingConfig | None = None, mesh=None,
-                   strict: bool = False, progress: bool = False) -> LanguageModel:
+                   strict: bool = False, progress: bool = False, weights: str | None = None,
+                   long_text: bool = False) -> LanguageModel:
   """PLUG behind the LanguageModel interface.
 
   generate: the decoder from [CLS] (greedy for 64 tokens unless told otherwise); sampling with an open min_length
   follows PLUG's release (decode.RELEASE_SEP_FRACTION). classify (config.num_classes > 0): [CLS]-head logits of
   one or two text fields per example; the metadata's "labels" name the classes (as ClassificationData.labels did
   in training). A few-shot checkpoint (FewShotData's metadata) classifies and embeds through few_shot_functions.
+  weights: "bfloat16" / "int8" serve the decoder's weights converted once (cpm_jax.serving_weights).
+  long_text: prompts are texts to continue, by the released long-text protocol (gin `LongText`).
   """
   labels = tuple(metadata.get("labels", ()))
-  prompts_tokenizer = PromptTokenizer(tokenizer, config.max_positions, strict)
+  prompts_tokenizer = (ContextTokenizer if long_text else PromptTokenizer)(tokenizer, config.max_positions, strict)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
-  runner = batching.ModelRunner(params, decode.decode_layout, batch_size, mesh, progress)
+  served_layout = serving_weights.serving_layout(decode.decode_layout, weights, decode.QUANTIZED)
+  runner = batching.ModelRunner(params, served_layout, batch_size, mesh, progress)
+  ids = dict(cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id, mesh=mesh)
 
-  def generate_batch(sources):
-    return decode.generate(runner.decode_params, sources, config, decoding_config, cls_id=tokenizer.cls_id,
-                           sep_id=tokenizer.sep_id, pad_id=tokenizer.pad_id,
-                           token_types=[prompts_tokenizer.token_types(s) for s in sources], mesh=mesh)
-
-  def generate(prompts):
+  def check_decoder():
     if config.num_decoder_layers == 0:
       raise ValueError("This PLUG checkpoint has no decoder (num_decoder_layers=0): it cannot generate.")
+
+  def generate_batch(rows):
+    if long_text:
+      return decode.generate_long(runner.decode_params, rows, config, decoding_config, long_text=decode.LongText(),
+                                  **ids)
+    return decode.generate(runner.decode_params, rows, config, decoding_config,
+                           token_types=[prompts_tokenizer.token_types(p) for p in rows], **ids)
+
+  def generate(prompts):
+    check_decoder()
     return runner.in_batches([list(p) for p in prompts], generate_batch, pad=[tokenizer.cls_id, tokenizer.sep_id],
                              desc="generating")
+
+  def stream(prompts):
+    check_decoder()
+    if long_text:
+      return decode.stream_long(runner.decode_params, prompts, config, decoding_config, long_text=decode.LongText(),
+                                **ids)
+    return decode.stream(runner.decode_params, prompts, config, decoding_config,
+                         token_types=[prompts_tokenizer.token_types(p) for p in prompts], **ids)
 
   classify = embed = None
   if "input_format" in metadata:
@@ -158,4 +184,4 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
       return np.stack(logits) if logits else np.zeros((0, config.num_classes), np.float32)
 
   return LanguageModel(prompts_tokenizer, unsupported("score continuations (it is an encoder-decoder)", "PLUG"),
-                       generate, classify, labels, continues_prompt=False, embed=embed)
+                       generate, classify, labels, continues_prompt=long_text, stream=stream, embed=embed)

@@ -331,7 +331,7 @@ def cached_decode(params: transformer.DecodeParams, tokens: jax.Array, config: P
   def body(x, layer):
     layer_params, layer_cache = layer
     return _decoder_block(x, layer_params, config, self_mask, cross_mask, None, None, layer_cache, cache["index"],
-                          Layout.DECODE)
+                          params.layout)
 
   layer_caches = tuple(zip(cache["k"], cache["v"], cache["cross_k"], cache["cross_v"]))
   x, new_kv = transformer.run_layers(body, x, tuple(zip(tree["decoder"]["blocks"], layer_caches)),
