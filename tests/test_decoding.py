@@ -281,7 +281,7 @@ def test_sliding_window_equals_windowed_recomputation_without_cache(params, deco
   @jax.jit
   def run(params, tokens, lengths):
     program = cpm.decode_program(CONFIG, WINDOW_STEPS, window.resolve(CONFIG), True, False, (12, WINDOW))
-    cache, last, _ = program.prefill(params, tokens, lengths)
+    cache, last, _, _ = program.prefill(params, tokens, lengths)
     step = program.step
     cache = {"inner": cache, "logits": jnp.zeros((tokens.shape[0], WINDOW_STEPS, CONFIG.vocab_size)), "t": 0}
     out, _, cache = decoding.sample_loop(recording_step_fn(step), params, cache, last, greedy, eod_id=-1,
