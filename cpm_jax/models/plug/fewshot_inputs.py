@@ -362,6 +362,10 @@ class FewShotData:
   def tokenizer(self) -> BertTokenizer:
     return BertTokenizer(os.path.expanduser(self.vocab_path))
 
+  def shard(self, index: int, count: int) -> "FewShotData":
+    """This data as process `index` of `count` reads it (a shard of processes.ShardedIterator)."""
+    return dataclasses.replace(self, process_index=index, process_count=count)
+
   @functools.cached_property
   def splits(self) -> FewShotSplits:
     return self.task.splits(self.sample_seed)
