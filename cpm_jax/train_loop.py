@@ -232,7 +232,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
           data_shards: int | None = None) -> dict:
   """Trains `model` on `data` for num_steps, resuming from workdir/checkpoints; returns the last metrics.
 
-  data: an object with train_iterator(seed) (checkpointable Grain iterator of per-process batches),
+  data: a cpm_jax.data.processes.ProcessShare with global_batch_size, seq_len (the tokens of an example: what
+  tokens/s and MFU count), train_iterator(seed) (checkpointable Grain iterator of per-process batches),
   eval_batches() and model_requirements() (cpm_jax.model_fit: the model is fitted to it first, e.g. vocab_size
   from the tokenizer unless gin binds it). peak_flops: total peak FLOP/s for MFU (default: published per-device
   figures, or the measured matmul peak on CPU, where all fake devices share the same cores).
@@ -242,8 +243,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
     init_from: the params a RestoreCheckpointConfig selects (a warm start: stage 2 from stage 1), the rest fresh;
   each with a fresh optimizer.
   data_shards: how many shards the training data is read in (default: the process count a run starts with; a resumed
-  run keeps its checkpoint's), so that it resumes on any process count dividing it (processes.ShardedIterator);
-  `data` has shard(index, count), the data as process `index` of `count` would read it.
+  run keeps its checkpoint's), so that it resumes on any process count dividing it (processes.ShardedIterator reads
+  `data.shard(index, count)`, the data as process `index` of `count` would read it).
   """
   if init_params_from and init_from is not None:
     raise ConfigError("train: give init_params_from or init_from (a RestoreCheckpointConfig), not both.")
@@ -290,9 +291,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
     devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
     peak_flops = per_device * devices
     logging.info("MFU against %.3g FLOP/s (%s x %d).", peak_flops, source, devices)
-  seq_len = getattr(data, "seq_len", 0)
-  tokens_per_step = data.global_batch_size * seq_len
-  flops_per_token = model.flops_per_token(seq_len)
+  tokens_per_step = data.global_batch_size * data.seq_len
+  flops_per_token = model.flops_per_token(data.seq_len)
   logging.info("MFU counts %.4g FLOPs per step: %.4g per token (6 x matmul params + attention, "
                "%s.flops_per_token) x %d tokens.", flops_per_token * tokens_per_step, flops_per_token,
                type(model).__name__, tokens_per_step)

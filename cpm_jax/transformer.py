@@ -57,11 +57,22 @@ def check_options(config: Any) -> None:
     object.__setattr__(config, "mlp_dim", None)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TransformerConfig:
-  """What every transformer family's config derives from its shared fields (embed_dim, num_heads, mlp_dim, dtype,
-  remat_policy, attention_impl): checks at construction, head_dim, ffn_dim, compute_dtype."""
+  """The fields every transformer family's config shares (how it runs, EXECUTION_FIELDS, and its LayerNorm eps;
+  a family redeclares one to change its default), checks at construction, head_dim, ffn_dim, compute_dtype.
+  The family's sizes (embed_dim, num_heads, mlp_dim, ...) are its own fields."""
 
   execution_fields: ClassVar[tuple[str, ...]] = EXECUTION_FIELDS
+
+  dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-5
+  init_stddev: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat_policy: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = True
+  attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
 
   def __post_init__(self):
     check_options(self)
@@ -77,6 +88,14 @@ class TransformerConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PipelinedConfig(TransformerConfig):
+  """A TransformerConfig whose stacks run through cpm_jax.pipeline_parallel on a mesh with a `stage` axis."""
+
+  pipeline_microbatches: int = 1
+  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
 
 def run_layers(body: Callable, x: jax.Array, xs: Any, num_layers: int, *, remat_policy: str = "none",

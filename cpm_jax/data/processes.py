@@ -11,6 +11,7 @@ process of that many would read it, and every process reads several when there a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -32,6 +33,26 @@ def process_share(process_index: int | None, process_count: int | None,
   if global_batch_size < 1 or global_batch_size % count:
     raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of the {count} processes.")
   return index, count, global_batch_size // count
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessShare:
+  """The base of every family's train-loop data class: whose share of each global batch this process reads.
+
+  process_index / process_count: default jax's processes; `shard` picks another (ShardedIterator reads a run's data
+  in shards, tests emulate hosts). Subclasses define `global_batch_size`.
+  """
+
+  process_index: int | None = None
+  process_count: int | None = None
+
+  def shard(self, index: int, count: int):
+    """This data as process `index` of `count` reads it (a shard of ShardedIterator)."""
+    return dataclasses.replace(self, process_index=index, process_count=count)
+
+  def process_share(self) -> tuple[int, int, int]:
+    """(this process's index, the number of processes, its rows of each global batch)."""
+    return process_share(self.process_index, self.process_count, self.global_batch_size)
 
 
 def process_examples(dataset: grain.MapDataset, index: int, count: int, what: str = "examples") -> grain.MapDataset:

@@ -11,12 +11,11 @@ from cpm_jax.data import jsonl, processes, sources
 
 
 @dataclasses.dataclass(frozen=True)
-class SplitData:
+class SplitData(processes.ProcessShare):
   """The dataset, splits and batch shape of a family's data class (CPM's LMData, PLUG's StructBertData, ...).
 
   dataset: a dataset name of cpm_jax.data (peoples_daily_1998, review_sentiment, text_corpus/<name>) in `data_dir`,
   or a jsonl file whose `{split}` is replaced by the split name (e.g. /data/afqmc/{split}.jsonl).
-  process_index / process_count: whose share this process reads (default: jax's processes; tests emulate hosts).
   """
 
   dataset: str = "peoples_daily_1998"
@@ -25,19 +24,9 @@ class SplitData:
   eval_split: str = "validation"
   seq_len: int = 128
   global_batch_size: int = 8
-  process_index: int | None = None
-  process_count: int | None = None
 
   def source(self, split: str, required: Iterable[str] = ("text",)) -> Sequence[Any]:
     """The examples of `split`, randomly accessible; jsonl examples must hold the `required` fields."""
     if self.dataset.endswith(".jsonl"):
       return jsonl.read_examples(self.dataset.format(split=split), required)
     return sources.load_split(self.dataset, split, os.path.expanduser(self.data_dir))
-
-  def shard(self, index: int, count: int) -> "SplitData":
-    """This data as process `index` of `count` reads it (a shard of processes.ShardedIterator)."""
-    return dataclasses.replace(self, process_index=index, process_count=count)
-
-  def process_share(self) -> tuple[int, int, int]:
-    """(this process's index, the number of processes, its rows of each global batch)."""
-    return processes.process_share(self.process_index, self.process_count, self.global_batch_size)

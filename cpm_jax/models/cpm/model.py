@@ -26,8 +26,8 @@ from cpm_jax.layers import Layout
 
 
 @gin.configurable
-@dataclasses.dataclass(frozen=True)
-class CPMConfig(transformer.TransformerConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CPMConfig(transformer.PipelinedConfig):
   """Sizes and options of a CPM-LM model (released sizes in gin_configs/models/)."""
 
   vocab_size: int = 30000
@@ -36,16 +36,7 @@ class CPMConfig(transformer.TransformerConfig):
   num_heads: int = 12
   mlp_dim: int | None = None  # None: 4 x embed_dim
   max_positions: int = 1024
-  dropout_rate: float = 0.1
-  layer_norm_eps: float = 1e-5
-  init_stddev: float = 0.02
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"
   remat_policy: str = "elementwise"  # one of transformer.REMAT_POLICIES
-  scan_layers: bool = True
-  attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
-  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
-  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
 
 def param_specs(config: CPMConfig) -> dict:

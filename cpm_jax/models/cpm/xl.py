@@ -32,7 +32,7 @@ from cpm_jax.layers import Layout
 
 
 @gin.configurable
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CPMXLConfig(transformer.TransformerConfig):
   """Sizes and options of a CPM-XL model: CPM's (no max_positions: positions are relative) plus the segment and
   memory lengths."""
@@ -44,14 +44,6 @@ class CPMXLConfig(transformer.TransformerConfig):
   mlp_dim: int | None = None  # None: 4 x embed_dim
   segment_length: int = 256
   memory_length: int = 256  # 0: every segment on its own
-  dropout_rate: float = 0.1
-  layer_norm_eps: float = 1e-5
-  init_stddev: float = 0.02
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat_policy: str = "none"
-  scan_layers: bool = True
-  attention_impl: str = "xla"  # only "xla": the relative scores are an explicit einsum
 
   def __post_init__(self):
     super().__post_init__()

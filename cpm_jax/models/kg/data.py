@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from cpm_jax.data import sources, triples as triple_files
-from cpm_jax.data.processes import process_share
+from cpm_jax.data.processes import ProcessShare, process_share
 from cpm_jax.model_fit import Requirement
 from cpm_jax.models.kg.vocabulary import KGVocabulary
 
@@ -114,7 +114,7 @@ def dataset_directory(name: str, data_dir: str | os.PathLike) -> str:
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class KGData:
+class KGData(ProcessShare):
   """Triples of a kg_triples TFDS dataset (default: PyKEEN's UMLS from the pykeen wheel) for the train loop."""
 
   dataset: str = "kg_triples/umls"
@@ -123,8 +123,6 @@ class KGData:
   eval_split: str = "validation"
   global_batch_size: int = 1000
   read_threads: int = 2
-  process_index: int | None = None  # whose rows of each global batch (default: jax's; see `shard`)
-  process_count: int | None = None
 
   @property
   def seq_len(self) -> int:
@@ -151,10 +149,6 @@ class KGData:
     return make_triple_iterator(self.split(self.train_split), self.global_batch_size, seed=seed,
                                 read_threads=self.read_threads, process_index=self.process_index,
                                 process_count=self.process_count)
-
-  def shard(self, index: int, count: int) -> "KGData":
-    """This data as process `index` of `count` reads it (a shard of cpm_jax.data.processes.ShardedIterator)."""
-    return dataclasses.replace(self, process_index=index, process_count=count)
 
   def eval_batches(self) -> Iterable[dict]:
     return eval_triple_batches(self.split(self.eval_split), self.global_batch_size)

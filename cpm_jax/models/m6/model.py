@@ -30,8 +30,8 @@ IMAGE, TEXT = 0, 1  # rows of the modality embedding
 
 
 @gin.configurable
-@dataclasses.dataclass(frozen=True)
-class M6Config(transformer.TransformerConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class M6Config(transformer.PipelinedConfig):
   """Sizes and options of an M6 model (gin_configs/models/m6_*.gin)."""
 
   vocab_size: int = 21128
@@ -46,16 +46,6 @@ class M6Config(transformer.TransformerConfig):
   patch_encoder: str = "linear"  # one of patches.ENCODERS
   feature_dim: int = 2048  # width of precomputed patch features (patch_encoder "features")
   stem_width: int = 64  # channels of the conv stem (patch_encoder "conv")
-  dropout_rate: float = 0.1
-  layer_norm_eps: float = 1e-5
-  init_stddev: float = 0.02
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"
-  remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
-  scan_layers: bool = True
-  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel)
-  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
-  attention_impl: str = "xla"  # "xla" (einsum), "jax" or "cudnn" (jax.nn.dot_product_attention)
 
   def __post_init__(self):
     super().__post_init__()

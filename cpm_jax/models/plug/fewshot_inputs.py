@@ -343,7 +343,7 @@ def features(example: Mapping[str, Any], *, input_format: InputFormat, tokenizer
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
-class FewShotData:
+class FewShotData(processes.ProcessShare):
   """The train loop's data for few-shot fine-tuning: the `sample_seed` sample of `task` (cpm_jax.data.fewshot) in
   `input_format`; training reads its train examples plus `extra_examples` (pseudo-labelled or teacher-labelled pool
   examples, added by the few-shot recipes), evaluation its dev examples."""
@@ -355,16 +355,10 @@ class FewShotData:
   seq_len: int = 128
   global_batch_size: int = 16
   extra_examples: tuple[dict, ...] = ()
-  process_index: int | None = None
-  process_count: int | None = None
 
   @functools.cached_property
   def tokenizer(self) -> BertTokenizer:
     return BertTokenizer(os.path.expanduser(self.vocab_path))
-
-  def shard(self, index: int, count: int) -> "FewShotData":
-    """This data as process `index` of `count` reads it (a shard of processes.ShardedIterator)."""
-    return dataclasses.replace(self, process_index=index, process_count=count)
 
   @functools.cached_property
   def splits(self) -> FewShotSplits:
@@ -395,7 +389,7 @@ class FewShotData:
 
   def train_iterator(self, seed: int) -> grain.DatasetIterator:
     """This process's share of train + extra examples, shuffled with `seed`, repeated for ever, in full batches."""
-    index, count, rows = processes.process_share(self.process_index, self.process_count, self.global_batch_size)
+    index, count, rows = self.process_share()
     examples = processes.process_examples(grain.MapDataset.source([*self.splits.train, *self.extra_examples]), index,
                                           count)
     features = examples.shuffle(seed).repeat().random_map(self.example_features, seed=seed)
@@ -403,7 +397,7 @@ class FewShotData:
 
   def eval_batches(self) -> grain.DatasetIterator:
     """One pass over the dev examples in order: this process's rows of each global batch (processes.process_rows)."""
-    index, count, _ = processes.process_share(self.process_index, self.process_count, self.global_batch_size)
+    index, count, _ = self.process_share()
     features = grain.MapDataset.source(list(self.splits.dev)).map(functools.partial(self.example_features, rng=None))
     global_batches = features.to_iter_dataset().batch(self.global_batch_size)
     return iter(processes.process_rows(global_batches, self.global_batch_size, index, count))

@@ -37,8 +37,8 @@ ACT = ("batch", "length", "act_embed")
 
 
 @gin.configurable
-@dataclasses.dataclass(frozen=True)
-class PlugConfig(transformer.TransformerConfig):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlugConfig(transformer.PipelinedConfig):
   """Sizes and options of a PLUG / StructBERT / PALM model (defaults: PLUG 27B as released)."""
 
   vocab_size: int = 21504  # BERT-Chinese 21128 padded to a multiple of 8 x 128
@@ -52,16 +52,7 @@ class PlugConfig(transformer.TransformerConfig):
   encoder_pre_ln: bool = True  # False: post-LN BERT / StructBERT
   num_relations: int = 3  # sentence-relation head classes (0: no head)
   num_classes: int = 0  # classification head classes (0: no head)
-  dropout_rate: float = 0.1
-  layer_norm_eps: float = 1e-5
   init_stddev: float = 0.00707
-  dtype: str = "float32"  # compute dtype
-  param_dtype: str = "float32"
-  remat_policy: str = "none"  # one of transformer.REMAT_POLICIES
-  scan_layers: bool = True
-  attention_impl: str = "xla"  # "xla", "jax" or "cudnn"
-  pipeline_microbatches: int = 1  # on a mesh with a `stage` axis (cpm_jax.pipeline_parallel), for each stack
-  pipeline_repeats: int = 1  # > 1: a circular pipeline schedule
 
   @property
   def has_pooler(self) -> bool:
