@@ -173,9 +173,19 @@ def tied_logits(wte: jax.Array, hidden: jax.Array, dtype) -> jax.Array:
   return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
 
 
+def gather_rows(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
+  """table[ids] for an embedding table [rows (logical axis `row_axis`), embed], its embed columns gathered first.
+
+  With the columns split (embed over fsdp) and the ids split by batch, XLA's SPMD partitioner has no efficient way
+  to a batch-split result and replicates the gathered activations on every device ("Involuntary full
+  rematerialization"). Gathering the columns first is what FSDP does for every weight it uses; the rows stay split.
+  """
+  return partitioning.constrain(table, (row_axis, None))[ids]
+
+
 def table_rows(tables: dict, name: str, ids: jax.Array, layout: layers.Layout) -> jax.Array:
-  """Rows `ids` of the table `tables[name]`: as stored, or (Layout.DECODE_INT8) int8 rows times their scale."""
-  rows = tables[name][ids]
+  """Rows `ids` of the word table `tables[name]`: as stored, or (Layout.DECODE_INT8) int8 rows times their scale."""
+  rows = gather_rows(tables[name], ids, "vocab")
   if layout is layers.Layout.DECODE_INT8:
     return rows.astype(jnp.float32) * tables[f"{name}_scale"][ids][..., None]
   return rows

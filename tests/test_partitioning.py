@@ -1,6 +1,10 @@
 """Mesh construction, logical rules, and the invariant: same seed + data -> same training on every mesh."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import gin
 import jax
@@ -208,3 +212,33 @@ def test_tensor_sharded_weight_is_really_split():
   moment = jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
   mu_qkv = [m.mu["blocks"]["attn"]["qkv_kernel"] for m in moment if hasattr(m, "mu")][0]
   assert {shard.data.shape for shard in mu_qkv.addressable_shards} == {(2, 32, 3, 2, 4)}
+
+
+def test_train_steps_compile_without_replicating_a_tensor_on_every_device():
+  """XLA logs "Involuntary full rematerialization" (at a log level tests silence, hence a child process) when a
+  sharding has no efficient partitioning and it replicates the tensor on every device instead: the embedding
+  gathers did on meshes that split both the batch and the embed columns (transformer.gather_rows)."""
+  child = textwrap.dedent("""
+      import jax
+      from cpm_jax import partitioning, training
+      from cpm_jax.models import cpm, m6, plug
+      models = [cpm.CPMLanguageModel(cpm.CPMConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8,
+                                                   max_positions=16)),
+                m6.M6Model(m6.M6Config(vocab_size=128, num_layers=2, embed_dim=32, num_heads=8,
+                                       max_text_positions=16, image_size=8, patch_size=4)),
+                plug.Seq2SeqModel(plug.PlugConfig(vocab_size=128, num_encoder_layers=1, num_decoder_layers=1,
+                                                  embed_dim=32, num_heads=8, mlp_dim=64, max_positions=16,
+                                                  type_vocab_size=2))]
+      mesh = partitioning.make_mesh(partitioning.MeshConfig(data=2, fsdp=2, tensor=2))
+      for model in models:
+        steps = training.make_sharded_steps(model, training.make_optimizer(), mesh)
+        steps.train.lower(steps.abstract_state, model.example_batch(8, 16, 8)).compile()
+        print("compiled", type(model).__name__)
+  """)
+  env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "1"}  # warnings on
+  result = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("compiled") == 3, result.stdout
+  replicated = [line for line in result.stderr.splitlines() if "Involuntary full rematerialization" in line]
+  assert not replicated, replicated[0][:600]
+

@@ -56,7 +56,8 @@ def param_specs(config: CPMConfig) -> dict:
 
 def embed(params: dict, tokens: jax.Array, positions: jax.Array, config: CPMConfig,
           layout: Layout = Layout.TRAINING) -> jax.Array:
-  x = transformer.table_rows(params["embed"], "wte", tokens, layout) + params["embed"]["wpe"][positions]
+  x = (transformer.table_rows(params["embed"], "wte", tokens, layout)
+       + transformer.gather_rows(params["embed"]["wpe"], positions, "positions"))
   return partitioning.constrain(x.astype(config.compute_dtype), ("batch", "length", "act_embed"))
 
 

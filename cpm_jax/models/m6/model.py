@@ -112,7 +112,8 @@ def embed_image(params: dict, image_inputs: jax.Array, config: M6Config) -> jax.
 
 
 def embed_text(params: dict, tokens: jax.Array, positions: jax.Array, config: M6Config) -> jax.Array:
-  x = params["text"]["wte"][tokens] + params["text"]["wpe"][positions] + params["modality"][TEXT]
+  x = (transformer.gather_rows(params["text"]["wte"], tokens, "vocab")
+       + transformer.gather_rows(params["text"]["wpe"], positions, "positions") + params["modality"][TEXT])
   return partitioning.constrain(x.astype(config.compute_dtype), ("batch", "length", "act_embed"))
 
 

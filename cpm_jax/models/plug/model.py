@@ -122,7 +122,8 @@ def embed(params: dict, tokens: jax.Array, token_types: jax.Array, positions: ja
           rng: jax.Array | None = None) -> jax.Array:
   """word + position + token type -> LayerNorm -> dropout, [batch, length, embed]."""
   e = params["embed"]
-  x = (e["wte"][tokens] + e["wpe"][positions] + e["wtt"][token_types]).astype(config.compute_dtype)
+  x = (transformer.gather_rows(e["wte"], tokens, "vocab") + transformer.gather_rows(e["wpe"], positions, "positions")
+       + transformer.gather_rows(e["wtt"], token_types, "token_types")).astype(config.compute_dtype)
   x = layers.layer_norm(x, e["ln"], config.layer_norm_eps)
   return partitioning.constrain(layers.dropout(x, _rate(config, rng), rng), ACT)
 
@@ -204,7 +205,7 @@ def mlm_scores(params: dict, states: jax.Array, token_ids: jax.Array, config: Pl
   """The MLM head's logit of token_ids[b, c] from states[b, c] (e.g. PET's label words at the [MASK], UniMC's 是 at
   each option's [MASK]) without the full-vocab product: float32 [batch, classes]."""
   h = _mlm_transform(params, states, config)
-  words = params["embed"]["wte"][token_ids].astype(config.compute_dtype)
+  words = transformer.gather_rows(params["embed"]["wte"], token_ids, "vocab").astype(config.compute_dtype)
   scores = jnp.einsum("bce,bce->bc", h, words, preferred_element_type=jnp.float32)
   return scores + params["mlm"]["bias"][token_ids].astype(jnp.float32)
 
