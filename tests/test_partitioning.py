@@ -169,10 +169,10 @@ def _m6_batch(seed, batch=8, length=12):
           "prefix_lengths": np.array([2, 5, 4, 0] * (batch // 4), np.int32)}
 
 
-# family -> (model, batch, meshes); M6 on one device and on the mesh that splits all three axes at once (its train
-# step compiles slower than CPM's: each mesh costs ~2x CPM's on 2 cores).
+# family -> (model, batch, meshes); M6 on one device, on the mesh that splits all three axes at once and on a 2-stage
+# pipeline (its train step compiles slower than CPM's: each mesh costs ~2x CPM's on 2 cores).
 MODELS = {"cpm": (cpm.CPMLanguageModel(TINY), _batch, MESHES),
-          "m6": (m6.M6Model(M6_TINY), _m6_batch, [MESHES[0], MESHES[4]])}
+          "m6": (m6.M6Model(M6_TINY), _m6_batch, [MESHES[0], MESHES[4], MESHES[6]])}
 
 
 def _train_three_steps(mesh_sizes, family="cpm"):
