@@ -1,14 +1,15 @@
 """Knowledge-graph triple files (head \\t relation \\t tail per line) as a TFDS dataset (array_record, no TensorFlow).
 
-`kg_triples/<config>` holds the (head, relation, tail) ids of a split in file order, in records of up to
-`BLOCK_TRIPLES` triples each (one int32 [n, 3] array stored as raw bytes: a split reads at once, not one decoded
-record per triple, which would take hours for Wikidata's 477M), and, in its metadata, the entity and relation names
-in id order (sorted names over all splits, the ids PyKEEN's TriplesFactory gives when every entity
-occurs in training). Splits: train.txt -> train, valid.txt -> validation, test.txt -> test (the last two when present).
+`kg_triples/<config>` holds the (head, relation, tail) ids of a split in file order, in records of
+TriplesConfig.block_triples (default `BLOCK_TRIPLES`) triples, each one int32 [n, 3] array stored as raw bytes, so a
+split reads at once (one decoded record per triple would take hours for Wikidata's 477M), and, in its metadata, the
+entity and relation names in id order (sorted names over all splits, the ids PyKEEN's TriplesFactory gives when
+every entity occurs in training). Splits: train.txt -> train, valid.txt -> validation, test.txt -> test (the last two
+when present).
 
 Configs `nations`, `kinships` and `umls` read the three real KGs shipped inside the installed `pykeen` package
 (pykeen/datasets/<name>/{train,valid,test}.txt; nothing is downloaded; sources.load_split builds them on first use);
-`build_triples_dataset(path, data_dir, name=...)` builds a user's folder of triple files.
+`build_triples_dataset(path, data_dir, name=..., block_triples=...)` builds a user's folder of triple files.
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def read_triples_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 @dataclasses.dataclass(eq=False)
 class TriplesConfig(tfds.core.BuilderConfig):
-  """A folder holding train.txt (and optionally valid.txt, test.txt); empty: the pykeen KG named like the config."""
+  """A folder holding train.txt (and optionally valid.txt, test.txt); empty: the pykeen KG named like the config.
+  block_triples: triples per record."""
 
   path: str = ""
+  block_triples: int = BLOCK_TRIPLES
 
 
 class KGTriples(tfds.core.GeneratorBasedBuilder):
@@ -92,8 +95,9 @@ class KGTriples(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(triples, entity_ids, relation_ids) for split, triples in splits.items()}
 
   def _generate_examples(self, triples, entity_ids, relation_ids):
-    for i, start in enumerate(range(0, len(triples), BLOCK_TRIPLES)):
-      block = [(entity_ids[h], relation_ids[r], entity_ids[t]) for h, r, t in triples[start:start + BLOCK_TRIPLES]]
+    size = self.builder_config.block_triples
+    for i, start in enumerate(range(0, len(triples), size)):
+      block = [(entity_ids[h], relation_ids[r], entity_ids[t]) for h, r, t in triples[start:start + size]]
       yield i, {"triples": np.asarray(block, np.int32).reshape(-1, 3)}
 
 
@@ -109,10 +113,10 @@ def build_shipped_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.D
   return builder
 
 
-def build_triples_dataset(path: str | os.PathLike, data_dir: str | os.PathLike, *,
-                          name: str = "default") -> tfds.core.DatasetBuilder:
-  """Builds the triple files in folder `path` as kg_triples/<name> in data_dir."""
-  config = TriplesConfig(name=name, path=os.fspath(path))
+def build_triples_dataset(path: str | os.PathLike, data_dir: str | os.PathLike, *, name: str = "default",
+                          block_triples: int = BLOCK_TRIPLES) -> tfds.core.DatasetBuilder:
+  """Builds the triple files in folder `path` as kg_triples/<name> in data_dir, block_triples triples a record."""
+  config = TriplesConfig(name=name, path=os.fspath(path), block_triples=block_triples)
   builder = KGTriples(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
   builder.download_and_prepare(file_format="array_record")
   return builder
