@@ -3,6 +3,7 @@ which rows each optimizer changes, the same training on 1, 4 and 8 devices, and 
 against the generic dense step."""
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -228,6 +229,12 @@ def test_a_step_never_holds_the_whole_entity_table_on_one_device(make_step):
 
 SPARSE_CONFIG = dataclasses.replace(MESH_CONFIG, num_entities=200)  # many rows that two steps do not read
 
+
+def _sparse_only(model, optimizer, *, num_microbatches, dropout):
+  """The sparse row update whatever the sizes (kg.sparse_step takes it only where it is the leaner step)."""
+  del num_microbatches
+  return functools.partial(sparse_updates.sparse_train_step, model=model, optimizer=optimizer, dropout=dropout)
+
 def _run_steps(make_step, optimizer_name, devices, batches):
   """(initial entity table, params and optimizer state after `batches`, the entity ids the steps read) on a
   data=`devices` mesh."""
@@ -252,7 +259,7 @@ def test_sparse_step_equals_the_dense_step_and_leaves_unread_rows_bitwise(optimi
   triples[8:12, 2] = 5
   batches = [_batch(triples), _batch(triples[::-1].copy())]
   _, dense, _ = _run_steps(training.dense_step, optimizer_name, devices, batches)
-  initial, sparse, read = _run_steps(kg.sparse_step, optimizer_name, devices, batches)
+  initial, sparse, read = _run_steps(_sparse_only, optimizer_name, devices, batches)
   for expected, actual in zip(jax.tree.leaves(dense), jax.tree.leaves(sparse)):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
   unread = sorted(set(range(SPARSE_CONFIG.entity_rows)) - read)
@@ -265,7 +272,7 @@ def test_sparse_step_skips_a_non_finite_step_like_the_dense_one():
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
   model = kg_model.KGEmbeddingModel(MESH_CONFIG)
   optimizer = training.make_optimizer(optax.constant_schedule(0.05), optimizer="row_adagrad", weight_decay=0.0)
-  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=kg.sparse_step)
+  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=_sparse_only)
   state = training.create_train_state(model, optimizer, mesh, seed=3)
   state = state.replace(params=dict(state.params, entities=state.params["entities"].at[7].set(np.nan)))
   before = jax.tree.map(np.asarray, (state.params, state.opt_state))
@@ -277,10 +284,26 @@ def test_sparse_step_skips_a_non_finite_step_like_the_dense_one():
     np.testing.assert_array_equal(np.asarray(new), old)
 
 
-def test_sparse_step_falls_back_to_the_dense_step_where_it_would_differ():
+def test_the_family_step_is_dense_where_the_sparse_one_would_differ():
   model = kg_model.KGEmbeddingModel(MESH_CONFIG)
   adagrad = training.make_optimizer(optax.constant_schedule(0.05), optimizer="adagrad", weight_decay=0.0)
   adamw = training.make_optimizer(optax.constant_schedule(0.05), optimizer="adamw", weight_decay=0.0)
-  assert kg.sparse_step(model, adagrad).func is sparse_updates.sparse_train_step
   assert kg.sparse_step(model, adamw).func is training.train_step  # its moments move unread rows
   assert kg.sparse_step(model, adagrad, num_microbatches=2).func is training.train_step
+
+
+@pytest.mark.parametrize("num_entities,sparse", [(200, False), (65536, True)])
+def test_the_family_step_is_sparse_where_a_batch_reads_at_most_half_a_device_s_rows(num_entities, sparse):
+  """32 triples in chunks of 4 read 2 x 32 + 2 x 8 x 6 = 160 rows: more than half of 200 / 8, less than 65536 / 8.
+  Only the sparse step sorts (jnp.unique of the ids)."""
+  config = dataclasses.replace(MESH_CONFIG, num_entities=num_entities)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
+  model = kg_model.KGEmbeddingModel(config)
+  optimizer = training.make_optimizer(optax.constant_schedule(0.05), optimizer="row_adagrad", weight_decay=0.0)
+  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=kg.sparse_step)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), steps.abstract_state,
+                       steps.state_shardings)
+  batch = {name: jax.ShapeDtypeStruct((32,), np.float32 if name == "weights" else np.int32,
+                                      sharding=training.batch_sharding(mesh))
+           for name in ("heads", "relations", "tails", "weights")}
+  assert (" sort(" in steps.train.lower(state, batch).compile().as_text()) == sparse

@@ -14,7 +14,9 @@ writes the rows back unchanged.
 Equal to the generic step when a row with zero gradient keeps its value and its optimizer state (Adagrad and row
 Adagrad, with weight decay off for the tables as make_optimizer's mask has it): `sparse_step` checks that of the
 optimizer it gets and takes the generic step otherwise: under AdamW (whose moments keep moving every row they ever
-saw) and with several microbatches (not implemented here).
+saw) and with several microbatches (not implemented here). It also takes the generic step where that is the leaner
+one, a small table whose device shard has fewer than twice the rows a batch reads (UMLS, Kinships): the sparse
+step's rows are the same on every device (each holds the batch's whole id list), so they cost more than a small shard.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from cpm_jax import layers, training
+from cpm_jax import layers, partitioning, training
 from cpm_jax.models.kg.model import KGEmbeddingModel
 
 
@@ -89,11 +91,31 @@ def sparse_train_step(state: training.TrainState, batch: dict, *, model: KGEmbed
 def sparse_step(model: KGEmbeddingModel, optimizer: optax.GradientTransformation, *, num_microbatches: int = 1,
                 dropout: bool = True) -> Callable[[training.TrainState, dict], tuple[training.TrainState, dict]]:
   """The family's train step (Family.train_step): `sparse_train_step` where it equals the dense step (one microbatch,
-  an optimizer under which untouched rows stay), else training.dense_step (logged)."""
-  if num_microbatches == 1 and untouched_rows_stay(model, optimizer):
-    return functools.partial(sparse_train_step, model=model, optimizer=optimizer, dropout=dropout)
-  logging.warning("KG training with the dense step (a table-sized gradient): the sparse row update needs %s.",
-                  f"one microbatch, not train.num_microbatches={num_microbatches}" if num_microbatches != 1 else
-                  "an optimizer that leaves rows with no gradient as they are (make_optimizer.optimizer "
-                  "'row_adagrad' or 'adagrad'; AdamW's moments move them)")
-  return training.dense_step(model, optimizer, num_microbatches=num_microbatches, dropout=dropout)
+  an optimizer under which untouched rows stay) and is the leaner one (`_sparse_is_leaner`), else
+  training.dense_step (logged)."""
+  dense = training.dense_step(model, optimizer, num_microbatches=num_microbatches, dropout=dropout)
+  if num_microbatches != 1 or not untouched_rows_stay(model, optimizer):
+    logging.warning("KG training with the dense step (a table-sized gradient): the sparse row update needs %s.",
+                    f"one microbatch, not train.num_microbatches={num_microbatches}" if num_microbatches != 1 else
+                    "an optimizer that leaves rows with no gradient as they are (make_optimizer.optimizer "
+                    "'row_adagrad' or 'adagrad'; AdamW's moments move them)")
+    return dense
+  sparse = functools.partial(sparse_train_step, model=model, optimizer=optimizer, dropout=dropout)
+
+  def step(state, batch):
+    rows_read = jax.eval_shape(model.entity_ids, batch).shape[0]
+    mesh = partitioning.active_mesh()
+    shards = 1 if mesh is None else partitioning.logical_shards(mesh, "entities", partitioning.active_rules())
+    shard_rows = model.config.entity_rows // shards
+    leaner = _sparse_is_leaner(rows_read, shard_rows)
+    logging.info("KG train step: %s (a batch reads %d entity rows; a device holds %d).",
+                 "sparse row update" if leaner else "dense", rows_read, shard_rows)
+    return (sparse if leaner else dense)(state, batch)
+
+  return step
+
+
+def _sparse_is_leaner(rows_read: int, shard_rows: int) -> bool:
+  """Whether the sparse step needs less memory than the dense one: its temporaries are ~3.4 copies of the rows a batch
+  reads (XLA's figures, BUILD.md), the dense step's two copies of the device's table shard."""
+  return 2 * rows_read <= shard_rows
