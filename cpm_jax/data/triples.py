@@ -104,6 +104,11 @@ class KGTriples(tfds.core.GeneratorBasedBuilder):
 SHIPPED_DATASETS = tuple(f"{KGTriples.name}/{name}" for name in PYKEEN_DATASETS)
 
 
+def is_triples_dataset(name: str) -> bool:
+  """Whether dataset `name` (e.g. "kg_triples/umls") is one of this builder's."""
+  return name.split("/", 1)[0] == KGTriples.name
+
+
 def build_shipped_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
   """Builds kg_triples/<nations|kinships|umls> from the installed pykeen wheel (once)."""
   if name not in SHIPPED_DATASETS:
