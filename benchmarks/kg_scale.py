@@ -4,8 +4,9 @@ A synthetic graph (numpy Generator(seed): heads and tails skewed, P(popularity r
 KGEmbeddingModel (DistMult, PyTorch-BigGraph negatives: chunks of 100 positives share 100 uniform entities plus
 the chunk's own, per side) with row-wise Adagrad through `training.make_sharded_steps` on a data=8 mesh: the
 entity table's rows, its Adagrad accumulators and the batch are split over the 8 devices. The step (--step) is the
-KG family's sparse row update (what experiments/train.py runs: only the rows a batch reads are gathered, updated
-and written back), the generic dense step (a table-sized gradient), or both, each batch through both in turn. dim
+sparse row update (kg/sparse_updates.py: only the rows a batch reads are gathered, updated and written back; what
+the KG family trains with at these sizes), the generic dense step (a table-sized gradient), or both, each batch
+through both in turn. dim
 64 by default: the table is 2.56 GB, row Adagrad's state 40 MB (the dense step adds two table-sized temporaries),
 the graph 0.6 GB and its epoch permutation 0.4 GB: it fits a 24 GB machine with room to spare.
 
@@ -48,8 +49,9 @@ flags.DEFINE_integer("eval_block_size", 8192, "Entity rows each device scores at
 flags.DEFINE_integer("seed", 0, "Graph and model seed.")
 flags.DEFINE_string("optimizer", "row_adagrad", "make_optimizer.optimizer: row_adagrad, adagrad or adamw.")
 flags.DEFINE_enum("step", "sparse", ["sparse", "dense", "both"],
-                  "The train step: the KG family's sparse row update (what experiments/train.py runs), the generic "
-                  "dense one (training.dense_step), or both in the same run (each batch through both, alternating).")
+                  "The train step: the KG sparse row update (what experiments/train.py runs where a batch reads at "
+                  "most half a device's rows), the generic dense one (training.dense_step), or both in the same run "
+                  "(each batch through both, alternating).")
 flags.DEFINE_bool("compile_only", False, "Only compile the step from abstract arrays (nothing allocated) and print "
                   "XLA's per-device memory: the plan for sizes this machine cannot hold (CPM-KM's 84.75M x 256).")
 FLAGS = flags.FLAGS
@@ -89,8 +91,7 @@ def print_xla_memory(analysis) -> dict:
 def main(_):
   import optax
   from cpm_jax import partitioning, training
-  from cpm_jax.models import kg as kg_family
-  from cpm_jax.models.kg import data, model, ranking
+  from cpm_jax.models.kg import data, model, ranking, sparse_updates
   from cpm_jax.models.kg.config import KGConfig
 
   print(f"{jax.device_count()} devices; load average {os.getloadavg()}")
@@ -100,7 +101,7 @@ def main(_):
   kg = model.KGEmbeddingModel(config)
   optimizer = training.make_optimizer(optax.constant_schedule(0.1), optimizer=FLAGS.optimizer, weight_decay=0.0)
   names = ("sparse", "dense") if FLAGS.step == "both" else (FLAGS.step,)
-  make_step = {"sparse": kg_family.FAMILY.train_step, "dense": training.dense_step}
+  make_step = {"sparse": sparse_updates.sparse_only_step, "dense": training.dense_step}
   steps = {name: training.make_sharded_steps(kg, optimizer, mesh, make_step=make_step[name]) for name in names}
   some_steps = steps[names[0]]
   batch_sharding = training.batch_sharding(mesh)

@@ -3,7 +3,6 @@ which rows each optimizer changes, the same training on 1, 4 and 8 devices, and 
 against the generic dense step."""
 
 import dataclasses
-import functools
 
 import jax
 import numpy as np
@@ -229,12 +228,6 @@ def test_a_step_never_holds_the_whole_entity_table_on_one_device(make_step):
 
 SPARSE_CONFIG = dataclasses.replace(MESH_CONFIG, num_entities=200)  # many rows that two steps do not read
 
-
-def _sparse_only(model, optimizer, *, num_microbatches, dropout):
-  """The sparse row update whatever the sizes (kg.sparse_step takes it only where it is the leaner step)."""
-  del num_microbatches
-  return functools.partial(sparse_updates.sparse_train_step, model=model, optimizer=optimizer, dropout=dropout)
-
 def _run_steps(make_step, optimizer_name, devices, batches):
   """(initial entity table, params and optimizer state after `batches`, the entity ids the steps read) on a
   data=`devices` mesh."""
@@ -259,7 +252,7 @@ def test_sparse_step_equals_the_dense_step_and_leaves_unread_rows_bitwise(optimi
   triples[8:12, 2] = 5
   batches = [_batch(triples), _batch(triples[::-1].copy())]
   _, dense, _ = _run_steps(training.dense_step, optimizer_name, devices, batches)
-  initial, sparse, read = _run_steps(_sparse_only, optimizer_name, devices, batches)
+  initial, sparse, read = _run_steps(sparse_updates.sparse_only_step, optimizer_name, devices, batches)
   for expected, actual in zip(jax.tree.leaves(dense), jax.tree.leaves(sparse)):
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
   unread = sorted(set(range(SPARSE_CONFIG.entity_rows)) - read)
@@ -272,7 +265,7 @@ def test_sparse_step_skips_a_non_finite_step_like_the_dense_one():
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
   model = kg_model.KGEmbeddingModel(MESH_CONFIG)
   optimizer = training.make_optimizer(optax.constant_schedule(0.05), optimizer="row_adagrad", weight_decay=0.0)
-  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=_sparse_only)
+  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=sparse_updates.sparse_only_step)
   state = training.create_train_state(model, optimizer, mesh, seed=3)
   state = state.replace(params=dict(state.params, entities=state.params["entities"].at[7].set(np.nan)))
   before = jax.tree.map(np.asarray, (state.params, state.opt_state))
@@ -290,6 +283,8 @@ def test_the_family_step_is_dense_where_the_sparse_one_would_differ():
   adamw = training.make_optimizer(optax.constant_schedule(0.05), optimizer="adamw", weight_decay=0.0)
   assert kg.sparse_step(model, adamw).func is training.train_step  # its moments move unread rows
   assert kg.sparse_step(model, adagrad, num_microbatches=2).func is training.train_step
+  with pytest.raises(ValueError, match="AdamW's moments move them"):
+    sparse_updates.sparse_only_step(model, adamw)
 
 
 @pytest.mark.parametrize("num_entities,sparse", [(200, False), (65536, True)])

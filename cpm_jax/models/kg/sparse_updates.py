@@ -88,19 +88,38 @@ def sparse_train_step(state: training.TrainState, batch: dict, *, model: KGEmbed
                               state_tree.unflatten(written))
 
 
+def _not_exact_because(model: KGEmbeddingModel, optimizer: optax.GradientTransformation,
+                       num_microbatches: int) -> str | None:
+  """Why `sparse_train_step` would not equal the dense step here (None: it would)."""
+  if num_microbatches != 1:
+    return f"it takes one microbatch, not train.num_microbatches={num_microbatches}"
+  if not untouched_rows_stay(model, optimizer):
+    return ("it needs an optimizer that leaves rows with no gradient as they are (make_optimizer.optimizer "
+            "'row_adagrad' or 'adagrad'; AdamW's moments move them)")
+  return None
+
+
+def sparse_only_step(model: KGEmbeddingModel, optimizer: optax.GradientTransformation, *, num_microbatches: int = 1,
+                     dropout: bool = True) -> Callable[[training.TrainState, dict], tuple[training.TrainState, dict]]:
+  """`sparse_train_step` whatever the sizes (what benchmarks and tests compare with the dense step); a ValueError
+  where it would not equal the dense step."""
+  reason = _not_exact_because(model, optimizer, num_microbatches)
+  if reason:
+    raise ValueError(f"The KG sparse row update: {reason}.")
+  return functools.partial(sparse_train_step, model=model, optimizer=optimizer, dropout=dropout)
+
+
 def sparse_step(model: KGEmbeddingModel, optimizer: optax.GradientTransformation, *, num_microbatches: int = 1,
                 dropout: bool = True) -> Callable[[training.TrainState, dict], tuple[training.TrainState, dict]]:
   """The family's train step (Family.train_step): `sparse_train_step` where it equals the dense step (one microbatch,
   an optimizer under which untouched rows stay) and is the leaner one (`_sparse_is_leaner`), else
   training.dense_step (logged)."""
   dense = training.dense_step(model, optimizer, num_microbatches=num_microbatches, dropout=dropout)
-  if num_microbatches != 1 or not untouched_rows_stay(model, optimizer):
-    logging.warning("KG training with the dense step (a table-sized gradient): the sparse row update needs %s.",
-                    f"one microbatch, not train.num_microbatches={num_microbatches}" if num_microbatches != 1 else
-                    "an optimizer that leaves rows with no gradient as they are (make_optimizer.optimizer "
-                    "'row_adagrad' or 'adagrad'; AdamW's moments move them)")
+  reason = _not_exact_because(model, optimizer, num_microbatches)
+  if reason:
+    logging.warning("KG training with the dense step (a table-sized gradient), not the sparse row update: %s.", reason)
     return dense
-  sparse = functools.partial(sparse_train_step, model=model, optimizer=optimizer, dropout=dropout)
+  sparse = sparse_only_step(model, optimizer, dropout=dropout)
 
   def step(state, batch):
     rows_read = jax.eval_shape(model.entity_ids, batch).shape[0]
