@@ -5,10 +5,10 @@ trained by both sides with the same dimension (ComplEx: `dim` floats = dim / 2 c
 batch size, loss (softmax cross-entropy of each positive among its negatives), negatives per positive,
 optimizer (Adagrad, same learning rate) and regularisation, then scored by filtered realistic MRR and Hits@10 on
 the test split (filtered by train + valid + test):
-- cpm_jax: KGEmbeddingModel through `training.make_sharded_steps` (what experiments/train.py runs) on a 1-device
-  mesh, batches from the KG Grain pipeline; negatives as PyTorch-BigGraph shares them: chunks of `chunk_size`
-  positives share `uniform` uniformly drawn entities on each side (with --in_batch, plus the chunk's other
-  heads/tails); ranks by `ranking.link_prediction`;
+- cpm_jax: KGEmbeddingModel through `training.make_sharded_steps` with the family's train step (what
+  experiments/train.py runs) on a 1-device mesh, batches from the KG Grain pipeline; negatives as PyTorch-BigGraph
+  shares them: chunks of `chunk_size` positives share `uniform` uniformly drawn entities on each side (with
+  --in_batch, plus the chunk's other heads/tails); ranks by `ranking.link_prediction`;
 - PyKEEN: the same model class with CrossEntropyLoss under its sLCWA training loop with the basic negative sampler
   at twice our negatives per side per positive (each corrupting the head or the tail, so the same number per side),
   torch.optim.Adagrad; ranks by its RankBasedEvaluator.
@@ -64,6 +64,7 @@ def train_ours(splits, num_entities, num_relations, scoring, seed, epochs):
   import jax
   import optax
   from cpm_jax import partitioning, training
+  from cpm_jax.models import kg as kg_family
   from cpm_jax.models.kg import data, model, ranking
   from cpm_jax.models.kg.config import KGConfig
 
@@ -74,7 +75,7 @@ def train_ours(splits, num_entities, num_relations, scoring, seed, epochs):
   kg = model.KGEmbeddingModel(config)
   optimizer = training.make_optimizer(optax.constant_schedule(FLAGS.learning_rate), optimizer="adagrad",
                                       weight_decay=0.0, clip_norm=None)
-  steps = training.make_sharded_steps(kg, optimizer, mesh)
+  steps = training.make_sharded_steps(kg, optimizer, mesh, make_step=kg_family.FAMILY.train_step)
   state = training.create_train_state(kg, optimizer, mesh, seed=seed)
   batches_per_epoch = len(splits["train"]) // FLAGS.batch_size
   iterator = data.make_triple_iterator(splits["train"], FLAGS.batch_size, seed=seed)

@@ -233,9 +233,14 @@ def _axes_size(mesh: Mesh, entry: Any) -> int:
   return math.prod(mesh.shape[name] for name in names)
 
 
+def logical_shards(mesh: Mesh, name: str, rules: Rules | None = None) -> int:
+  """How many pieces the rules cut logical axis `name` into on `mesh` (the product of the mesh axes it maps to)."""
+  return _axes_size(mesh, logical_to_spec((name,), rules, mesh.axis_names)[0])
+
+
 def batch_shards(mesh: Mesh, rules: Rules | None = None) -> int:
   """How many pieces the rules cut a batch into on `mesh` (the product of the mesh axes "batch" maps to)."""
-  return _axes_size(mesh, logical_to_spec(("batch",), rules, mesh.axis_names)[0])
+  return logical_shards(mesh, "batch", rules)
 
 
 def _path_name(path) -> str:

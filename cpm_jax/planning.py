@@ -37,6 +37,7 @@ import optax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 
 from cpm_jax import layers, partitioning, pipeline_parallel, training
+from cpm_jax.models import registry
 
 GiB = 2 ** 30
 MESH_AXES = ("data", "stage", "fsdp", "tensor")  # the planner's mesh, major to minor (tensor innermost)
@@ -539,7 +540,8 @@ def xla_memory(model: Any, optimizer: optax.GradientTransformation, layout: Layo
                      f"{config.pipeline_microbatches}, pipeline_repeats={config.pipeline_repeats}; set the layout's.")
   devices = np.asarray(jax.devices()[:layout.devices]).reshape([layout.sizes[name] for name in MESH_AXES])
   mesh = Mesh(devices, MESH_AXES)
-  steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=layout.accumulation)
+  steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=layout.accumulation,
+                                      make_step=registry.of_config(config).train_step)
   compiled = steps.train.lower(steps.abstract_state, model.example_batch(global_batch, seq_len, target_len)).compile()
   analysis = compiled.memory_analysis()
   return float(analysis.argument_size_in_bytes), float(analysis.temp_size_in_bytes)

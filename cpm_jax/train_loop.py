@@ -257,7 +257,8 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
                       f"num_microbatches={num_microbatches} x {shards_of_a_batch} batch shards of the mesh "
                       f"{dict(mesh.shape)}: bind a multiple of {shards_of_a_batch * num_microbatches}.")
   optimizer = training.make_optimizer()
-  steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches)
+  steps = training.make_sharded_steps(model, optimizer, mesh, num_microbatches=num_microbatches,
+                                      make_step=registry.of_config(model.config).train_step)
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   checkpointer = checkpointing.Checkpointer(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
   resuming = restore_step is not None or (checkpointer is not None and checkpointer.latest_step() is not None)

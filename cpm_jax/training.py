@@ -251,36 +251,42 @@ def _loss_and_grad_sums(model: Model, params, batch: dict, rng, num_microbatches
   return grads, sums
 
 
-def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax.GradientTransformation,
-               num_microbatches: int = 1, dropout: bool = True) -> tuple[TrainState, dict]:
-  """One optimizer step. A non-finite loss or gradient leaves params and optimizer untouched.
+class StepScalars(NamedTuple):
+  denominator: jax.Array  # the weight sum (at least 1): sums / denominator are means
+  loss: jax.Array  # the mean loss
+  grad_norm: jax.Array  # the norm of the mean gradient
+  finite: jax.Array  # both finite: a step that is not leaves params and optimizer as they are
 
-  The skipped step is counted (skipped_steps, consecutive_bad_steps); the loop decides when to stop.
-  """
-  rng, step_rng = jax.random.split(state.rng)
-  grads, sums = _loss_and_grad_sums(model, state.params, batch, step_rng if dropout else None,
-                                    num_microbatches)
+
+def step_scalars(sums: dict, grads: Any) -> StepScalars:
+  """The scalars of a step with these loss sums and gradient sums."""
   denominator = jnp.maximum(sums["weight_sum"], 1.0)
   loss = (sums["loss_sum"] + sums["z_loss_sum"]) / denominator
-  grad_norm = optax.tree.norm(grads) / denominator  # of the mean gradient
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  grad_norm = optax.tree.norm(grads) / denominator
+  return StepScalars(denominator, loss, grad_norm, jnp.isfinite(loss) & jnp.isfinite(grad_norm))
 
-  def apply(params, opt_state):
-    # The mean gradient and its norm (clip_by_global_norm takes it as `global_norm`) are scalar factors that XLA
-    # folds into the optimizer's element-wise update: no scaled copy of the gradients is written first.
-    trained, frozen = split_trainable(model, params)
-    mean_grads = jax.tree.map(lambda g: g * (1.0 / denominator).astype(g.dtype), grads)
-    updates, opt_state = optax.with_extra_args_support(optimizer).update(mean_grads, opt_state, trained,
-                                                                         global_norm=grad_norm)
-    return join_trainable(optax.apply_updates(trained, updates), frozen), opt_state
 
-  # A branch, not a select between old and new state: skipping costs nothing and applying reads the state once.
-  new_params, new_opt_state = jax.lax.cond(finite, apply, lambda params, opt_state: (params, opt_state),
-                                           state.params, state.opt_state)
+def apply_gradients(model: Model, optimizer: optax.GradientTransformation, grads: Any, scalars: StepScalars,
+                    params: Any, opt_state: Any) -> tuple[Any, Any]:
+  """(params, optimizer state) after one optimizer update by the mean gradient grads / scalars.denominator."""
+  # The mean gradient and its norm (clip_by_global_norm takes it as `global_norm`) are scalar factors that XLA
+  # folds into the optimizer's element-wise update: no scaled copy of the gradients is written first.
+  trained, frozen = split_trainable(model, params)
+  mean_grads = jax.tree.map(lambda g: g * (1.0 / scalars.denominator).astype(g.dtype), grads)
+  updates, opt_state = optax.with_extra_args_support(optimizer).update(mean_grads, opt_state, trained,
+                                                                       global_norm=scalars.grad_norm)
+  return join_trainable(optax.apply_updates(trained, updates), frozen), opt_state
+
+
+def finish_step(state: TrainState, rng: jax.Array, sums: dict, scalars: StepScalars, params: Any,
+                opt_state: Any) -> tuple[TrainState, dict]:
+  """The state after a step that computed `params` and `opt_state` (the state's own when not finite), and the
+  step's metrics."""
+  denominator, loss, grad_norm, finite = scalars
   new_state = state.replace(
       step=state.step + 1,
-      params=new_params,
-      opt_state=new_opt_state,
+      params=params,
+      opt_state=opt_state,
       rng=rng,
       consecutive_bad_steps=jnp.where(finite, 0, state.consecutive_bad_steps + 1),
       skipped_steps=state.skipped_steps + (~finite).astype(jnp.int32),
@@ -294,6 +300,31 @@ def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax
       "finite": finite,
   }
   return new_state, metrics
+
+
+def train_step(state: TrainState, batch: dict, *, model: Model, optimizer: optax.GradientTransformation,
+               num_microbatches: int = 1, dropout: bool = True) -> tuple[TrainState, dict]:
+  """One optimizer step. A non-finite loss or gradient leaves params and optimizer untouched.
+
+  The skipped step is counted (skipped_steps, consecutive_bad_steps); the loop decides when to stop.
+  """
+  rng, step_rng = jax.random.split(state.rng)
+  grads, sums = _loss_and_grad_sums(model, state.params, batch, step_rng if dropout else None,
+                                    num_microbatches)
+  scalars = step_scalars(sums, grads)
+  # A branch, not a select between old and new state: skipping costs nothing and applying reads the state once.
+  new_params, new_opt_state = jax.lax.cond(
+      scalars.finite, functools.partial(apply_gradients, model, optimizer, grads, scalars),
+      lambda params, opt_state: (params, opt_state), state.params, state.opt_state)
+  return finish_step(state, rng, sums, scalars, new_params, new_opt_state)
+
+
+def dense_step(model: Model, optimizer: optax.GradientTransformation, *, num_microbatches: int = 1,
+               dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """`train_step` for `model` and `optimizer`: the step of every family that brings no step of its own
+  (Family.train_step)."""
+  return functools.partial(train_step, model=model, optimizer=optimizer, num_microbatches=num_microbatches,
+                           dropout=dropout)
 
 
 def eval_step(params: Any, batch: dict, *, model: Model) -> dict:
@@ -326,7 +357,10 @@ class ShardedSteps:
 
 
 def make_sharded_steps(model: Model, optimizer: optax.GradientTransformation, mesh: Mesh, *,
-                       num_microbatches: int = 1, dropout: bool = True, rules=None) -> ShardedSteps:
+                       num_microbatches: int = 1, dropout: bool = True, rules=None,
+                       make_step: Callable[..., Callable] = dense_step) -> ShardedSteps:
+  """The jitted steps; make_step(model, optimizer, num_microbatches=, dropout=) gives the train step (the family's,
+  Family.train_step; default `dense_step`)."""
   abstract, shardings = state_shardings(model, optimizer, mesh, rules)
   data_sharding = batch_sharding(mesh, rules)
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -339,8 +373,7 @@ def make_sharded_steps(model: Model, optimizer: optax.GradientTransformation, me
     return wrapped
 
   train = jax.jit(
-      with_mesh(functools.partial(train_step, model=model, optimizer=optimizer,
-                                  num_microbatches=num_microbatches, dropout=dropout)),
+      with_mesh(make_step(model, optimizer, num_microbatches=num_microbatches, dropout=dropout)),
       in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(with_mesh(functools.partial(eval_step, model=model)),
                      in_shardings=(shardings.params, data_sharding), out_shardings=replicated)

@@ -19,7 +19,7 @@ def test_builder_reads_triple_files_into_ids_and_names(tmp_path, data_dir):
   folder.mkdir()
   (folder / "train.txt").write_text("paris\tcapital_of\tfrance\nberlin\tcapital_of\tgermany\n\nparis\tnear\tberlin\n")
   (folder / "test.txt").write_text("bonn\tin\tgermany\n")
-  triple_files.build_triples_dataset(folder, data_dir, name="capitals")
+  triple_files.build_triples_dataset(folder, data_dir, name="capitals", block_triples=2)  # train: 2 records
   vocabulary = KGVocabulary(kg_data.dataset_directory("kg_triples/capitals", data_dir))
   entities, relations = vocabulary.entities, vocabulary.relations
   assert entities == ["berlin", "bonn", "france", "germany", "paris"] and relations == ["capital_of", "in", "near"]

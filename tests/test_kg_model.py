@@ -1,5 +1,8 @@
 """CPM-KM's model: scoring functions by hand and against PyKEEN, chunked negatives against a direct computation,
-which rows each optimizer changes, and the same training on 1, 4 and 8 devices."""
+which rows each optimizer changes, the same training on 1, 4 and 8 devices, and the family's sparse row update
+against the generic dense step."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 from cpm_jax import partitioning, training
 from cpm_jax.models import kg
 from cpm_jax.models.kg import model as kg_model
-from cpm_jax.models.kg import negatives
+from cpm_jax.models.kg import negatives, sparse_updates
 from cpm_jax.models.kg.config import KGConfig
 from cpm_jax.models.kg.scoring import SCORERS
 
@@ -197,13 +200,16 @@ def test_sharded_training_on_4_and_8_devices_equals_1_device():
       np.testing.assert_allclose(params[name], reference_params[name], atol=2e-6, err_msg=f"{devices} devices: {name}")
 
 
-def test_a_step_never_holds_the_whole_entity_table_on_one_device():
-  """The step reads the rows it needs from each device's shard: neither arguments nor temporaries hold the table."""
+@pytest.mark.parametrize("make_step", ["dense", "sparse"])
+def test_a_step_never_holds_the_whole_entity_table_on_one_device(make_step):
+  """The step reads the rows it needs from each device's shard: neither arguments nor temporaries hold the table;
+  the sparse step's temporaries hold the batch's rows only, no table-shard-sized gradient."""
   config = KGConfig(num_entities=65536, num_relations=2, dim=64, chunk_size=4, uniform_negatives=4)
   mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
   model = kg_model.KGEmbeddingModel(config)
   optimizer = training.make_optimizer(optax.constant_schedule(0.1), optimizer="row_adagrad")
-  steps = training.make_sharded_steps(model, optimizer, mesh)
+  steps = training.make_sharded_steps(model, optimizer, mesh,
+                                      make_step={"dense": training.dense_step, "sparse": kg.sparse_step}[make_step])
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), steps.abstract_state,
                        steps.state_shardings)
   batch = {name: jax.ShapeDtypeStruct((64,), np.float32 if name == "weights" else np.int32,
@@ -212,4 +218,87 @@ def test_a_step_never_holds_the_whole_entity_table_on_one_device():
   memory = steps.train.lower(state, batch).compile().memory_analysis()
   table = config.entity_rows * config.dim * 4
   assert memory.argument_size_in_bytes < table / 4  # the shard, its accumulators, the batch
-  assert memory.temp_size_in_bytes < table / 2  # the gradient's shard and its scaled copy, not the table
+  if make_step == "dense":
+    assert memory.temp_size_in_bytes < table / 2  # the gradient's shard and its scaled copy, not the table
+  else:  # 64 heads, 64 tails, 2 x 16 x 4 negatives: 256 rows of 256 bytes, a few copies; a shard is 2 MiB
+    assert memory.temp_size_in_bytes < table / 8 / 8
+
+
+# ---- the family's sparse row update ----------------------------------------------------------------------------
+
+SPARSE_CONFIG = dataclasses.replace(MESH_CONFIG, num_entities=200)  # many rows that two steps do not read
+
+def _run_steps(make_step, optimizer_name, devices, batches):
+  """(initial entity table, params and optimizer state after `batches`, the entity ids the steps read) on a
+  data=`devices` mesh."""
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=devices), devices=jax.devices()[:devices])
+  model = kg_model.KGEmbeddingModel(SPARSE_CONFIG)
+  optimizer = training.make_optimizer(optax.constant_schedule(0.05), optimizer=optimizer_name, weight_decay=0.0)
+  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=make_step)
+  state = training.create_train_state(model, optimizer, mesh, seed=3)
+  assert state.params["entities"].sharding.shard_shape((200, 8)) == (200 // devices, 8)
+  initial, read = np.asarray(state.params["entities"]), set()
+  for batch in batches:
+    read |= set(np.asarray(model.entity_ids(batch, jax.random.split(state.rng)[1])).tolist())  # the step's rng
+    state, _ = steps.train(state, training.global_batch(batch, mesh))
+  return initial, jax.tree.map(np.asarray, (state.params, state.opt_state)), read
+
+
+@pytest.mark.parametrize("optimizer_name", ["row_adagrad", "adagrad"])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sparse_step_equals_the_dense_step_and_leaves_unread_rows_bitwise(optimizer_name, devices):
+  triples = _triples(32, dataclasses.replace(SPARSE_CONFIG, num_entities=24), seed=4)  # 24-199: negatives only
+  triples[:8, 0] = 5  # one head eight times, also a tail: duplicate rows in a batch
+  triples[8:12, 2] = 5
+  batches = [_batch(triples), _batch(triples[::-1].copy())]
+  _, dense, _ = _run_steps(training.dense_step, optimizer_name, devices, batches)
+  initial, sparse, read = _run_steps(sparse_updates.sparse_only_step, optimizer_name, devices, batches)
+  for expected, actual in zip(jax.tree.leaves(dense), jax.tree.leaves(sparse)):
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+  unread = sorted(set(range(SPARSE_CONFIG.entity_rows)) - read)
+  assert len(unread) > 40
+  np.testing.assert_array_equal(sparse[0]["entities"][unread], initial[unread])
+  assert not np.array_equal(sparse[0]["entities"][5], initial[5])
+
+
+def test_sparse_step_skips_a_non_finite_step_like_the_dense_one():
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
+  model = kg_model.KGEmbeddingModel(MESH_CONFIG)
+  optimizer = training.make_optimizer(optax.constant_schedule(0.05), optimizer="row_adagrad", weight_decay=0.0)
+  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=sparse_updates.sparse_only_step)
+  state = training.create_train_state(model, optimizer, mesh, seed=3)
+  state = state.replace(params=dict(state.params, entities=state.params["entities"].at[7].set(np.nan)))
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  triples = _triples(32, MESH_CONFIG, seed=0)
+  triples[0, 0] = 7
+  state, metrics = steps.train(state, training.global_batch(_batch(triples), mesh))
+  assert not bool(metrics["finite"]) and int(state.skipped_steps) == 1
+  for old, new in zip(jax.tree.leaves(before), jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(new), old)
+
+
+def test_the_family_step_is_dense_where_the_sparse_one_would_differ():
+  model = kg_model.KGEmbeddingModel(MESH_CONFIG)
+  adagrad = training.make_optimizer(optax.constant_schedule(0.05), optimizer="adagrad", weight_decay=0.0)
+  adamw = training.make_optimizer(optax.constant_schedule(0.05), optimizer="adamw", weight_decay=0.0)
+  assert kg.sparse_step(model, adamw).func is training.train_step  # its moments move unread rows
+  assert kg.sparse_step(model, adagrad, num_microbatches=2).func is training.train_step
+  with pytest.raises(ValueError, match="AdamW's moments move them"):
+    sparse_updates.sparse_only_step(model, adamw)
+
+
+@pytest.mark.parametrize("num_entities,sparse", [(200, False), (65536, True)])
+def test_the_family_step_is_sparse_where_a_batch_reads_at_most_half_a_device_s_rows(num_entities, sparse):
+  """32 triples in chunks of 4 read 2 x 32 + 2 x 8 x 6 = 160 rows: more than half of 200 / 8, less than 65536 / 8.
+  Only the sparse step sorts (jnp.unique of the ids)."""
+  config = dataclasses.replace(MESH_CONFIG, num_entities=num_entities)
+  mesh = partitioning.make_mesh(partitioning.MeshConfig(data=8))
+  model = kg_model.KGEmbeddingModel(config)
+  optimizer = training.make_optimizer(optax.constant_schedule(0.05), optimizer="row_adagrad", weight_decay=0.0)
+  steps = training.make_sharded_steps(model, optimizer, mesh, make_step=kg.sparse_step)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), steps.abstract_state,
+                       steps.state_shardings)
+  batch = {name: jax.ShapeDtypeStruct((32,), np.float32 if name == "weights" else np.int32,
+                                      sharding=training.batch_sharding(mesh))
+           for name in ("heads", "relations", "tails", "weights")}
+  assert (" sort(" in steps.train.lower(state, batch).compile().as_text()) == sparse

@@ -92,7 +92,11 @@ def as_text(value: Any) -> str:
 
 
 def load_examples(name: str, split: str, data_dir: str | os.PathLike) -> list[dict[str, Any]]:
-  """All examples of a split, in stored order, with text decoded to str (review_sentiment: text + int label)."""
+  """All examples of a split, in stored order, with text decoded to str (review_sentiment: text + int label); a
+  kg_triples split's examples are its triples, {"head", "relation", "tail"} ids (its records are blocks of them)."""
   source = load_split(name, split, data_dir)
+  records = source.__getitems__(range(len(source)))
+  if triples.is_triples_dataset(name):
+    return [{"head": int(h), "relation": int(r), "tail": int(t)} for h, r, t in triples.as_array(records)]
   return [{key: as_text(value) if isinstance(value, bytes) else value for key, value in example.items()}
-          for example in source.__getitems__(range(len(source)))]
+          for example in records]

@@ -1,12 +1,15 @@
 """Knowledge-graph triple files (head \\t relation \\t tail per line) as a TFDS dataset (array_record, no TensorFlow).
 
-`kg_triples/<config>` holds int32 head / relation / tail ids per example and, in its metadata, the entity and
-relation names in id order (sorted names over all splits, the ids PyKEEN's TriplesFactory gives when every entity
-occurs in training). Splits: train.txt -> train, valid.txt -> validation, test.txt -> test (the last two when present).
+`kg_triples/<config>` holds the (head, relation, tail) ids of a split in file order, in records of
+TriplesConfig.block_triples (default `BLOCK_TRIPLES`) triples, each one int32 [n, 3] array stored as raw bytes, so a
+split reads at once (one decoded record per triple would take hours for Wikidata's 477M), and, in its metadata, the
+entity and relation names in id order (sorted names over all splits, the ids PyKEEN's TriplesFactory gives when
+every entity occurs in training). Splits: train.txt -> train, valid.txt -> validation, test.txt -> test (the last two
+when present).
 
 Configs `nations`, `kinships` and `umls` read the three real KGs shipped inside the installed `pykeen` package
 (pykeen/datasets/<name>/{train,valid,test}.txt; nothing is downloaded; sources.load_split builds them on first use);
-`build_triples_dataset(path, data_dir, name=...)` builds a user's folder of triple files.
+`build_triples_dataset(path, data_dir, name=..., block_triples=...)` builds a user's folder of triple files.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import tensorflow_datasets as tfds
 
 PYKEEN_DATASETS = ("nations", "kinships", "umls")
 SPLIT_FILES = {"train": "train.txt", "validation": "valid.txt", "test": "test.txt"}
+BLOCK_TRIPLES = 1 << 16  # triples per record
 
 
 def pykeen_dataset_dir(name: str) -> pathlib.Path:
@@ -52,24 +56,27 @@ def read_triples_file(path: str | os.PathLike) -> list[tuple[str, str, str]]:
 
 @dataclasses.dataclass(eq=False)
 class TriplesConfig(tfds.core.BuilderConfig):
-  """A folder holding train.txt (and optionally valid.txt, test.txt); empty: the pykeen KG named like the config."""
+  """A folder holding train.txt (and optionally valid.txt, test.txt); empty: the pykeen KG named like the config.
+  block_triples: triples per record."""
 
   path: str = ""
+  block_triples: int = BLOCK_TRIPLES
 
 
 class KGTriples(tfds.core.GeneratorBasedBuilder):
   """Triples of a knowledge graph as entity / relation ids; the names are in info.metadata."""
 
   name = "kg_triples"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"2.0.0": "Records are blocks of BLOCK_TRIPLES triples (1.0.0: one record per triple)."}
   BUILDER_CONFIGS = [TriplesConfig(name=name, description=f"PyKEEN's {name} (from the pykeen wheel)")
                      for name in PYKEEN_DATASETS]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    scalar = tfds.features.Scalar(np.int32)
+    block = tfds.features.Tensor(shape=(None, 3), dtype=np.int32, encoding=tfds.features.Encoding.BYTES)
     return tfds.core.DatasetInfo(
         builder=self, description=self.__doc__, homepage="https://github.com/pykeen/pykeen",
-        features=tfds.features.FeaturesDict({"head": scalar, "relation": scalar, "tail": scalar}),
+        features=tfds.features.FeaturesDict({"triples": block}),
         metadata=tfds.core.MetadataDict(), disable_shuffling=True)
 
   def _split_generators(self, dl_manager):
@@ -88,11 +95,18 @@ class KGTriples(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(triples, entity_ids, relation_ids) for split, triples in splits.items()}
 
   def _generate_examples(self, triples, entity_ids, relation_ids):
-    for i, (h, r, t) in enumerate(triples):
-      yield i, {"head": entity_ids[h], "relation": relation_ids[r], "tail": entity_ids[t]}
+    size = self.builder_config.block_triples
+    for i, start in enumerate(range(0, len(triples), size)):
+      block = [(entity_ids[h], relation_ids[r], entity_ids[t]) for h, r, t in triples[start:start + size]]
+      yield i, {"triples": np.asarray(block, np.int32).reshape(-1, 3)}
 
 
 SHIPPED_DATASETS = tuple(f"{KGTriples.name}/{name}" for name in PYKEEN_DATASETS)
+
+
+def is_triples_dataset(name: str) -> bool:
+  """Whether dataset `name` (e.g. "kg_triples/umls") is one of this builder's."""
+  return name.split("/", 1)[0] == KGTriples.name
 
 
 def build_shipped_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
@@ -104,15 +118,15 @@ def build_shipped_dataset(name: str, data_dir: str | os.PathLike) -> tfds.core.D
   return builder
 
 
-def build_triples_dataset(path: str | os.PathLike, data_dir: str | os.PathLike, *,
-                          name: str = "default") -> tfds.core.DatasetBuilder:
-  """Builds the triple files in folder `path` as kg_triples/<name> in data_dir."""
-  config = TriplesConfig(name=name, path=os.fspath(path))
+def build_triples_dataset(path: str | os.PathLike, data_dir: str | os.PathLike, *, name: str = "default",
+                          block_triples: int = BLOCK_TRIPLES) -> tfds.core.DatasetBuilder:
+  """Builds the triple files in folder `path` as kg_triples/<name> in data_dir, block_triples triples a record."""
+  config = TriplesConfig(name=name, path=os.fspath(path), block_triples=block_triples)
   builder = KGTriples(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
   builder.download_and_prepare(file_format="array_record")
   return builder
 
 
-def as_array(examples) -> np.ndarray:
-  """Examples with head / relation / tail ids (a split's records) as an int32 [n, 3] array."""
-  return np.asarray([(e["head"], e["relation"], e["tail"]) for e in examples], np.int32).reshape(-1, 3)
+def as_array(records) -> np.ndarray:
+  """A split's records (blocks of triples, in order) as one int32 [n, 3] array of (head, relation, tail) ids."""
+  return np.concatenate([np.zeros((0, 3), np.int32)] + [record["triples"] for record in records])

@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import layers, serving_weights
+from cpm_jax import layers, serving_weights, training
 from cpm_jax.convert.common import Format
 
 
@@ -37,6 +37,9 @@ class Family:
     positions by the family's protocol).
   formats: checkpoint formats by name (convert.common.Format); the registry adds "orbax" for every family.
   quantized: what int8 serving and int8 checkpoints quantise (serving_weights.Quantized); None: no int8.
+  train_step: (model, optimizer, *, num_microbatches, dropout) -> the step (state, batch) -> (state, metrics) that
+    training.make_sharded_steps jits for the train loop; training.dense_step unless the family brings its own (the
+    KG family's sparse row update).
   """
 
   name: str
@@ -48,6 +51,7 @@ class Family:
   language_model: Callable[..., Any]
   formats: Mapping[str, Format] = dataclasses.field(default_factory=dict)
   quantized: serving_weights.Quantized | None = None
+  train_step: Callable[..., Callable] = training.dense_step
 
   def init(self, config: Any, key: jax.Array) -> Any:
     """Freshly initialised params of `config` in its param_dtype."""

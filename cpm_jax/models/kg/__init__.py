@@ -5,6 +5,7 @@ Everything KG-specific is in this folder:
   scoring.py     the scoring functions, per triple and as query x candidates products
   negatives.py   PyTorch-BigGraph's chunked negatives and the softmax / margin losses
   model.py       param specs (logical axes), KGEmbeddingModel for the train loop
+  sparse_updates.py the family's train step: only the rows a batch reads are updated (no table-sized gradient)
   ranking.py     filtered MRR / Hits@k over all entities, computed in sharded entity blocks
   query.py       the top-k tails / heads of queries, also in sharded blocks
   data.py        the Grain pipeline over triples and KGData for the train loop
@@ -20,6 +21,7 @@ from cpm_jax.models.kg.config import KGConfig
 from cpm_jax.models.kg.data import KGData
 from cpm_jax.models.kg.evaluation import KGModel, KGQueryTask, LinkPredictionTask, language_model
 from cpm_jax.models.kg.model import KGEmbeddingModel, param_specs
+from cpm_jax.models.kg.sparse_updates import sparse_step
 from cpm_jax.models.kg.vocabulary import KGVocabulary
 
 FAMILY = Family(
@@ -31,6 +33,7 @@ FAMILY = Family(
     tokenizer=KGVocabulary,
     language_model=language_model,
     formats={"cpm_kg": Format(load=release.load_release)},
+    train_step=sparse_step,
 )
 init = FAMILY.init
 abstract_params = FAMILY.abstract_params

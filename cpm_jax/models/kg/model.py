@@ -59,20 +59,22 @@ class KGEmbeddingModel:
   def param_specs(self) -> dict:
     return param_specs(self.config)
 
-  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
-    """(mean loss, sums): loss_sum over both sides of every positive, z_loss_sum the regularization."""
-    config = self.config
+  def entity_ids(self, batch: dict, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """[n] the entity rows a batch reads: its heads, its tails, then each chunk's uniform negatives (tails, heads)."""
     rng = jax.random.PRNGKey(EVAL_NEGATIVES_SEED) if dropout_rng is None else dropout_rng
-    entities, relations = params["entities"], params["relations"]
+    uniform_ids = negatives.uniform_negatives(rng, negatives.num_chunks(batch["heads"].shape[0], self.config),
+                                              self.config)
+    return jnp.concatenate([batch["heads"], batch["tails"], uniform_ids.reshape(-1)])
+
+  def loss_of_rows(self, vectors: jax.Array, relations: jax.Array, batch: dict):
+    """`loss` given vectors [n, dim], the entity rows of `entity_ids` (in its order), and the relation table."""
+    config = self.config
     batch_size = batch["heads"].shape[0]
-    uniform_ids = negatives.uniform_negatives(rng, negatives.num_chunks(batch_size, config), config)
-    # One gather of every entity row the batch reads (XLA's partitioner gathers from each device's own rows and
-    # sums, never all-gathering the table); its gradient is one scatter into the table's shards.
-    vectors = entities[jnp.concatenate([batch["heads"], batch["tails"], uniform_ids.reshape(-1)])]
     h = partitioning.constrain(vectors[:batch_size], ("batch", "kg_embed"))
     t = partitioning.constrain(vectors[batch_size:2 * batch_size], ("batch", "kg_embed"))
-    uniform = partitioning.constrain(vectors[2 * batch_size:].reshape(*uniform_ids.shape, config.dim),
-                                     (None, "batch", None, "kg_embed"))
+    uniform = partitioning.constrain(
+        vectors[2 * batch_size:].reshape(2, negatives.num_chunks(batch_size, config), config.uniform_negatives,
+                                         config.dim), (None, "batch", None, "kg_embed"))
     r = relations[batch["relations"]]
     weights = batch["weights"].astype(jnp.float32)
     losses, correct = negatives.chunk_losses(SCORERS[config.scoring], config, h, r, t, uniform, weights)
@@ -82,6 +84,13 @@ class KGEmbeddingModel:
             "weight_sum": weight_sum,
             "correct_sum": (correct * weights).sum()}
     return (sums["loss_sum"] + sums["z_loss_sum"]) / jnp.maximum(weight_sum, 1.0), sums
+
+  def loss(self, params: dict, batch: dict, dropout_rng: jax.Array | None = None):
+    """(mean loss, sums): loss_sum over both sides of every positive, z_loss_sum the regularization."""
+    # One gather of every entity row the batch reads (XLA's partitioner gathers from each device's own rows and
+    # sums, never all-gathering the table); its gradient is one scatter into the table's shards.
+    vectors = params["entities"][self.entity_ids(batch, dropout_rng)]
+    return self.loss_of_rows(vectors, params["relations"], batch)
 
   def with_config(self, config):
     """This model with another config (e.g. other execution fields)."""
