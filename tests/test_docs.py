@@ -7,11 +7,14 @@ checkpoint, a GPU, minutes); the test skips those with that reason and runs the 
 order, on one CPU device (a user's shell, not conftest's 8 fake devices), with three changes: `/tmp/` becomes a
 fresh temporary folder (and $HOME another), `python` /
 `.venv/bin/python` is this interpreter, and each program gets TINY_FLAGS appended (absl keeps a repeated flag's
-last value), so training and evaluation are a few steps and examples.
+last value), so training and evaluation are a few steps and examples. A `text` block right after an `sh` block
+(nothing between the fences) is its transcript: what the block's commands print to stdout, which the test compares
+with what they print now, line by line (a planner table's figures are arithmetic on shapes: they do not vary).
 """
 
 import ast
 import concurrent.futures
+import difflib
 import os
 import pathlib
 import re
@@ -102,11 +105,15 @@ _FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.M | re.S)
 
 
 def _blocks():
-  """(doc, line, language, text) of every fenced block."""
+  """(doc, line, language, text, transcript) of every fenced block; transcript: the text of a `text` block that
+  follows it with nothing between the fences (else None)."""
   for doc in DOCS:
     text = (ROOT / doc).read_text(encoding="utf-8")
-    for match in _FENCE.finditer(text):
-      yield doc, text.count("\n", 0, match.start()) + 1, match.group(1).strip(), match.group(2)
+    matches = list(_FENCE.finditer(text))
+    for match, after in zip(matches, [*matches[1:], None]):
+      transcript = (after.group(2) if after and after.group(1).strip() == "text" and
+                    text[match.end():after.start()] == "\n" else None)
+      yield doc, text.count("\n", 0, match.start()) + 1, match.group(1).strip(), match.group(2), transcript
 
 
 def _commands(text: str) -> tuple[list[str], str | None]:
@@ -126,7 +133,7 @@ def _commands(text: str) -> tuple[list[str], str | None]:
 def _runnable_blocks():
   """One pytest param per sh block (identical command lists once), marked skip where its first command needs more."""
   seen, params = set(), []
-  for doc, line, language, text in _blocks():
+  for doc, line, language, text, transcript in _blocks():
     if language != "sh":
       continue
     commands, needs = _commands(text)
@@ -135,22 +142,36 @@ def _runnable_blocks():
       continue
     seen.add(key)
     marks = [] if commands else [pytest.mark.skip(reason=f"{doc}:{line} needs {needs}")]
-    params.append(pytest.param(doc, line, commands, needs, id=f"{doc}:{line}", marks=marks))
+    params.append(pytest.param(doc, line, commands, needs, transcript, id=f"{doc}:{line}", marks=marks))
   return params
 
 
 def test_every_block_names_its_language():
-  for doc, line, language, text in _blocks():
+  for doc, line, language, text, _ in _blocks():
     assert language in LANGUAGES, f"{doc}:{line}: a fenced block needs a language, one of {sorted(LANGUAGES)}"
     if language == "python" and not (doc == "README.md" and "checkpointing.save_params" in text):
       assert text.startswith("# needs:"), f"{doc}:{line}: a python block no test runs needs a '# needs:' line"
 
 
-@pytest.mark.parametrize("doc,line,commands,needs", _runnable_blocks())
-def test_command_block_runs_as_written(doc, line, commands, needs, tmp_path):
+def test_planner_commands_show_what_they_print():
+  """The planner's tables in the docs are transcripts the block test checks: every plan.py block has one."""
+  blocks = [(doc, line, transcript) for doc, line, language, text, transcript in _blocks()
+            if language == "sh" and "experiments/plan.py" in text]
+  assert blocks, "no planner command in the docs"
+  missing = [f"{doc}:{line}" for doc, line, transcript in blocks if transcript is None]
+  assert not missing, f"planner commands without the `text` block of what they print right below: {missing}"
+
+
+def _lines(text: str) -> list[str]:
+  return [line.rstrip() for line in text.strip("\n").splitlines()]
+
+
+@pytest.mark.parametrize("doc,line,commands,needs,transcript", _runnable_blocks())
+def test_command_block_runs_as_written(doc, line, commands, needs, transcript, tmp_path):
   # A user's shell: one CPU device (not conftest's 8 fake ones), a fresh $HOME.
   xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
   env = dict(os.environ, HOME=str(tmp_path / "home"), XLA_FLAGS=xla_flags)
+  printed = []
   for command in commands:
     command = command.replace("/tmp/", f"{tmp_path}/")
     words = shlex.split(command, comments=True)
@@ -162,5 +183,10 @@ def test_command_block_runs_as_written(doc, line, commands, needs, tmp_path):
       result = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
                               check=False)
     assert result.returncode == 0, f"{doc}:{line}: {command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    printed.append(result.stdout)
+  if transcript is not None and not needs:
+    expected, got = (_lines(text) for text in (transcript, "".join(printed)))
+    diff = "\n".join(difflib.unified_diff(expected, got, "the doc's transcript", "printed now", lineterm=""))
+    assert got == expected, f"{doc}:{line}: the commands no longer print the transcript below them:\n{diff}"
   if needs:
     print(f"{doc}:{line}: the commands after '# needs: {needs}' were not run")
