@@ -147,10 +147,8 @@ class FewShotRecipe:
     rounds = []
     for round_index in range(1 + (self.self_training.rounds if self.self_training else 0)):
       round_dir = os.path.join(workdir, f"round_{round_index}")
-      metrics = train_loop.train(round_dir, model=self.model, data=data, seed=seed, mesh_config=self.mesh_config)
-      stopped = metrics.get("preempted_at_step", metrics.get("interrupted_at_step"))
-      if stopped is not None:  # SIGTERM or Ctrl-C: saved, not finished
-        raise table.Preempted(f"{round_dir}: stopped at step {stopped} (saved); run again to resume.")
+      table.finished(train_loop.train(round_dir, model=self.model, data=data, seed=seed,
+                                      mesh_config=self.mesh_config), round_dir)
       lm, _ = self._language_model(round_dir, mesh)
       results = self._evaluate(lm, data)
       results.update(train_examples=len(data.splits.train), extra_examples=len(data.extra_examples))
