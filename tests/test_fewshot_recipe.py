@@ -142,7 +142,11 @@ LabelPromptTask.label_map = {'Negative': '差评', 'Positive': '好评'}
 """, encoding="utf-8")
   fewshot = FewShotTask(dataset=f"{fewshot_dir}/{{split}}.json", labels=("Negative", "Positive"), shots_per_class=3,
                         test_split="test_public")
-  got = table_lib.label_prompt_baselines(str(task_file), str(checkpoint), fewshot, seeds=(0, 1), shots=2)
+  saved = tmp_path / "label_prompts.json"
+  with checkpointing.PreemptionGuard() as guard:
+    got = table_lib.label_prompt_baselines(str(task_file), str(checkpoint), fewshot, (0, 1), (0, 2), str(saved), guard)
+  assert sorted(json.loads(saved.read_text())["results"]) == ["0-shot seed 0", "2-shot seed 0", "2-shot seed 1"]
+  assert sorted(got[2]) == [0, 1]
 
   loaded = model_lib.load_checkpoint(str(checkpoint))
   spm = model_lib.load_tokenizer(loaded)
@@ -159,10 +163,10 @@ LabelPromptTask.label_map = {'Negative': '差评', 'Positive': '好评'}
   words = ("差评", "好评")
   predicted = [int(np.argmax([mean_log_likelihood(f"{e['sentence']}\n总体评价：", w) for w in words])) for e in test]
   expected = np.mean([p == ("Negative", "Positive").index(e["label"]) for p, e in zip(predicted, test)])
-  assert got["zero_shot"]["per_seed"] == pytest.approx([expected, expected], abs=1e-9)
+  assert [got[0][0], got[0][1]] == pytest.approx([expected, expected], abs=1e-9)
   task = tasks.task_from_gin([str(task_file)])
   lm = model_lib.language_model(loaded, spm)
-  for seed, accuracy in zip((0, 1), got["few_shot"]["per_seed"]):
+  for seed, accuracy in got[2].items():
     shots = dataclasses.replace(task, shots=2, seed=seed)
     assert accuracy == shots.evaluate(lm, test, fewshot.splits(seed).train).metrics["accuracy"]
     assert shots.prefix(0, fewshot.splits(seed).train).count("总体评价") == 2
