@@ -4,13 +4,14 @@
 thin absl wrapper around it. It resumes from the latest complete checkpoint in `workdir/checkpoints`
 and, on SIGTERM or Ctrl-C, finishes the current step, saves, and returns (a second Ctrl-C aborts that save:
 TrainingAborted); a stop that a program running several trainings received before this one began (its
-checkpointing.PreemptionGuard around them) returns before the first step. Everything that can be checked before the run starts (the model against the data, the mesh, the
-checkpoints and params it starts from) is checked before anything is written to `workdir`. A run that diverges
-saves the params of its last finite step in `workdir/diverged/step_<N>` before it stops (TrainingDiverged).
+checkpointing.PreemptionGuard around them) returns before the first step. Everything that can be checked before the
+run starts (the model against the data, the mesh, the checkpoints and params it starts from) is checked before
+anything is written to `workdir`. A run that diverges saves the params of its last finite step in
+`workdir/diverged/step_<N>` before it stops (TrainingDiverged).
 
-The host never waits for the step it has just dispatched: each step's metrics are read once the next step is
-queued (MaxText's buffered metrics), so the devices always have work; bad-step counts and the divergence check
-come from those host copies.
+The host never waits for the step it has just dispatched: each step's metrics are read once the next step is queued
+(MaxText's buffered metrics), so the devices always have work; bad-step counts and the divergence check come from
+those host copies.
 """
 
 from __future__ import annotations
