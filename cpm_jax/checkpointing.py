@@ -587,11 +587,21 @@ class PreemptionGuard:
   KeyboardInterrupt (the user insists: abort the save). Under jax.distributed, JAX's preemption service catches
   SIGTERM on any process and `should_stop(step)` becomes true on every process at the same step, so all of them save
   that step together; a first SIGINT is passed to that service as a SIGTERM to this process.
+
+  Guards nest (a program that runs several trainings holds one around them all): an inner guard starts requested if
+  the one around it was, and hands its own request to that one when it closes, so the program stops at its next
+  check instead of starting another training.
   """
+
+  _open: list["PreemptionGuard"] = []  # the guards in place, outermost first
 
   def __init__(self):
     self._requested = threading.Event()
     self.signal_name: str | None = None  # the first stop request's signal ("SIGTERM", "SIGINT")
+    self._outer = PreemptionGuard._open[-1] if PreemptionGuard._open else None
+    if self._outer is not None and self._outer.requested:
+      self._request(self._outer.signal_name)
+    PreemptionGuard._open.append(self)
     self._distributed = jax.process_count() > 1
     self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_signal)}
     if not self._distributed:
@@ -601,14 +611,17 @@ class PreemptionGuard:
     del frame
     if signum == signal.SIGINT and self.signal_name is not None:
       raise KeyboardInterrupt
-    if self.signal_name is None:
-      self.signal_name = signal.Signals(signum).name
-      if signum == signal.SIGINT:
-        logging.warning("Ctrl-C: finishing this step, then saving it (Ctrl-C again aborts without saving).")
+    if self.signal_name is None and signum == signal.SIGINT:
+      logging.warning("Ctrl-C: finishing this step, then saving it (Ctrl-C again aborts without saving).")
     if self._distributed:
+      self.signal_name = self.signal_name or signal.Signals(signum).name
       os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service agrees the step with the other processes
     else:
-      self._requested.set()
+      self._request(signal.Signals(signum).name)
+
+  def _request(self, signal_name: str | None) -> None:
+    self.signal_name = self.signal_name or signal_name
+    self._requested.set()
 
   @property
   def requested(self) -> bool:
@@ -618,15 +631,18 @@ class PreemptionGuard:
   def should_stop(self, step: int) -> bool:
     """Whether to save and stop after `step`; call once per step on every process."""
     if self._distributed and multihost_utils.reached_preemption_sync_point(step):
-      self.signal_name = self.signal_name or "SIGTERM"
-      self._requested.set()
+      self._request("SIGTERM")
     return self.requested
 
   def close(self) -> None:
-    """Reinstates the signal handlers that were in place before."""
+    """Reinstates the signal handlers that were in place before; a request goes on to the guard around this one."""
     for signum, previous in self._previous.items():
       if signal.getsignal(signum) == self._on_signal:
         signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    if self in PreemptionGuard._open:
+      PreemptionGuard._open.remove(self)
+    if self._outer is not None and self.requested:
+      self._outer._request(self.signal_name)
 
   def __enter__(self) -> "PreemptionGuard":
     return self

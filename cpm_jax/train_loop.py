@@ -3,13 +3,15 @@
 `train(workdir)` is configured by gin (model, data, mesh, optimizer, steps); experiments/train.py is a
 thin absl wrapper around it. It resumes from the latest complete checkpoint in `workdir/checkpoints`
 and, on SIGTERM or Ctrl-C, finishes the current step, saves, and returns (a second Ctrl-C aborts that save:
-TrainingAborted). Everything that can be checked before the run starts (the model against the data, the mesh, the
-checkpoints and params it starts from) is checked before anything is written to `workdir`. A run that diverges
-saves the params of its last finite step in `workdir/diverged/step_<N>` before it stops (TrainingDiverged).
+TrainingAborted); a stop that a program running several trainings received before this one began (its
+checkpointing.PreemptionGuard around them) returns before the first step. Everything that can be checked before the
+run starts (the model against the data, the mesh, the checkpoints and params it starts from) is checked before
+anything is written to `workdir`. A run that diverges saves the params of its last finite step in
+`workdir/diverged/step_<N>` before it stops (TrainingDiverged).
 
-The host never waits for the step it has just dispatched: each step's metrics are read once the next step is
-queued (MaxText's buffered metrics), so the devices always have work; bad-step counts and the divergence check
-come from those host copies.
+The host never waits for the step it has just dispatched: each step's metrics are read once the next step is queued
+(MaxText's buffered metrics), so the devices always have work; bad-step counts and the divergence check come from
+those host copies.
 """
 
 from __future__ import annotations
@@ -223,6 +225,11 @@ def _closing_unless_aborted(checkpointer: checkpointing.Checkpointer, current_st
   checkpointer.close()
 
 
+def _stop_metric(preemption: checkpointing.PreemptionGuard) -> str:
+  """The final metric that says where a stopped run stopped: Ctrl-C or SIGTERM."""
+  return "interrupted_at_step" if preemption.signal_name == "SIGINT" else "preempted_at_step"
+
+
 @gin.configurable(denylist=["workdir"])
 def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin.REQUIRED,
           mesh_config: partitioning.MeshConfig | None = None, num_steps: int = 1000, num_microbatches: int = 1,
@@ -324,7 +331,10 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
                              f"{saved}.")
 
   with checkpointing.PreemptionGuard() as preemption, _closing_unless_aborted(checkpointer, lambda: step):
-    while step < num_steps:
+    if preemption.requested:  # before this training began (a program running several holds a guard around them)
+      logging.info("Stop requested before step %d: %s not trained further.", step + 1, workdir)
+      last_metrics[_stop_metric(preemption)] = step
+    while step < num_steps and not preemption.requested:
       waiting = time.perf_counter()
       batch = next(train_iterator)
       log.waited_for_data(time.perf_counter() - waiting)
@@ -348,7 +358,7 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
         interrupted = preemption.signal_name == "SIGINT"
         logging.info("%s: saved step %d to %s; exiting.", "Interrupted" if interrupted else "Preempted", step,
                      checkpointer.directory)
-        last_metrics["interrupted_at_step" if interrupted else "preempted_at_step"] = step
+        last_metrics[_stop_metric(preemption)] = step
         break
   log.close()
   _write_atomically(os.path.join(workdir, "final_metrics.json"), json.dumps(last_metrics, indent=1))

@@ -8,20 +8,24 @@ First it trains what the systems start from, unless given: the PLUG encoder (sta
 plug_stage1_demo.gin, into WORKDIR/stage1; --pretrained=DIR takes a stage-1 workdir or a converted checkpoint instead)
 and, for the label-prompt rows, a CPM (a SentencePiece vocab and experiments/cpm_demo.gin into WORKDIR/cpm;
 --cpm=DIR takes another, e.g. scripts/demo.sh's workdir/demo/cpm). Writes WORKDIR/table.json (the rows with their
-per-seed numbers, every run's metrics, timings, load averages) and WORKDIR/table.md, and prints the table. Finished
-trainings and systems are read back when the command runs again; SIGTERM saves the training under way and exits.
+per-seed numbers, every run's metrics, timings, load averages) and WORKDIR/table.md, and prints the table.
+--rows='LABEL' (repeatable) computes only those rows (labels as in the table); table.json holds every row on disk.
+Finished seeds of each system (WORKDIR/systems/<name>/runs.json) and CPM rows (WORKDIR/label_prompts.json) are read
+back when the command runs again. SIGTERM (or Ctrl-C) stops it at the next seed, training or baseline, a training
+under way saving first; the last line says where, and the same command resumes there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import gin
 import jax
 from absl import flags, logging
 
-from cpm_jax import gin_setup, programs, tokenization, train_loop
+from cpm_jax import checkpointing, gin_setup, programs, tokenization, train_loop
 from cpm_jax.data import corpus
 from cpm_jax.fewshot import table as table_lib
 from cpm_jax.models import registry  # noqa: F401  (every family's gin configurables)
@@ -36,6 +40,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_
 _PRETRAINED = flags.DEFINE_string("pretrained", None, "The encoder the systems start from; default: train stage 1.")
 _CPM = flags.DEFINE_string("cpm", None, "The CPM checkpoint for the label-prompt rows; default: train the demo CPM.")
 _CPM_VOCAB_SIZE = flags.DEFINE_integer("cpm_vocab_size", 8000, "SentencePiece pieces of the CPM trained here.")
+_ROWS = flags.DEFINE_multi_string("rows", None, "Compute only these rows of the table (their labels, e.g. "
+                                   "'PET + R-Drop'); default: every row.")
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "Keep compiled programs in WORKDIR/jax_cache, so the seeds of "
                            "a system (same programs) compile once.")
 
@@ -45,7 +51,7 @@ def _train(workdir: str, files: list[str], bindings: list[str]) -> str:
   gin.clear_config()
   try:
     gin_setup.parse(files, bindings + ["train.peak_flops = 1e12"])
-    train_loop.train(workdir)
+    table_lib.finished(train_loop.train(workdir), workdir)
   finally:
     gin.clear_config()
   return workdir
@@ -65,27 +71,40 @@ def _cpm(workdir: str) -> str:
                  f"CPMConfig.vocab_size = {_CPM_VOCAB_SIZE.value}"])
 
 
-def main(argv):
-  del argv
-  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-  if _CACHE.value:
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+def _table(workdir: str, guard: checkpointing.PreemptionGuard) -> dict:
+  """Trains what the selected rows start from (unless given), then runs the table."""
   common = [f'FewShotData.vocab_path = "{_VOCAB.value}"', f'FewShotTask.data_dir = "{_DATA_DIR.value}"']
   gin.clear_config()
   gin_setup.parse(_GIN_FILES.value, common + _GIN_BINDINGS.value)
   spec = table_lib.TableSpec()
   gin.clear_config()
-  pretrained = _PRETRAINED.value or _stage1(workdir)
-  cpm = _CPM.value or (_cpm(workdir) if spec.label_prompt_task else None)
+  selected = spec.selected(_ROWS.value)
+  needs_systems = any(row[0] in selected for row in spec.rows)
+  pretrained = _PRETRAINED.value or (_stage1(workdir) if needs_systems else None)
+  cpm = _CPM.value
+  if cpm is None and any(label in selected for label in spec.label_prompt_rows):
+    table_lib.stop_if_requested(guard, "the CPM's training")
+    cpm = _cpm(workdir)
   common.append(f'RestoreCheckpointConfig.path = "{pretrained}"')
   spec = dataclasses.replace(spec, systems=tuple((name, files, (*common, *_GIN_BINDINGS.value, *bindings))
                                                  for name, files, bindings in spec.systems))
-  logging.info("Few-shot table: %d systems x seeds %s into %s.", len(spec.systems), spec.seeds, workdir)
-  try:
-    result = table_lib.run_table(spec, workdir, label_prompt_checkpoint=cpm)
-  except table_lib.Preempted as e:
-    logging.info("%s", e)
-    return
+  logging.info("Few-shot table: %d rows of %d systems x seeds %s into %s.", len(selected), len(spec.systems),
+               spec.seeds, workdir)
+  return table_lib.run_table(spec, workdir, label_prompt_checkpoint=cpm, rows=_ROWS.value)
+
+
+def main(argv):
+  del argv
+  workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+  if _CACHE.value:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+  with checkpointing.PreemptionGuard() as guard:
+    try:
+      result = _table(workdir, guard)
+    except table_lib.Preempted as e:
+      print(f"fewshot.py: stopped on {guard.signal_name} {e}; {workdir}/table.json holds what is complete; run the "
+            "same command again to resume.", file=sys.stderr, flush=True)
+      sys.exit(130 if guard.signal_name == "SIGINT" else 0)
   print(table_lib.markdown(result))
   print(f"{result['seconds']:.0f} s; load average {result['load_average']}; {workdir}/table.json")
 

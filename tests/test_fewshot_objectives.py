@@ -132,6 +132,24 @@ def test_pseudo_labels_keep_confident_balanced_predictions():
   assert indices.tolist() == []  # no confident class-1 prediction: nothing is kept
 
 
+def test_aligned_pseudo_labels_survive_a_model_biased_toward_one_class():
+  """The failure of the "all techniques" PET model on review_sentiment (seed 0): its pool probabilities of class 1
+  span 0.07-0.56 (916 of 1,000 predicted class 0, none of class 1 at 0.6), so a balanced selection at 0.6 keeps
+  nothing, though the ranking is right. Aligned to the balanced labelled sample, the most class-1-like rows are kept
+  as class 1 and the least as class 0."""
+  p1 = np.array([0.07, 0.25, 0.35, 0.41, 0.46, 0.51, 0.56, 0.30, 0.20, 0.40])  # rows 4-6: the true class 1
+  probabilities = np.stack([1 - p1, p1], -1)
+  assert pseudo_labels.select(probabilities, threshold=0.6)[0].tolist() == []
+  balanced = pseudo_labels.aligned(probabilities, [0.5, 0.5])
+  np.testing.assert_allclose(balanced.sum(-1), 1.0)
+  ratio = (p1 / p1.mean()) / ((1 - p1) / (1 - p1).mean())  # the aligned odds of class 1
+  np.testing.assert_allclose(balanced[:, 1], ratio / (1 + ratio))
+  indices, labels = pseudo_labels.select(probabilities, threshold=0.6, prior=[0.5, 0.5])
+  # Aligned (the pool's mean class-1 probability is .35): class 0 rows 0 .88, 8 .68, 1 .62; class 1 rows 6 .70, 5 .66,
+  # 4 .61 (row 3's .56 and row 9's .55 fall short).
+  assert indices.tolist() == [0, 8, 1, 6, 5, 4] and labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_table_summary_is_mean_and_sample_std_over_seeds():
   from cpm_jax.fewshot import table
   got = table.summary([0.5, 0.7, 0.9], [0, 1, 2])

@@ -6,6 +6,8 @@ on the same mesh in test_fewshot_model.py.)"""
 
 import dataclasses
 import json
+import os
+import signal
 
 import gin
 import jax
@@ -140,7 +142,11 @@ LabelPromptTask.label_map = {'Negative': '差评', 'Positive': '好评'}
 """, encoding="utf-8")
   fewshot = FewShotTask(dataset=f"{fewshot_dir}/{{split}}.json", labels=("Negative", "Positive"), shots_per_class=3,
                         test_split="test_public")
-  got = table_lib.label_prompt_baselines(str(task_file), str(checkpoint), fewshot, seeds=(0, 1), shots=2)
+  saved = tmp_path / "label_prompts.json"
+  with checkpointing.PreemptionGuard() as guard:
+    got = table_lib.label_prompt_baselines(str(task_file), str(checkpoint), fewshot, (0, 1), (0, 2), str(saved), guard)
+  assert sorted(json.loads(saved.read_text())["results"]) == ["0-shot seed 0", "2-shot seed 0", "2-shot seed 1"]
+  assert sorted(got[2]) == [0, 1]
 
   loaded = model_lib.load_checkpoint(str(checkpoint))
   spm = model_lib.load_tokenizer(loaded)
@@ -157,10 +163,63 @@ LabelPromptTask.label_map = {'Negative': '差评', 'Positive': '好评'}
   words = ("差评", "好评")
   predicted = [int(np.argmax([mean_log_likelihood(f"{e['sentence']}\n总体评价：", w) for w in words])) for e in test]
   expected = np.mean([p == ("Negative", "Positive").index(e["label"]) for p, e in zip(predicted, test)])
-  assert got["zero_shot"]["per_seed"] == pytest.approx([expected, expected], abs=1e-9)
+  assert [got[0][0], got[0][1]] == pytest.approx([expected, expected], abs=1e-9)
   task = tasks.task_from_gin([str(task_file)])
   lm = model_lib.language_model(loaded, spm)
-  for seed, accuracy in zip((0, 1), got["few_shot"]["per_seed"]):
+  for seed, accuracy in got[2].items():
     shots = dataclasses.replace(task, shots=2, seed=seed)
     assert accuracy == shots.evaluate(lm, test, fewshot.splits(seed).train).metrics["accuracy"]
     assert shots.prefix(0, fewshot.splits(seed).train).count("总体评价") == 2
+
+
+@gin.configurable
+class SignalledRecipe:
+  """A recipe whose seed `signal_after` sends this process SIGTERM once it finished (as if between two trainings);
+  every seed it ran is recorded in `ran`, its accuracy is seed / 10."""
+
+  ran: list = []
+
+  def __init__(self, signal_after: int = -1):
+    self.signal_after = signal_after
+
+  def run(self, seed, workdir):
+    SignalledRecipe.ran.append(seed)
+    if seed == self.signal_after:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {"seed": seed, "rounds": [{"accuracy": seed / 10}], "seconds": 0.0}
+
+
+def test_sigterm_between_trainings_stops_the_table_and_a_rerun_resumes(fewshot_dir, tmp_path):  # noqa: F811
+  system = tmp_path / "system.gin"
+  system.write_text("import cpm_jax.fewshot.table\nconfigured_recipe.recipe = @SignalledRecipe()\n", encoding="utf-8")
+  task = FewShotTask(dataset=f"{fewshot_dir}/{{split}}.json", labels=("Negative", "Positive"), shots_per_class=3,
+                     test_split="test_public")
+  spec = table_lib.TableSpec(task=task, seeds=(0, 1, 2), systems=(
+      ("first", (str(system),), ("SignalledRecipe.signal_after = 1",)), ("second", (str(system),), ())),
+      rows=(("first row", "first", 0, "accuracy"), ("second row", "second", 0, "accuracy")))
+  workdir = tmp_path / "table"
+  SignalledRecipe.ran = []
+  with pytest.raises(table_lib.Preempted, match="before system first, seed 2"):
+    table_lib.run_table(spec, str(workdir))
+  assert SignalledRecipe.ran == [0, 1]  # seed 2 and the second system never started
+  stopped = json.loads((workdir / "table.json").read_text())
+  assert stopped["stopped"] == "before system first, seed 2"
+  first, second = stopped["rows"][1:]
+  assert first["partial"] and first["seeds"] == [0, 1] and first["per_seed"] == [0.0, 0.1]
+  assert second["missing"]
+  assert [run["seed"] for run in json.loads((workdir / "systems" / "first" / "runs.json").read_text())] == [0, 1]
+
+  # --rows: only the second system's row is computed; the first's stays as it was.
+  SignalledRecipe.ran = []
+  table = table_lib.run_table(spec, str(workdir), rows=["second row"])
+  assert SignalledRecipe.ran == [0, 1, 2] and table["rows"][1]["partial"] and "stopped" not in table
+  with pytest.raises(ValueError, match=r"Rows \['third row'\] are not in the table"):
+    table_lib.run_table(spec, str(workdir), rows=["third row"])
+
+  # The same call again resumes: only seed 2 of the first system runs; the table is complete.
+  SignalledRecipe.ran = []
+  table = table_lib.run_table(spec, str(workdir))
+  assert SignalledRecipe.ran == [2]
+  assert [row["per_seed"] for row in table["rows"][1:]] == [[0.0, 0.1, 0.2]] * 2
+  assert not any(row.get("partial") or row.get("missing") for row in table["rows"])
+  assert json.loads((workdir / "table.json").read_text())["rows"] == table["rows"]

@@ -82,3 +82,22 @@ def test_second_ctrl_c_during_the_save_aborts_it_and_keeps_the_last_complete_che
   assert not (checkpoints / str(stopped)).exists()
   restored = _train_run.restore_state(checkpoints)
   assert int(restored.step) == last_complete and _train_run.params_sha1(restored.params) == saved[last_complete]
+
+
+def test_nested_guards_pass_a_stop_outwards_and_a_later_training_does_not_start(tmp_path):
+  """A program running several trainings holds a guard around them: SIGTERM during one training reaches that guard
+  when the training's own guard closes, and a training started after a stop request returns before its first step."""
+  default = signal.getsignal(signal.SIGTERM)
+  with checkpointing.PreemptionGuard() as outer:
+    with checkpointing.PreemptionGuard() as inner:
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert inner.requested and not outer.requested
+    assert outer.requested and outer.signal_name == "SIGTERM"
+    with checkpointing.PreemptionGuard() as later:
+      assert later.requested and later.signal_name == "SIGTERM"
+    record = tmp_path / "record.jsonl"
+    metrics = _train_run.run(tmp_path / "run", record)
+    assert metrics == {"preempted_at_step": 0}
+    assert not record.exists() or not _train_run.read_record(record)[0]  # no step was taken
+    assert checkpointing.Checkpointer(tmp_path / "run" / "checkpoints").latest_step() is None
+  assert signal.getsignal(signal.SIGTERM) == default

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
-def select(probabilities: np.ndarray, threshold: float, max_per_class: int | None = None) -> tuple[np.ndarray,
-                                                                                                 np.ndarray]:
+def aligned(probabilities: np.ndarray, prior: Sequence[float]) -> np.ndarray:
+  """ReMixMatch's distribution alignment: each row times prior / (the rows' mean distribution), renormalised, so that
+  a model that favours one class over the whole pool is compared with the class distribution the pool should have."""
+  probabilities = np.asarray(probabilities, np.float64)
+  scaled = probabilities * np.asarray(prior, np.float64) / np.maximum(probabilities.mean(0), 1e-12)
+  return scaled / scaled.sum(-1, keepdims=True)
+
+
+def select(probabilities: np.ndarray, threshold: float, max_per_class: int | None = None,
+           prior: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(indices, labels) of the pool examples to add: those whose top probability is >= threshold, the same number
-  for every class (the smallest class's count, capped by max_per_class), the most confident of each class first."""
-  probabilities = np.asarray(probabilities)
+  for every class (the smallest class's count, capped by max_per_class), the most confident of each class first.
+  prior: align the probabilities to this class distribution first (`aligned`)."""
+  probabilities = np.asarray(probabilities) if prior is None else aligned(probabilities, prior)
   predicted, confidence = probabilities.argmax(-1), probabilities.max(-1)
   by_class = []
   for label in range(probabilities.shape[-1]):

@@ -36,11 +36,14 @@ from cpm_jax.models.plug.model import FewShotModel
 @dataclasses.dataclass(frozen=True)
 class SelfTraining:
   """After each of `rounds` trainings, pseudo-label the unlabelled pool with the model, keep predictions with
-  probability >= threshold, the same number per class (at most max_per_class), and retrain on train + those."""
+  probability >= threshold, the same number per class (at most max_per_class), and retrain on train + those.
+  align: first align the pool's probabilities to the labelled sample's class distribution (pseudo_labels.aligned),
+  so that a model biased toward one class still labels every class."""
 
   rounds: int = 1
   threshold: float = 0.9
   max_per_class: int | None = None
+  align: bool = False
 
 
 @gin.configurable
@@ -131,8 +134,12 @@ class FewShotRecipe:
   def _pseudo_labelled(self, lm, data: FewShotData) -> tuple[dict, ...]:
     pool = data.splits.unlabeled
     probabilities = knn.softmax(lm.classify(_texts(pool, self.fields)))
+    prior = None
+    if self.self_training.align:
+      train_labels = [data.task.labels.index(data.task.label_of(e)) for e in data.splits.train]
+      prior = np.bincount(train_labels, minlength=len(data.task.labels)) / len(train_labels)
     indices, labels = pseudo_labels.select(probabilities, self.self_training.threshold,
-                                           self.self_training.max_per_class)
+                                           self.self_training.max_per_class, prior)
     field = data.task.label_field
     return tuple({**pool[i], field: data.task.labels[label]} for i, label in zip(indices, labels))
 
@@ -147,10 +154,8 @@ class FewShotRecipe:
     rounds = []
     for round_index in range(1 + (self.self_training.rounds if self.self_training else 0)):
       round_dir = os.path.join(workdir, f"round_{round_index}")
-      metrics = train_loop.train(round_dir, model=self.model, data=data, seed=seed, mesh_config=self.mesh_config)
-      stopped = metrics.get("preempted_at_step", metrics.get("interrupted_at_step"))
-      if stopped is not None:  # SIGTERM or Ctrl-C: saved, not finished
-        raise table.Preempted(f"{round_dir}: stopped at step {stopped} (saved); run again to resume.")
+      table.finished(train_loop.train(round_dir, model=self.model, data=data, seed=seed,
+                                      mesh_config=self.mesh_config), round_dir)
       lm, _ = self._language_model(round_dir, mesh)
       results = self._evaluate(lm, data)
       results.update(train_examples=len(data.splits.train), extra_examples=len(data.extra_examples))
