@@ -308,7 +308,7 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
   if pipeline is not None:
     logging.info("Pipeline: %s (the bubble: stages idle that fraction of the pipelined stacks' time).",
                  pipeline.describe())
-  step = int(state.step)
+  step = first_step = int(state.step)
   log = MetricsLog(workdir, step, num_steps, flops_per_token * tokens_per_step, peak_flops)
   schedule = training.learning_rate_schedule()
   lagged = _LaggedMetrics(int(state.consecutive_bad_steps), int(state.skipped_steps))  # read once, at the start
@@ -361,5 +361,9 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
         last_metrics[_stop_metric(preemption)] = step
         break
   log.close()
-  _write_atomically(os.path.join(workdir, "final_metrics.json"), json.dumps(last_metrics, indent=1))
+  final = os.path.join(workdir, "final_metrics.json")
+  if step == first_step and os.path.exists(final):  # nothing trained (a finished run resumed): its metrics stand
+    with open(final) as f:
+      last_metrics = {**json.load(f), **last_metrics}
+  _write_atomically(final, json.dumps(last_metrics, indent=1))
   return last_metrics

@@ -201,6 +201,10 @@ def test_loop_learns_logs_and_writes_workdir(tmp_path, monkeypatch):
   perplexity = scalars["validation/perplexity"]
   assert [step for step, _ in perplexity] == [12, 24] and perplexity[1][1] < perplexity[0][1]
   assert perplexity[1][1] == pytest.approx(metrics["validation_perplexity"])
+  # Run again on the finished workdir: nothing to train, and its final metrics stand (they were overwritten by {}).
+  again = train_loop.train(str(tmp_path), model=cpm.CPMLanguageModel(TINY), data=_ListData(texts), num_steps=24,
+                           log_every=4, eval_every=12, peak_flops=1e12)
+  assert again == json.loads((tmp_path / "final_metrics.json").read_text()) and again["loss"] == metrics["loss"]
   gin.clear_config()
 
 
