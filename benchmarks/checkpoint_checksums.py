@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _MODEL = flags.DEFINE_string("model", "cpm_small", "Model shape: a gin_configs/models/<name>.gin file.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed rounds (after one untimed round).")
@@ -33,10 +33,12 @@ def main(argv):
   import jax
   import orbax.checkpoint as ocp
 
-  from cpm_jax import checkpointing, checksums, gin_setup, layers, partitioning
+  from cpm_jax import checkpointing, checksums, gin_setup, layers, logging_setup, partitioning
   from cpm_jax.evaluation import model as model_lib
   from cpm_jax.models import cpm, registry
 
+  logging_setup.quiet_library_logs()
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
   gin_setup.parse([f"models/{_MODEL.value}.gin"], [])
   config = cpm.CPMConfig()
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
