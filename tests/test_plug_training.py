@@ -188,8 +188,12 @@ def _palm_stage(workdir, vocab_path, data_dir, steps, monkeypatch):
   schedule (the same run, stopped early when steps < 4); returns {step: loss} of the steps it trained."""
   losses = {}
   log_train = train_loop.MetricsLog.train
-  monkeypatch.setattr(train_loop.MetricsLog, "train", lambda self, step, metrics, tokens: (
-      losses.__setitem__(step, metrics["loss"]), log_train(self, step, metrics, tokens))[-1])
+
+  def record(self, step, metrics, tokens_per_step):
+    losses[step] = metrics["loss"]
+    log_train(self, step, metrics, tokens_per_step)
+
+  monkeypatch.setattr(train_loop.MetricsLog, "train", record)
   gin.clear_config()
   gin_setup.parse(["experiments/plug_stage2_demo.gin"], [
       "train.init_from = None", f'PalmData.vocab_path = "{vocab_path}"', f'PalmData.data_dir = "{data_dir}"',
