@@ -113,9 +113,10 @@ class BeamSearchConfig:
   no_repeat_ngram_size: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1 or self.beam_size < 1:
-      raise ValueError(f"BeamSearchConfig: max_new_tokens={self.max_new_tokens} and beam_size="
-                       f"{self.beam_size}; both must be >= 1.")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"BeamSearchConfig.max_new_tokens={self.max_new_tokens}; expected >= 1.")
+    if self.beam_size < 1:
+      raise ValueError(f"BeamSearchConfig.beam_size={self.beam_size}; expected >= 1.")
     if self.length_penalty < 0:
       raise ValueError(f"BeamSearchConfig.length_penalty={self.length_penalty}; expected >= 0.")
     if not 0 <= self.min_length <= self.max_new_tokens:

@@ -42,6 +42,14 @@ def _piece_ids(path: str, piece_to_id, unk_id: int, pieces: Iterable[str], unk_p
   return ids
 
 
+def check_fits(tokens: int, path: str, vocab_size: int, where: str) -> None:
+  """A ValueError naming `where` and the vocabulary file `path` when its `tokens` are more than a model's
+  `vocab_size` embedding rows (a larger id would be clamped silently on device)."""
+  if tokens > vocab_size:
+    raise ValueError(f"{where}: {path} has {tokens} tokens, more than the model's vocab_size {vocab_size} (ids past "
+                     f"{vocab_size - 1} have no embedding row); use the vocabulary the model was trained with.")
+
+
 class CPMTokenizer:
   """CPM-1's tokenizer (jieba + SentencePiece) over any SentencePiece model with CPM's special pieces."""
 
@@ -87,7 +95,10 @@ class CPMTokenizer:
     return self._sp.encode([self.pre_tokenize(text) for text in texts])
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids]).replace(" ", "").translate(_FROM_SP)
+    """The text of `ids`; an id past the vocabulary (a padded embedding row a model generated) reads as <unk>."""
+    size = self.vocab_size
+    return self._sp.decode([int(i) if int(i) < size else self.unk_id for i in ids]).replace(" ", "").translate(
+        _FROM_SP)
 
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
@@ -276,7 +287,9 @@ class BertTokenizer:
     return [self.vocab.get(t, self.unk_id) for t in tokens]
 
   def convert_ids_to_tokens(self, ids: Iterable[int]) -> list[str]:
-    return [self.id_to_token[int(i)] for i in ids]
+    """The tokens of `ids`; an id past the vocabulary (a padded embedding row a model generated) is [UNK]."""
+    unknown = self.id_to_token[self.unk_id]
+    return [self.id_to_token[int(i)] if int(i) < len(self.id_to_token) else unknown for i in ids]
 
   def encode(self, text: str, text_pair: str | None = None, max_length: int | None = None) -> dict[str, list[int]]:
     """[CLS] a [SEP] (b [SEP]) with token types 0 (a) and 1 (b); `max_length` truncates the longer part first."""

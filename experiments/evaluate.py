@@ -88,7 +88,7 @@ def main(argv):
     demonstrations = tasks.load_examples(task, _TRAIN_FILE.value, _DATA_DIR.value,
                                          None if _TRAIN_FILE.value else "train")
   task.check(examples, demonstrations)
-  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
+  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh, serving=(task.serves, f"--task={_TASK.value}"))
   params = model_lib.untrained_params(checkpoint, mesh) if _UNTRAINED.value else None
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value), params,
                                    batch_size=_BATCH_SIZE.value, decoding_config=decoding_config, mesh=mesh,

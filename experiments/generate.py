@@ -138,7 +138,7 @@ def main(argv):
     raise app.UsageError("--image generates whole texts: --stream, --stop, --max_sentences and --max_seconds "
                          "are for text prompts only.")
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
-  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh)
+  checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh, serving=("text", "generate.py"))
   model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
                                    batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
                                    strict=_STRICT.value, weights=_WEIGHTS.value, long_text=_LONG_TEXT.value)

@@ -34,7 +34,7 @@ def _run_child(argv: list[str], out: pathlib.Path) -> None:
         runpy.run_path(sys.argv[0], run_name="__main__")
         status = 0
       except SystemExit as e:
-        status = e.code if isinstance(e.code, int) else 1
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)  # sys.exit(None): 0
       except BaseException:  # noqa: BLE001  (a traceback, as python would print it)
         import traceback
         traceback.print_exc()

@@ -2,9 +2,11 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -36,6 +38,19 @@ def test_peoples_daily_1998(demo_data_dir):  # noqa: F811
   source = tfds.data_source("peoples_daily_1998", split="validation", data_dir=demo_data_dir, download=False)
   assert len(source) == 974 and source[0]["text"].decode() == validation[0]["text"]
   assert list((demo_data_dir / "peoples_daily_1998" / "1.0.0").glob("*.array_record-*"))
+
+
+def test_a_damaged_shard_is_named_before_anything_is_read(demo_data_dir, tmp_path):  # noqa: F811
+  shutil.copytree(demo_data_dir / "review_sentiment", tmp_path / "review_sentiment")
+  shard = next(tmp_path.glob("review_sentiment/*/review_sentiment-validation.array_record-*"))
+  size = shard.stat().st_size
+  shard.write_bytes(np.random.default_rng(0).bytes(size))  # garbage of the same length
+  with pytest.raises(ValueError, match=rf"^{shard}: a damaged shard of dataset 'review_sentiment' \(Corrupted Riegeli"):
+    sources.load_split("review_sentiment", "validation", tmp_path)
+  shard.write_bytes((demo_data_dir / shard.relative_to(tmp_path)).read_bytes()[:size - 100])  # truncated
+  with pytest.raises(ValueError, match=rf"^{shard}: a damaged shard .*; rebuild the dataset \(remove "):
+    sources.load_split("review_sentiment", "validation", tmp_path)
+  assert len(sources.load_split("review_sentiment", "test", tmp_path)) == 1736  # the intact shards still read
 
 
 def test_review_sentiment(demo_data_dir):  # noqa: F811

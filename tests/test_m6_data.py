@@ -111,6 +111,7 @@ def test_char_vocab(tmp_path):
   assert built.tokens[10:] == ["人", "日"] and built.vocab_size == 12
   ids = built.encode("红色的猫")
   assert ids[-1] == built.unk_id and built.decode([built.bos_id, *ids, built.eod_id]) == "红色的\ufffd"
+  assert built.decode([ids[0], 12, 40]) == "红\ufffd\ufffd"  # padded embedding rows a model generated: unknown
   with pytest.raises(ValueError, match="cannot hold the 10 required"):
     vocab.build(["红色的圆形"], [], tmp_path / "w.txt", size=9)
   (tmp_path / "bad.txt").write_text("a\nb\n", encoding="utf-8")

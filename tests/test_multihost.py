@@ -1,10 +1,15 @@
 """Multi-host training over jax.distributed on CPU: 2 processes x 4 devices (gloo) against 1 process x 8 devices.
 
-The 2-process run is stopped by SIGTERM to process 1 only: JAX's preemption service makes both processes stop and
-save at the same step. That checkpoint (written cooperatively, one data-iterator state per data shard) restores in a
-single 8-device process to the params a 1-process run of the same steps on the same global batches (its 2 data
-shards side by side) reaches, and the per-step losses agree; resumed there, the run goes on with the global batches
-and losses of the 1-process run, nothing skipped or repeated (#15: resume on another topology).
+One run hops across topologies and is compared with a 1-process run of the same steps on the same global batches
+(its 2 data shards side by side), step by step (#15: resume on another topology):
+- 2 steps on 1 process x 8 devices (2 data shards), checkpointed;
+- resumed on 2 processes x 4 devices, each reading one shard; stopped by Ctrl-C (SIGINT) to process 1 only, which
+  passes it to JAX's preemption service as a SIGTERM: both processes stop and save at the same step (process 1
+  exits 130 as a Ctrl-C'd run does, process 0 0 as a preempted one). That checkpoint is written cooperatively, one
+  data-iterator state per data shard;
+- restored on 1 process x 8 devices (the params the 2 processes held) and resumed there for 3 more steps.
+The losses, global batches, evaluations and params agree with the 1-process run: bitwise on the 1-process legs,
+to float rounding on the 2-process one (gloo sums in another order); nothing is skipped or repeated.
 """
 
 import os
@@ -51,17 +56,23 @@ def _logs(tmp_path):
   return [(tmp_path / f"log_{index}.txt").read_text() for index in range(2)]
 
 
-def test_two_processes_match_one_process_and_restore_on_it(tmp_path):
-  workdir = tmp_path / "two_processes"
+def test_one_process_then_two_then_one_matches_one_process_throughout(tmp_path):
+  workdir = tmp_path / "hopping"
+  start = 2  # steps on 1 process x 8 devices, in 2 data shards, before the 2 processes take over
+  _train_run.run(workdir, tmp_path / "first.jsonl", [f"train.num_steps = {start}", "train.data_shards = 2",
+                                                     "Checkpointer.save_interval_steps = 2", "train.eval_every = 2"])
+  first_losses, first_batches, _ = _train_run.read_record(tmp_path / "first.jsonl")
+  writers = len(list((workdir / "tensorboard").iterdir()))
   processes = _launch(workdir, tmp_path, _free_port())
   try:
     deadline = time.monotonic() + 400
     while not ((tmp_path / "record_0.jsonl").exists()
-               and len(_train_run.read_record(tmp_path / "record_0.jsonl")[0]) >= 3):
+               and len(_train_run.read_record(tmp_path / "record_0.jsonl")[0]) >= 2):
       if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
-        pytest.fail("2-process training did not reach step 3:\n" + "\n".join(log[-2000:] for log in _logs(tmp_path)))
+        pytest.fail(f"2-process training did not reach step {start + 2}:\n" + "\n".join(log[-2000:]
+                                                                                       for log in _logs(tmp_path)))
       time.sleep(0.2)
-    processes[1].send_signal(signal.SIGTERM)  # a preemption notice to one host only
+    processes[1].send_signal(signal.SIGINT)  # Ctrl-C on one host only
     returncodes = [p.wait(timeout=200) for p in processes]
   finally:
     for p in processes:
@@ -69,33 +80,36 @@ def test_two_processes_match_one_process_and_restore_on_it(tmp_path):
         p.kill()
         p.wait()
   logs = _logs(tmp_path)
-  assert returncodes == [0, 0], "\n".join(log[-2000:] for log in logs)
+  assert returncodes == [0, 130], "\n".join(log[-2000:] for log in logs)
   records = [_train_run.read_record(tmp_path / f"record_{index}.jsonl") for index in range(2)]
   losses = [record[0] for record in records]
   entries = records[0][2]
   stopped = max(losses[0])
-  assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, stopped + 1))  # the same global loss
-  assert f"Preempted: saved step {stopped}" in logs[0]
-  assert "step 1/" in logs[0] and "step 1/" not in logs[1]  # progress is logged by process 0 only
-  assert len(list((workdir / "tensorboard").iterdir())) == 1  # one TensorBoard writer
+  assert losses[0] == losses[1] and sorted(losses[0]) == list(range(start + 1, stopped + 1))  # the same global loss
+  assert f"Resumed from {workdir / 'checkpoints'} at step {start}." in logs[0]
+  assert "Ctrl-C: finishing this step, then saving it" in logs[1] and f"Preempted: saved step {stopped}" in logs[0]
+  assert "Traceback" not in logs[0] + logs[1]
+  assert f"step {start + 1}/" in logs[0] and f"step {start + 1}/" not in logs[1]  # progress: process 0 only
+  assert len(list((workdir / "tensorboard").iterdir())) == writers + 1  # one TensorBoard writer
   data_states = sorted(p.name for p in (workdir / "checkpoints" / str(stopped) / "data").glob("*.json"))
   assert data_states == ["shard_0-of-2.json", "shard_1-of-2.json"]
 
-  # One process, 8 devices, the same global batches (both processes' shards side by side), the same steps.
+  # One process, 8 devices, the same global batches (both shards side by side), the same steps, uninterrupted.
   one = tmp_path / "one_process"
   _train_run.run(one, one / "record.jsonl", [f"train.num_steps = {stopped}", "train.data_shards = 2",
                                             "train.eval_every = 2"])
   one_losses, one_batches, _ = _train_run.read_record(one / "record.jsonl")
+  assert first_losses == {step: one_losses[step] for step in range(1, start + 1)}  # same topology: bitwise
   interleaved = [batch for pair in zip(records[0][1], records[1][1]) for batch in pair]  # per step: shard 0, 1
-  assert one_batches == interleaved[:len(one_batches)] and len(one_batches) == 2 * stopped
+  assert one_batches == (first_batches + interleaved)[:len(one_batches)] and len(one_batches) == 2 * stopped
   # Evaluation during the 2-process run (every 2 steps) gives the 1-process run's validation losses.
   evaluations = [{e["validation_step"]: e["validation_loss"] for e in _train_run.read_record(path)[2]
                   if "validation_step" in e} for path in (tmp_path / "record_0.jsonl", one / "record.jsonl")]
   two_steps = sorted(evaluations[0])
-  assert two_steps == list(range(2, stopped + 1, 2)) and two_steps, evaluations
+  assert two_steps == list(range(start + 2, stopped + 1, 2)) and two_steps, evaluations
   np.testing.assert_allclose([evaluations[0][s] for s in two_steps], [evaluations[1][s] for s in two_steps],
                              rtol=1e-5)
-  np.testing.assert_allclose([one_losses[s] for s in sorted(one_losses)], [losses[0][s] for s in sorted(losses[0])],
+  np.testing.assert_allclose([one_losses[s] for s in sorted(losses[0])], [losses[0][s] for s in sorted(losses[0])],
                              rtol=1e-6)
   # The 2-process checkpoint restores on 1 process to exactly the params the 2 processes held when saving...
   restored = _train_run.restore_state(workdir / "checkpoints", step=stopped)

@@ -1,4 +1,5 @@
-"""PLUG training: mesh invariance, the two-stage recipe through the train loop, fine-tuning, generation."""
+"""PLUG training: mesh invariance, the two-stage recipe through the train loop, fine-tuning, generation, and a PALM
+stage stopped and resumed through the loop, bitwise as the uninterrupted run."""
 
 import dataclasses
 import json
@@ -11,7 +12,9 @@ import numpy as np
 import pytest
 
 from _data_helpers import demo_data_dir  # noqa: F401  (session fixture)
+from _train_run import compilation_cache  # noqa: F401  (fixture)
 from cpm_jax import checkpointing, decoding, gin_setup, partitioning, train_loop, training
+from cpm_jax.data import corpus
 from cpm_jax.models.plug import data as plug_pipeline
 from cpm_jax.models import plug
 
@@ -178,3 +181,51 @@ def test_stage1_recipe_parses(plug_vocab_path):
     assert json.dumps(dataclasses.asdict(plug.PlugConfig()))
   finally:
     gin.clear_config()
+
+
+def _palm_stage(workdir, vocab_path, data_dir, steps, monkeypatch):
+  """PLUG stage 2 (PALM, dropout on) from scratch through the train loop and its recipe, for `steps` of a 4-step
+  schedule (the same run, stopped early when steps < 4); returns {step: loss} of the steps it trained."""
+  losses = {}
+  log_train = train_loop.MetricsLog.train
+
+  def record(self, step, metrics, tokens_per_step):
+    losses[step] = metrics["loss"]
+    log_train(self, step, metrics, tokens_per_step)
+
+  monkeypatch.setattr(train_loop.MetricsLog, "train", record)
+  gin.clear_config()
+  gin_setup.parse(["experiments/plug_stage2_demo.gin"], [
+      "train.init_from = None", f'PalmData.vocab_path = "{vocab_path}"', f'PalmData.data_dir = "{data_dir}"',
+      "PalmData.seq_len = 32", "PalmData.target_len = 8", "PalmData.global_batch_size = 8",
+      "PalmData.eval_max_examples = 8", f"train.num_steps = {steps}", "train.log_every = 1", "train.eval_every = 1000",
+      "train.eval_max_batches = 1", "train.peak_flops = 1e12", "learning_rate_schedule.total_steps = 4",
+      "learning_rate_schedule.warmup_steps = 1", "learning_rate_schedule.peak = 1e-2",
+      "Checkpointer.save_interval_steps = 1000", "PlugConfig.dropout_rate = 0.1"])
+  try:
+    train_loop.train(str(workdir))
+  finally:
+    gin.clear_config()
+  return losses
+
+
+@pytest.mark.usefixtures("compilation_cache")  # the three runs compile the same steps once
+def test_palm_stage_stopped_and_resumed_is_bitwise_the_uninterrupted_run(demo_data_dir, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+  # A BERT vocab of the corpus's first characters (a small MLM head and embedding keep the steps cheap).
+  characters = sorted(set("".join(corpus.peoples_daily_paragraphs()[:300])))
+  vocab = tmp_path / "vocab.txt"
+  vocab.write_text("".join(f"{token}\n" for token in ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters]))
+  uninterrupted = _palm_stage(tmp_path / "a", vocab, demo_data_dir, 4, monkeypatch)
+  first = _palm_stage(tmp_path / "b", vocab, demo_data_dir, 2, monkeypatch)
+  assert checkpointing.Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 2
+  resumed = _palm_stage(tmp_path / "b", vocab, demo_data_dir, 4, monkeypatch)
+  assert sorted(uninterrupted) == list(range(1, 5)) and len(set(uninterrupted.values())) == 4
+  assert {**first, **resumed} == uninterrupted and sorted(resumed) == [3, 4]  # float equality of every loss
+  params = [checkpointing.restore_any_params(tmp_path / run) for run in ("a", "b")]
+  jax.tree.map(np.testing.assert_array_equal, *params)
+  # The whole train state (Adam's moments, the step, the dropout RNG) has the same per-array checksums.
+  states = [json.loads((tmp_path / run / "checkpoints" / "4" / checkpointing.CHECKSUMS_ITEM /
+                         checkpointing.CHECKSUMS_FILE).read_text())["arrays"] for run in ("a", "b")]
+  assert states[0] == states[1] and len(states[0]) > len(jax.tree.leaves(params[0]))
+  assert "opt_state" in " ".join(states[0]) and "rng" in " ".join(states[0])

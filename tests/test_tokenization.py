@@ -28,6 +28,9 @@ def real_lines():
 def test_cpm_special_ids_come_from_the_vocab(cpm):
   assert (cpm.unk_id, cpm.sep_id, cpm.pad_id, cpm.mask_id, cpm.eod_id) == (0, 4, 5, 6, 7)
   assert cpm.vocab_size == 30000
+  ids = cpm.encode("今天天气")
+  # An id past the vocabulary (a padded embedding row a model generated) decodes as <unk> does.
+  assert cpm.decode([*ids, 30000, 30123]) == cpm.decode([*ids, cpm.unk_id, cpm.unk_id]) != cpm.decode(ids)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +172,8 @@ def test_bert_tokens_and_decode(berts):
   ids = ours.encode("我爱北京, hello world 2024")["input_ids"]
   assert ours.decode(ids) == "我爱北京,hello world 2024"
   assert ours.decode(ids, skip_special_tokens=False).startswith("[CLS]我爱")
+  past = [2769, 21128, 30000]  # ids past the vocabulary (padded embedding rows a model generated)
+  assert ours.convert_ids_to_tokens(past) == ["我", "[UNK]", "[UNK]"] and ours.decode(past) == "我[UNK][UNK]"
 
 
 def test_character_vocab_covers_its_texts_and_matches_transformers(real_lines, tmp_path):

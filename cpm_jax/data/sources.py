@@ -18,6 +18,7 @@ from typing import Any
 import gin
 import tensorflow_datasets as tfds
 from absl import logging
+from array_record.python import array_record_module
 
 from cpm_jax import logging_setup
 from cpm_jax.data import builders, image_builders, triples
@@ -83,7 +84,27 @@ def load_split(name: str, split: str, data_dir: str | os.PathLike) -> Any:
   builder = dataset_builder(name, data_dir)
   if split not in builder.info.splits:
     raise ValueError(f"Dataset {name!r} in {data_dir} has no split {split!r}; it has {sorted(builder.info.splits)}.")
+  _check_shards(builder, split)
   return builder.as_data_source(split=split)
+
+
+def _check_shards(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  """Opens every array_record shard of the split (its footer and index: cheap): a truncated or overwritten shard,
+  or one holding another number of records than the dataset's info says, is a ValueError naming the file (reading
+  would otherwise fail later, deep in a data loader, with Riegeli's message and no file name)."""
+  info = builder.info.splits[split]
+  for path, expected in zip(info.filepaths, info.shard_lengths):
+    try:
+      reader = array_record_module.ArrayRecordReader(os.fspath(path))
+      records = reader.num_records()
+      reader.close()  # a damaged footer raises here at the latest
+    except RuntimeError as e:
+      records, reason = None, str(e).splitlines()[0]
+    else:
+      reason = f"{records} records, the dataset's info says {expected}"
+    if records != expected:
+      raise ValueError(f"{path}: a damaged shard of dataset {builder.name!r} ({reason}); rebuild the dataset (remove "
+                       f"{builder.data_dir} and build it again).")
 
 
 def as_text(value: Any) -> str:

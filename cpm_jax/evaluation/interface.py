@@ -10,6 +10,9 @@ import numpy as np
 from cpm_jax.decoding import StopCriteria, TextStreams
 from cpm_jax.evaluation.scoring import Request
 
+# Where evaluate.py and generate.py take a tokenizer from (cpm_jax.tokenization.check_fits names it).
+TOKENIZER_SOURCE = "the tokenizer (--tokenizer, or the one the checkpoint records)"
+
 
 @dataclasses.dataclass
 class LanguageModel:

@@ -38,10 +38,16 @@ def param_shardings(family: Family, config: Any, mesh: jax.sharding.Mesh | None,
   return partitioning.tree_shardings(axes, mesh, abstract)
 
 
-def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None) -> Checkpoint:
-  """A params-only checkpoint or the latest checkpoint of a training workdir, read into shardings on `mesh`."""
+def load_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None,
+                    serving: tuple[str, str] | None = None) -> Checkpoint:
+  """A params-only checkpoint or the latest checkpoint of a training workdir, read into shardings on `mesh`.
+  serving: (kind, what needs it), e.g. ("text", "generate.py"): a model whose family serves another kind of task
+  (Family.serves) is a ValueError saying so, before its params are read."""
   meta, where = checkpointing.read_record(path)
   family, config = registry.from_record(meta, where)
+  if serving is not None and family.serves != serving[0]:
+    raise ValueError(f"{where}: holds a {family.name!r} model, which serves {family.serves} tasks; {serving[1]} "
+                     f"needs a model that serves {serving[0]} tasks.")
   abstract, axes, restored = family.stored_params(config, meta, where)  # int8 checkpoints: dequantised here
   params = checkpointing.restore_any_params(path, abstract, param_shardings(family, config, mesh, (abstract, axes)))
   return Checkpoint(family, restored(params), config, meta)

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import gin
 import numpy as np
@@ -69,6 +69,7 @@ def fill(template: str, example: dict, index: int, **extra) -> str:
 class Task(abc.ABC):
   """Shared settings: a name, an optional default TFDS dataset/split, and few-shot options."""
 
+  serves: ClassVar[str] = "text"  # the models it evaluates: those of families that serve it (Family.serves)
   name: str
   dataset: str = ""  # a cpm_jax.data dataset (e.g. review_sentiment) used when no input file is given
   split: str = "test"

@@ -40,6 +40,8 @@ class Family:
   train_step: (model, optimizer, *, num_microbatches, dropout) -> the step (state, batch) -> (state, metrics) that
     training.make_sharded_steps jits for the train loop; training.dense_step unless the family brings its own (the
     KG family's sparse row update).
+  serves: the kind of evaluation task its language_model's adapter runs and generate.py needs ("text": a
+    LanguageModel; "kg": link prediction and queries), as tasks declare it (evaluation.tasks.Task.serves).
   """
 
   name: str
@@ -52,6 +54,7 @@ class Family:
   formats: Mapping[str, Format] = dataclasses.field(default_factory=dict)
   quantized: serving_weights.Quantized | None = None
   train_step: Callable[..., Callable] = training.dense_step
+  serves: str = "text"
 
   def init(self, config: Any, key: jax.Array) -> Any:
     """Freshly initialised params of `config` in its param_dtype."""

@@ -8,9 +8,9 @@ from typing import Any
 
 import jax
 
-from cpm_jax import decoding, serving_weights
+from cpm_jax import decoding, serving_weights, tokenization
 from cpm_jax.evaluation import batching, scoring
-from cpm_jax.evaluation.interface import LanguageModel
+from cpm_jax.evaluation.interface import TOKENIZER_SOURCE, LanguageModel
 from cpm_jax.models.cpm import decode, model
 
 
@@ -32,6 +32,7 @@ def language_model(params: dict, config: model.CPMConfig, tokenizer: Any, metada
   numbers). long_text: generation goes on past the model's positions by a sliding window (gin `SlidingWindow`).
   """
   del metadata  # CPM records nothing that changes how it is evaluated
+  tokenization.check_fits(tokenizer.vocab_size, tokenizer.model_path, config.vocab_size, TOKENIZER_SOURCE)
   served_layout = serving_weights.serving_layout(decode.decode_layout, weights, decode.QUANTIZED)
   runner = batching.ModelRunner(params, served_layout, batch_size, mesh, progress)
   score = score_fn(config)

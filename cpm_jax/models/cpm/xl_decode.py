@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpm_jax import decoding, layers, logging_setup, partitioning, serving_weights, transformer
+from cpm_jax import decoding, layers, logging_setup, partitioning, serving_weights, tokenization, transformer
 from cpm_jax.evaluation import batching, scoring
-from cpm_jax.evaluation.interface import LanguageModel
+from cpm_jax.evaluation.interface import TOKENIZER_SOURCE, LanguageModel
 from cpm_jax.models.cpm import evaluation as cpm_evaluation
 from cpm_jax.models.cpm import xl
 
@@ -158,6 +158,7 @@ def language_model(params: dict, config: xl.CPMXLConfig, tokenizer: Any, metadat
   scored over at most SCORE_SEGMENTS segments. weights as CPM's; long_text changes nothing (the memory carries
   any length)."""
   del metadata, long_text
+  tokenization.check_fits(tokenizer.vocab_size, tokenizer.model_path, config.vocab_size, TOKENIZER_SOURCE)
   score = cpm_evaluation.score_fn(config, xl.forward)  # by the segment-recurrent forward pass
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   scored = functools.cache(lambda: serving_weights.round_trip(params, weights, QUANTIZED))

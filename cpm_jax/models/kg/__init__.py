@@ -34,6 +34,7 @@ FAMILY = Family(
     language_model=language_model,
     formats={"cpm_kg": Format(load=release.load_release)},
     train_step=sparse_step,
+    serves="kg",
 )
 init = FAMILY.init
 abstract_params = FAMILY.abstract_params

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import gin
 import jax
@@ -101,6 +101,7 @@ class LinkPredictionTask(Task):
   by_name: the head / relation / tail fields hold names (e.g. a jsonl file) instead of ids (a kg_triples split).
   """
 
+  serves: ClassVar[str] = "kg"
   name: str = "link_prediction"
   by_name: bool = False
 
@@ -123,6 +124,7 @@ class KGQueryTask(Task):
   """For each example's entity and relation (names), the k best-scoring tails (side "tail": (head, relation, ?)) or
   heads (side "head": (?, relation, tail)) among all entities, with their scores and names."""
 
+  serves: ClassVar[str] = "kg"
   name: str = "kg_query"
   k: int = 10
   side: str = "tail"

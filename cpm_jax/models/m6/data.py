@@ -31,6 +31,7 @@ import gin
 import grain
 import numpy as np
 
+from cpm_jax import tokenization
 from cpm_jax.data import images, processes, sources
 from cpm_jax.data.splits import SplitData
 from cpm_jax.gin_setup import ConfigError
@@ -120,7 +121,7 @@ def build_vocab(path: str, size: int, data_dir: str, texts: Iterable[Mapping[str
 def load_vocab(path: str, size: int) -> vocab_lib.CharVocab:
   """The character vocabulary at `path`, checked to hold at most `size` tokens (M6Data.vocab_size)."""
   vocab = vocab_lib.CharVocab(path)
-  vocab_lib.check_fits(vocab, size, "M6Data.vocab_path")
+  tokenization.check_fits(vocab.vocab_size, vocab.path, size, "M6Data.vocab_path")
   return vocab
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import decoding
+from cpm_jax import decoding, tokenization
 from cpm_jax.data import images
 from cpm_jax.evaluation import batching, scoring
-from cpm_jax.evaluation.interface import LanguageModel
+from cpm_jax.evaluation.interface import TOKENIZER_SOURCE, LanguageModel
 from cpm_jax.models.m6 import decode, model
-from cpm_jax.models.m6.vocab import CharVocab, check_fits
+from cpm_jax.models.m6.vocab import CharVocab
 
 
 def score_fn(config: model.M6Config) -> scoring.ScoreFn:
@@ -48,7 +48,7 @@ def language_model(params: dict, config: model.M6Config, tokenizer: CharVocab, m
   if weights is not None or long_text:
     raise ValueError(f"--weights={weights} / --long_text={long_text}: an M6 model serves its stored weights within "
                      "its positions.")
-  check_fits(tokenizer, config.vocab_size, "M6 tokenizer")
+  tokenization.check_fits(tokenizer.vocab_size, tokenizer.path, config.vocab_size, TOKENIZER_SOURCE)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   runner = batching.ModelRunner(params, decode.decode_layout, batch_size, mesh, progress)
   score = score_fn(config)

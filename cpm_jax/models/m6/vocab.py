@@ -46,8 +46,9 @@ class CharVocab:
     return [self._ids.get(char, self.unk_id) for char in text]
 
   def decode(self, ids: Iterable[int]) -> str:
-    """The characters of `ids`; special tokens other than <unk> are dropped, <unk> shows as U+FFFD."""
-    return "".join("\ufffd" if i == self.unk_id else self.tokens[i] for i in map(int, ids)
+    """The characters of `ids`; special tokens other than <unk> are dropped, <unk> and ids past the vocabulary (padded
+    embedding rows a model generated) show as U+FFFD."""
+    return "".join("\ufffd" if i == self.unk_id or i >= len(self.tokens) else self.tokens[i] for i in map(int, ids)
                    if i >= len(SPECIALS) or i == self.unk_id)
 
 
@@ -68,11 +69,3 @@ def build(required: Iterable[str], others: Iterable[str], path: str | os.PathLik
     f.write("".join(token + "\n" for token in tokens[:size]))
   os.replace(path + ".tmp", path)
   return CharVocab(path)
-
-
-def check_fits(vocab: CharVocab, vocab_size: int, where: str) -> None:
-  """A ValueError naming `where` when the vocabulary has more tokens than the model's embedding rows."""
-  if vocab.vocab_size > vocab_size:
-    raise ValueError(f"{where}: the vocabulary {vocab.path} has {vocab.vocab_size} tokens, more than the model's "
-                     f"vocab_size {vocab_size}.")
-

@@ -18,10 +18,10 @@ import numpy as np
 
 from cpm_jax import decoding, serving_weights
 from cpm_jax.evaluation import batching
-from cpm_jax.evaluation.interface import LanguageModel, unsupported
+from cpm_jax.evaluation.interface import TOKENIZER_SOURCE, LanguageModel, unsupported
 from cpm_jax.models.plug import decode, fewshot_inputs
 from cpm_jax.models.plug import model as plug
-from cpm_jax.tokenization import BertTokenizer
+from cpm_jax.tokenization import BertTokenizer, check_fits
 
 
 class PromptTokenizer:
@@ -133,6 +133,7 @@ def language_model(params: dict, config: plug.PlugConfig, tokenizer: BertTokeniz
   weights: "bfloat16" / "int8" serve the decoder's weights converted once (cpm_jax.serving_weights).
   long_text: prompts are texts to continue, by the released long-text protocol (gin `LongText`).
   """
+  check_fits(tokenizer.vocab_size, tokenizer.vocab_path, config.vocab_size, TOKENIZER_SOURCE)
   labels = tuple(metadata.get("labels", ()))
   prompts_tokenizer = (ContextTokenizer if long_text else PromptTokenizer)(tokenizer, config.max_positions, strict)
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
