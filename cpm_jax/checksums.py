@@ -6,7 +6,7 @@ and the words are summed modulo 2**32. Integer sums are exact in any order, so a
 compute the same checksum of the same array, and a checkpoint written on one topology is checked on another. One
 changed element always changes the sum (the finaliser is a bijection), and random damage goes unnoticed with
 probability 2**-32. The cost is one fused pass over the arrays where they live (benchmarks/checkpoint_checksums.py:
-about 1 s for cpm_small's 415 MiB on one CPU device, 0.75x a plain Orbax save of them; BUILD.md).
+about 1 s for cpm_small's 415 MiB on one CPU device, 0.56-0.75x a plain Orbax save of them; BUILD.md).
 """
 
 from __future__ import annotations
