@@ -331,10 +331,13 @@ def train(workdir: str, *, model: training.Model = gin.REQUIRED, data: Any = gin
                              f"{saved}.")
 
   with checkpointing.PreemptionGuard() as preemption, _closing_unless_aborted(checkpointer, lambda: step):
-    if preemption.requested:  # before this training began (a program running several holds a guard around them)
+    # A stop requested before this training began (a program running several holds a guard around them). Read once:
+    # a request arriving later is seen by should_stop after a step, which saves that step.
+    stopped_before = preemption.requested
+    if stopped_before:
       logging.info("Stop requested before step %d: %s not trained further.", step + 1, workdir)
       last_metrics[_stop_metric(preemption)] = step
-    while step < num_steps and not preemption.requested:
+    while step < num_steps and not stopped_before:
       waiting = time.perf_counter()
       batch = next(train_iterator)
       log.waited_for_data(time.perf_counter() - waiting)
