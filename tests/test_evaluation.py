@@ -109,6 +109,25 @@ def test_label_prompt_protocol_and_sampled_setting():
   assert result.predictions[1]["predicted"] == ["k2"]
 
 
+def test_label_score_mean_favours_a_two_piece_label_and_sum_does_not():
+  """p(差) = 0.45 then 评 for certain, against p(好) = 0.55: the mean per token picks 差评, the label's probability 好."""
+  log_p = {"差评": math.log(0.45) + math.log(1.0), "好": math.log(0.55)}
+  def score(requests, names=None):
+    labels = [CharTokenizer().decode(x) for _, x in requests]
+    return np.array([log_p[label] for label in labels]), np.array([len(label) for label in labels])
+  model = interface.LanguageModel(CharTokenizer(), score, None)
+  examples = [{"text": "好用", "label": 1}]
+  label_map = {0: "差评", 1: "好"}
+  by_mean = tasks.LabelPromptTask(name="t", templates=[["{text}：", "{label}"]], label_map=label_map)
+  by_sum = dataclasses.replace(by_mean, score="sum")
+  assert by_mean.evaluate(model, examples).metrics["accuracy"] == 0.0
+  result = by_sum.evaluate(model, examples)
+  assert result.metrics["accuracy"] == 1.0
+  np.testing.assert_allclose(result.predictions[0]["sum_log_likelihood"], [[log_p["差评"], log_p["好"]]], atol=1e-5)
+  with pytest.raises(ValueError, match="LabelPromptTask.score = 'max'; expected one of"):
+    dataclasses.replace(by_mean, score="max").check(examples)
+
+
 def hashed_model():
   """Scores each request by a hash of its text: distinct, input-dependent and unrelated to any label."""
   def score(requests, names=None):

@@ -1,7 +1,8 @@
 """Zero- and few-shot tasks with CPM-1's released protocols, each configured by a gin file (no code).
 
 - LabelPromptTask (TNEWS, IFLYTEK, OCNLI, review sentiment): one prompt per label; the score is the mean
-  log-likelihood of the continuation given the context; the best label wins. Reports accuracy over all labels
+  log-likelihood of the continuation given the context (CPM-1's protocol; `score="sum"` takes the total, the
+  label's probability, which a fine-tuned model is trained on); the best label wins. Reports accuracy over all labels
   and in the paper's setting of `sampled_wrong` random wrong labels + the gold one.
 - MultipleChoiceTask (ChID): each candidate is filled into the blank, <eod> appended, and the whole passage is
   scored by mean log-likelihood (its first token has no predictor); the best candidate wins.
@@ -109,8 +110,11 @@ class Task(abc.ABC):
     """Scores `examples` (few-shot demonstrations drawn from `demonstrations`)."""
 
 
-def _mean_scores(model: LanguageModel, requests: list, names: list[str]) -> np.ndarray:
+def _scores(model: LanguageModel, requests: list, names: list[str], score: str) -> np.ndarray:
+  """Each request's continuation log-likelihood: its "mean" over the continuation's tokens or its "sum"."""
   totals, counts = model.score(requests, names)
+  if score == "sum":
+    return np.where(counts > 0, totals, -np.inf)
   return np.where(counts > 0, totals / np.maximum(counts, 1), -np.inf)
 
 
@@ -123,6 +127,9 @@ def _encode_all(model: LanguageModel, texts: list[str]) -> list[list[int]]:
   return [cache[text] for text in texts]
 
 
+SCORES = ("mean", "sum")  # LabelPromptTask.score
+
+
 @gin.configurable
 @dataclasses.dataclass(kw_only=True)
 class LabelPromptTask(Task):
@@ -130,6 +137,8 @@ class LabelPromptTask(Task):
 
   label_map: raw label (the example's `label_field`, compared as a string) -> the words put in the prompt.
   None uses the raw labels themselves, the label set being every value seen in the data.
+  score: "mean" (CPM-1's protocol: labels of different token counts compete per token) or "sum" (the label's
+  log-probability: a label of two pieces is not favoured when its second piece follows its first for certain).
   """
 
   templates: Sequence[Sequence[str]] = ()
@@ -137,6 +146,7 @@ class LabelPromptTask(Task):
   label_map: dict | None = None
   sampled_wrong: int = 3
   skip_labels: Sequence[str] = ()
+  score: str = "mean"
 
   def _labels(self, examples: Sequence[dict]) -> dict[str, str]:
     if self.label_map is not None:
@@ -160,9 +170,11 @@ class LabelPromptTask(Task):
     return fill(context, example, index, label=words) + fill(continuation, example, index, label=words)
 
   def _kept(self, examples: Sequence[dict]) -> list[dict]:
-    """The examples whose label is not skipped; a task without templates is an error."""
+    """The examples whose label is not skipped; a task without templates or with an unknown score is an error."""
     if not self.templates:
       raise ValueError(f"Task {self.name!r}: no templates; bind LabelPromptTask.templates in its gin file.")
+    if self.score not in SCORES:
+      raise ValueError(f"Task {self.name!r}: LabelPromptTask.score = {self.score!r}; expected one of {SCORES}.")
     return [e for e in examples if str(e.get(self.label_field)) not in set(map(str, self.skip_labels))]
 
   def check(self, examples, demonstrations=()):
@@ -192,7 +204,7 @@ class LabelPromptTask(Task):
     for (_, continuation), name in zip(requests, names):
       if not continuation:
         raise ValueError(f"{name}: the continuation is empty, so there is nothing to score.")
-    scores = _mean_scores(model, requests, names).reshape(len(examples), len(self.templates), len(keys))
+    scores = _scores(model, requests, names, self.score).reshape(len(examples), len(self.templates), len(keys))
     predicted = scores.argmax(-1)  # [examples, templates]
     results = {}
     sampled = self.sampled_wrong + 1 < len(keys)
@@ -213,7 +225,7 @@ class LabelPromptTask(Task):
       results[f"accuracy_{self.sampled_wrong + 1}way"] = float((sampled_predicted == gold[:, None]).mean())
     results["examples"] = len(examples)
     predictions = [{"where": where(e, i), "label": keys[gold[i]], "predicted": [keys[p] for p in predicted[i]],
-                    "mean_log_likelihood": np.round(scores[i], 5).tolist()} for i, e in enumerate(examples)]
+                    f"{self.score}_log_likelihood": np.round(scores[i], 5).tolist()} for i, e in enumerate(examples)]
     if sampled:  # which wrong labels the paper's setting drew for each example, and its prediction among them
       for record, wrong, picks in zip(predictions, sampled_wrong, sampled_predicted):
         record.update(sampled_wrong=[keys[k] for k in wrong], predicted_sampled=[keys[p] for p in picks])
@@ -266,7 +278,7 @@ class MultipleChoiceTask(Task):
       names += [f"{where(example, i)} candidate {c}" for c in range(len(filled))]
       gold.append(answer)
       sizes.append(len(filled))
-    scores = _mean_scores(model, requests, names)
+    scores = _scores(model, requests, names, "mean")
     bounds = np.cumsum([0] + sizes)
     predicted = [int(scores[a:b].argmax()) for a, b in zip(bounds[:-1], bounds[1:])]
     correct = [p == g for p, g in zip(predicted, gold)]
