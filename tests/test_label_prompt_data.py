@@ -47,3 +47,17 @@ def test_rows_are_the_scored_prompts_with_loss_on_the_label_only(tmp_path, small
   label_tokens = {t for _, continuation in requests for t in continuation}
   for batch in (next(train) for _ in range(3)):  # repeats for ever, full batches, loss on label words only
     assert batch["inputs"].shape == (4, 48) and set(batch["targets"][batch["weights"] > 0].tolist()) <= label_tokens
+
+
+def test_eval_max_examples_spreads_over_a_label_sorted_split(tmp_path, small_tokenizer):  # noqa: F811
+  """review_sentiment's splits hold every negative before every positive: a limited validation pass must see both."""
+  texts = [(f"差{i}。", 0) for i in range(30)] + [(f"好{i}。", 1) for i in range(30)]
+  for split in ("train", "validation"):
+    (tmp_path / f"{split}.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": label}, ensure_ascii=False) + "\n" for t, label in texts),
+        encoding="utf-8")
+  data = cpm.LabelPromptData(tokenizer_path=small_tokenizer.model_path, dataset=str(tmp_path / "{split}.jsonl"),
+                             seq_len=16, global_batch_size=4, eval_max_examples=8)
+  rows = np.concatenate([batch["inputs"] for batch in data.eval_batches()])
+  seen = [small_tokenizer.decode([t for t in row.tolist() if t != small_tokenizer.pad_id]) for row in rows]
+  assert len(seen) == 8 and [text[0] for text in seen] == ["差"] * 4 + ["好"] * 4, seen

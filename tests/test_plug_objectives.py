@@ -148,8 +148,9 @@ def test_palm_batches_split_prefix_and_continuation(plug_vocab_path, demo_data_d
   data = plug_pipeline.PalmData(vocab_path=str(plug_vocab_path), data_dir=str(demo_data_dir), seq_len=48,
                                 target_len=16, source_ratio=0.8, global_batch_size=4, eval_split="train",
                                 eval_max_examples=4)
-  b = next(data.eval_batches())  # in order: row i is paragraph i
-  paragraphs = sources.load_examples("peoples_daily_1998", "train", demo_data_dir)[:4]
+  b = next(data.eval_batches())  # row i is the i-th of 4 paragraphs spaced evenly over the split (splits.spread)
+  split = sources.load_examples("peoples_daily_1998", "train", demo_data_dir)
+  paragraphs = [split[i * len(split) // 4] for i in range(4)]
   for row, paragraph in enumerate(paragraphs):
     n = int(b["decoder_segment_ids"][row].sum())
     assert b["decoder_inputs"][row, 0] == tokenizer.cls_id and b["decoder_targets"][row, n - 1] == tokenizer.sep_id
@@ -157,9 +158,10 @@ def test_palm_batches_split_prefix_and_continuation(plug_vocab_path, demo_data_d
     m = int(b["segment_ids"][row].sum())
     restored = np.where(b["weights"][row] > 0, b["targets"][row], b["inputs"][row])[1:m - 1]  # MLM noise undone
     ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(paragraph["text"]))
-    span = list(restored) + list(b["decoder_targets"][row, :n - 1])
-    assert span == ids[:len(span)] and len(span) == min(len(ids), 46 + 15)  # the first span that fits
-    assert len(restored) == round(0.8 * len(span))
+    fits = min(len(ids), 46 + 15)  # the first span that fits both sides, 80% of it the source
+    split_at = round(0.8 * fits)
+    assert restored.tolist() == ids[max(0, split_at - 46):split_at]  # a source past 46 tokens keeps its end
+    assert b["decoder_targets"][row, :n - 1].tolist() == ids[split_at:fits]
     assert 0 < (b["weights"][row] > 0).sum() <= 0.2 * m
 
 

@@ -12,7 +12,7 @@ import gin
 import grain
 import numpy as np
 
-from cpm_jax.data import pipeline, processes, sources
+from cpm_jax.data import pipeline, processes, sources, splits
 from cpm_jax.data.splits import SplitData
 from cpm_jax.model_fit import Requirement
 from cpm_jax.tokenization import CPMTokenizer
@@ -85,7 +85,7 @@ class LabelPromptData(SplitData):
   labelled dataset (default review_sentiment) becomes `template` = (context, continuation), filled with its fields
   and {label} = its label words, one example a row; the loss counts only the continuation (the label words), so the
   LM learns to put them after the context. Bind the template the evaluation task scores with.
-  eval_max_examples: read only the first examples of the eval split."""
+  eval_max_examples: read only that many examples of the eval split, spaced evenly over it (splits.spread)."""
 
   tokenizer_path: str = gin.REQUIRED
   dataset: str = "review_sentiment"
@@ -112,9 +112,8 @@ class LabelPromptData(SplitData):
     return iter(shuffled.map(row).to_iter_dataset().batch(rows, drop_remainder=True))
 
   def eval_batches(self) -> Iterable[dict]:
-    """One pass over (the first eval_max_examples of) the eval split: this process's rows of each global batch."""
+    """One pass over (eval_max_examples of) the eval split: this process's rows of each global batch."""
     index, count, _ = self.process_share()
     examples, row = self._rows(self.eval_split)
-    examples = examples[:self.eval_max_examples] if self.eval_max_examples else examples
-    batches = examples.map(row).to_iter_dataset().batch(self.global_batch_size)
+    batches = splits.spread(examples, self.eval_max_examples).map(row).to_iter_dataset().batch(self.global_batch_size)
     return iter(processes.process_rows(batches, self.global_batch_size, index, count))

@@ -26,7 +26,7 @@ import gin
 import grain
 import numpy as np
 
-from cpm_jax.data import processes, sources
+from cpm_jax.data import processes, sources, splits
 from cpm_jax.data.splits import SplitData
 from cpm_jax.model_fit import Requirement
 from cpm_jax.models.plug import objectives
@@ -173,7 +173,7 @@ def _indexed(source: Sequence[Any], field: str | None) -> grain.MapDataset:
 @dataclasses.dataclass(frozen=True)
 class _PlugData(SplitData, abc.ABC):
   """What the train loop needs of a PLUG task (`SplitData` for the dataset, splits and batch fields):
-  train_iterator(seed), eval_batches(). max_examples / eval_max_examples: read only the first examples."""
+  train_iterator(seed), eval_batches(). max_examples / eval_max_examples: read only that many examples, spaced evenly over the split (splits.spread)."""
 
   vocab_path: str = gin.REQUIRED
   max_examples: int | None = None
@@ -211,7 +211,7 @@ class _PlugData(SplitData, abc.ABC):
   def _examples(self, split: str, limit: int | None) -> tuple[grain.MapDataset, Callable]:
     source = self.source(split, self.required_fields())
     dataset = _indexed(source, self.text_field if self.random else None)
-    return (dataset[:limit] if limit else dataset), self.example_fn(source)
+    return splits.spread(dataset, limit), self.example_fn(source)
 
   def _features(self, dataset: grain.MapDataset, example_fn: Callable, seed: int) -> grain.IterDataset:
     return (dataset.random_map(example_fn, seed=seed) if self.random else dataset.map(example_fn)).to_iter_dataset()
