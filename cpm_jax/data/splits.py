@@ -15,9 +15,9 @@ from cpm_jax.data import jsonl, processes, sources
 def spread(examples: grain.MapDataset, limit: int | None) -> grain.MapDataset:
   """At most `limit` of `examples` (a grain.MapDataset) spaced evenly over them, in order: splits are often sorted
   by label (review_sentiment's negatives come first), so the first `limit` would see one class only."""
-  if not limit or limit >= len(examples):
-    return examples
   size = len(examples)
+  if not limit or limit >= size:
+    return examples
   return grain.MapDataset.range(limit).map(lambda i: examples[i * size // limit])
 
 

@@ -113,9 +113,7 @@ class Task(abc.ABC):
 def _scores(model: LanguageModel, requests: list, names: list[str], score: str) -> np.ndarray:
   """Each request's continuation log-likelihood: its "mean" over the continuation's tokens or its "sum"."""
   totals, counts = model.score(requests, names)
-  if score == "sum":
-    return np.where(counts > 0, totals, -np.inf)
-  return np.where(counts > 0, totals / np.maximum(counts, 1), -np.inf)
+  return np.where(counts > 0, totals if score == "sum" else totals / np.maximum(counts, 1), -np.inf)
 
 
 def _encode_all(model: LanguageModel, texts: list[str]) -> list[list[int]]:

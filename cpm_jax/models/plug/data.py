@@ -173,7 +173,8 @@ def _indexed(source: Sequence[Any], field: str | None) -> grain.MapDataset:
 @dataclasses.dataclass(frozen=True)
 class _PlugData(SplitData, abc.ABC):
   """What the train loop needs of a PLUG task (`SplitData` for the dataset, splits and batch fields):
-  train_iterator(seed), eval_batches(). max_examples / eval_max_examples: read only that many examples, spaced evenly over the split (splits.spread)."""
+  train_iterator(seed), eval_batches(). max_examples / eval_max_examples: read only that many examples, spaced
+  evenly over the split (splits.spread)."""
 
   vocab_path: str = gin.REQUIRED
   max_examples: int | None = None
