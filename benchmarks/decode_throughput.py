@@ -7,7 +7,7 @@ weight is streamed once per token, so tokens/s <= (matrix-vector bandwidth) / (b
 size an on-device loop of bare matrix products over the same weights, the ceiling of a decode step. cpm_jax,
 transformers, the bare loop and the bandwidth probes run in turn in every timed round, so they meet the same load.
 At batch 1 the rounds also time the streamed path (`cpm.stream`: a host loop over one jitted step, as generate.py
---stream), the same decoding with bfloat16 and int8 weights (cpm_jax.serving_weights), and int8 matrix-vector
+--stream), the same decoding with bfloat16, int8 and w8a8 weights (cpm_jax.serving_weights), and int8 matrix-vector
 probes (XLA; PyTorch's int8 weight-only kernel `_weight_int8pack_mm`; XLA's int8 x int8 product).
 
   .venv/bin/python benchmarks/decode_throughput.py
@@ -67,9 +67,9 @@ def int8_matvec_products(times: int = 5) -> tuple[int, list]:
   import numpy as np
   import torch
 
-  from cpm_jax import serving_weights
+  from cpm_jax import layers
 
-  matrix, scale = serving_weights.quantize(jnp.asarray(np.random.default_rng(1).standard_normal((8192, 8192),
+  matrix, scale = layers.quantize_int8(jnp.asarray(np.random.default_rng(1).standard_normal((8192, 8192),
                                                                                                np.float32)), (1,))
   x = jnp.ones((1, 8192), jnp.float32)
   product = jax.jit(lambda x, w, s: jax.lax.dot_general(x, w.astype(x.dtype), (((1,), (1,)), ((), ()))) * s)
@@ -155,7 +155,7 @@ def main(argv):
   decode_params = cpm.decode_layout(params)
   print(f"params converted once to the decode layout (cpm.decode_layout, {convert * 1e3:.0f} ms)")
   served = {weights: serving_weights.for_decoding(decode_params, weights, cpm.QUANTIZED)
-            for weights in ("bfloat16", "int8")}
+            for weights in ("bfloat16", "int8", "w8a8")}
   print("weights: " + ", ".join(f"{name} {serving_weights.weight_bytes(tree) / 1e6:.0f} MB" for name, tree in (
       ("float32", decode_params.tree), *((w, p.tree) for w, p in served.items()))))
   int8_bytes, int8_matvecs = int8_matvec_products()
@@ -183,14 +183,16 @@ def main(argv):
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
             f"{bare_tps / theirs_tps:.2f}x transformers), cpm_jax reaches {bare / ours:.2f} of it")
     if extra:
-      streamed, bf16, int8, xla_probe, torch_probe, xla_int8_probe, torch_int8_probe, int8_activations_probe = extra
+      streamed, bf16, int8, w8a8, xla_probe, torch_probe, xla_int8_probe, torch_int8_probe, int8_activations_probe = extra
       xla_bandwidth, torch_bandwidth = matrix_bytes / xla_probe, matrix_bytes / torch_probe
       limit = xla_bandwidth / param_bytes
       line += (f"; matvec bandwidth XLA {xla_bandwidth / 1e9:.1f} GB/s, PyTorch {torch_bandwidth / 1e9:.1f} GB/s -> "
                f"weight-streaming limit {limit:.1f} tokens/s, cpm_jax reaches {100 * ours_tps / limit:.0f}% of it")
       line += (f"\n  streamed (host loop over a jitted step) {new / streamed:.1f} tokens/s ({ours / streamed:.2f} of "
                f"the on-device loop); bfloat16 weights {new / bf16:.1f} tokens/s ({ours / bf16:.2f}x float32), int8 "
-               f"{new / int8:.1f} tokens/s ({ours / int8:.2f}x float32, {theirs / int8:.2f}x transformers)"
+               f"{new / int8:.1f} tokens/s ({ours / int8:.2f}x float32, {theirs / int8:.2f}x transformers), w8a8 "
+               f"(int8 activations too) {new / w8a8:.1f} tokens/s ({ours / w8a8:.2f}x float32, {theirs / w8a8:.2f}x "
+               f"transformers, {100 * new / w8a8 / limit:.0f}% of the float32 limit)"
                f"\n  int8 matvec of 8192 x 8192 (the ceiling of int8 decoding): XLA {xla_probe / xla_int8_probe:.2f}x "
                f"the float32 product's speed ({int8_bytes / xla_int8_probe / 1e9:.2f} GB/s of int8), PyTorch "
                f"_weight_int8pack_mm {torch_probe / torch_int8_probe:.2f}x its float32 product; XLA with int8 "

@@ -1,10 +1,12 @@
-"""Serving weights of a trained CPM (bfloat16, int8 weight-only) against its float32 weights: bytes, perplexity on
-held-out text and batch-1 decode speed, with transformers' GPT2LMHeadModel on the same float32 weights beside.
+"""Serving weights of a trained CPM (bfloat16, int8 weight-only, w8a8) against its float32 weights: bytes,
+perplexity on held-out text and batch-1 decode speed, with transformers' GPT2LMHeadModel on the same float32 weights
+beside.
 
 Perplexity is scored on People's Daily's validation split (held out from training), in the training rows, through
-the served decode path itself: each row prefilled into an empty cache with the served weights (int8 dense layers
-and tied head; activations float32), and also by `serving_weights.round_trip` in the training layout (what
-evaluate.py --weights scores). Speed: greedy 64 tokens after a 32-token prompt, batch 1, every variant timed in turn
+the served decode path itself (`cpm.served_logits`: each row prefilled into an empty cache with the served weights:
+int8 dense layers and tied head, activations float32, or int8 too for w8a8), and also by
+`serving_weights.round_trip` in the training layout (what evaluate.py --weights scores int8 with; w8a8 has no
+round trip, evaluate.py scores it through the decode path). Speed: greedy 64 tokens after a 32-token prompt, batch 1, every variant timed in turn
 in each round (best of --repeats).
 
   .venv/bin/python benchmarks/serving_quality.py --checkpoint=workdir/demo/cpm --data_dir=workdir/demo/tfds
@@ -25,7 +27,7 @@ flags.DEFINE_string("data_dir", "workdir/demo/tfds", "TFDS data_dir holding peop
 flags.DEFINE_integer("eval_documents", 400, "Validation documents scored.")
 flags.DEFINE_integer("repeats", 5, "Timed rounds.")
 FLAGS = flags.FLAGS
-WEIGHTS = ("float32", "bfloat16", "int8")
+WEIGHTS = ("float32", "bfloat16", "int8", "w8a8")
 
 
 def main(argv):
@@ -48,12 +50,8 @@ def main(argv):
   decode_params = cpm.decode_layout(params)
   served = {w: serving_weights.for_decoding(decode_params, w, cpm.QUANTIZED) for w in WEIGHTS}
 
-  @jax.jit
-  def served_logits(params, batch):
-    cache = cpm.init_cache(config, batch["inputs"].shape[0], batch["inputs"].shape[1])
-    hidden, _ = cpm.cached_hidden_states(params, batch["inputs"], config, cache, positions=batch["positions"],
-                                         segment_ids=batch["segment_ids"])
-    return cpm.logits_from_hidden(params.tree, hidden, config, params.layout)
+  served_logits = jax.jit(lambda params, batch: cpm.served_logits(
+      params, batch["inputs"], config, positions=batch["positions"], segment_ids=batch["segment_ids"]))
 
   forward = jax.jit(lambda params, batch: cpm.forward(params, batch["inputs"], config, positions=batch["positions"],
                                                       segment_ids=batch["segment_ids"]))
@@ -75,9 +73,11 @@ def main(argv):
   print(f"{'weights':9s} {'MB':>7s} {'ppl (served decode path)':>25s} {'ppl (round trip)':>17s} {'vs float32':>11s}")
   for w in WEIGHTS:
     served_ppl = perplexity(lambda b, w=w: served_logits(served[w], b))
-    trip = serving_weights.round_trip(params, w, cpm.QUANTIZED)
-    trip_ppl = perplexity(lambda b, trip=trip: forward(trip, b))
-    print(f"{w:9s} {serving_weights.weight_bytes(served[w].tree) / 1e6:7.1f} {served_ppl:25.3f} {trip_ppl:17.3f} "
+    trip_ppl = "n/a"
+    if w in serving_weights.ROUND_TRIPS:
+      trip = serving_weights.round_trip(params, w, cpm.QUANTIZED)
+      trip_ppl = f"{perplexity(lambda b, trip=trip: forward(trip, b)):.3f}"
+    print(f"{w:9s} {serving_weights.weight_bytes(served[w].tree) / 1e6:7.1f} {served_ppl:25.3f} {trip_ppl:>17s} "
           f"{100 * (served_ppl / reference - 1):+10.2f}%")
 
   with tempfile.TemporaryDirectory() as hf_dir:

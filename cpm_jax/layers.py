@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -261,19 +261,51 @@ class Layout(enum.Enum):
   TRAINING: `{name}_kernel` [*in, *out] (the layout params are created, trained and checkpointed in).
   DECODE: `{name}_weight` [out, in], a 2-D matrix (`decode_layout`), for cached decoding.
   DECODE_INT8: DECODE with int8 weights and a float32 `{name}_scale` [out] per output channel
-  (cpm_jax.serving_weights).
+  (cpm_jax.serving_weights); activations in the compute dtype (weight-only int8).
+  DECODE_W8A8: DECODE_INT8's weights, and each product's activations quantised to int8 too, per row, as they come
+  (`int8_product`).
   """
 
   TRAINING = "training"
   DECODE = "decode"
   DECODE_INT8 = "decode_int8"
+  DECODE_W8A8 = "decode_w8a8"
+
+  @property
+  def int8(self) -> bool:
+    """Whether the weights are stored int8 with a `{name}_scale` per output channel."""
+    return self in (Layout.DECODE_INT8, Layout.DECODE_W8A8)
+
+
+def quantize_int8(x: jax.Array, reduce_axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
+  """(int8 values, float32 scales) of `x`, symmetric: one scale per slice, the max |x| over `reduce_axes` / 127
+  (kept as dims of size 1; 1 where a slice is all zero)."""
+  x = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x), axis=tuple(reduce_axes), keepdims=True) / 127.0
+  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def int8_product(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.Array:
+  """x [rows, in] times int8 `weight` [out, in] (one float32 `weight_scale` [out] per row) with x quantised to int8
+  per row as well (W8A8, dynamic): an int8 x int8 product accumulated in int32, then both scales; float32 [rows, out].
+
+  One row is duplicated into two: XLA:CPU runs int8 x int8 dots fast through YNNPACK, which takes no one-row
+  product (a batch-1 decode step's shape) and leaves it to a kernel several times slower.
+  """
+  rows = x.shape[0]
+  if rows == 1:
+    x = jnp.concatenate([x, x])
+  values, scale = quantize_int8(x, (1,))
+  product = jax.lax.dot_general(values, weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  return (product.astype(jnp.float32) * scale * weight_scale.astype(jnp.float32))[:rows]
 
 
 def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
           layout: Layout = Layout.TRAINING) -> jax.Array:
   """x [..., *in] times the layer's `{name}_kernel` [*in, *out] (Layout.TRAINING) or `{name}_weight` [out, in]
-  (Layout.DECODE, see `decode_layout`; Layout.DECODE_INT8: int8, times `{name}_scale` [out]), plus `{name}_bias`
-  [*out].
+  (Layout.DECODE, see `decode_layout`; Layout.DECODE_INT8: int8, times `{name}_scale` [out]; Layout.DECODE_W8A8:
+  `int8_product`), plus `{name}_bias` [*out].
 
   Several input dims are merged into one before the product: contracted as separate dims (e.g. an output
   projection's heads and head_dim) XLA:CPU re-lays the kernel out (a full copy) on every call.
@@ -287,7 +319,11 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
     if f"{name}_lora_a" in params:  # a low-rank update beside the kernel (cpm_jax.adapters)
       out = out + low_rank_update(x, params, name, dtype).reshape(out.shape)
     return out
-  out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+  if layout is Layout.DECODE_W8A8:
+    out = int8_product(x.reshape(-1, x.shape[-1]), params[f"{name}_weight"], params[f"{name}_scale"])
+    out = out.astype(dtype).reshape(*lead, -1)
+  else:
+    out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
   if layout is Layout.DECODE_INT8:
     out = out * params[f"{name}_scale"].astype(dtype)
   if bias.ndim == 3:  # fused [n, heads, head_dim] outputs, stored heads first

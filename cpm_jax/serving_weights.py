@@ -1,15 +1,18 @@
-"""Smaller weights for serving: bfloat16, or int8 weight-only quantisation with one float32 scale per output channel
-(activations stay in the model's compute dtype).
+"""Smaller weights for serving: bfloat16; int8 weight-only quantisation with one float32 scale per output channel
+(activations stay in the model's compute dtype); or w8a8, the same int8 weights with each product's activations
+quantised to int8 per row as they come (int8 x int8 products, int32 accumulation: `layers.int8_product`).
 
 int8: every dense matrix a decode step reads (the blocks in the decode layout, `{name}_weight` [out, in]) and the
 tables a family names (CPM's tied word embedding: rows are its output channels) become int8 values q = round(w / s)
 with s = max |w| / 127 over each output channel's inputs; `layers.dense` in Layout.DECODE_INT8 computes
-(x . q) * s + b. What is converted is named per family by a `Quantized` (block paths, tables), so that
+(x . q) * s + b (Layout.DECODE_W8A8 for w8a8). What is converted is named per family by a `Quantized` (block paths, tables), so that
 
   `for_decoding(decode params, weights, quantized)`   the served weights (once per run: generate.py --weights),
   `round_trip(params, weights, quantized)`            the same numbers in the training layout (what evaluation
                                                       scores with: evaluate.py --weights; dequantised int8 is the
-                                                      function the int8 decoder computes, up to float rounding),
+                                                      function the int8 decoder computes, up to float rounding;
+                                                      w8a8 has none: its activation quantisation exists only in
+                                                      the decode layout, so its scoring prefills the decode path),
   `to_checkpoint` / `from_checkpoint`                 an int8 checkpoint in the training layout (convert_checkpoint.py
                                                       --weights=int8; metadata "weights": "int8"), read back as its
                                                       dequantised floats, which quantise again to the same int8.
@@ -18,15 +21,17 @@ with s = max |w| / 127 over each output channel's inputs; `layers.dense` in Layo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from cpm_jax import transformer
+from cpm_jax import layers, transformer
 from cpm_jax.layers import Layout
 
-WEIGHTS = ("float32", "bfloat16", "int8")
+WEIGHTS = ("float32", "bfloat16", "int8", "w8a8")
+# Served weights whose numbers the training layout holds (`round_trip`); w8a8 quantises activations as it decodes.
+ROUND_TRIPS = (None, "float32", "bfloat16", "int8")
 SCALE_SUFFIX = "_scale"
 
 
@@ -44,15 +49,6 @@ def check_weights(weights: str | None, where: str = "--weights") -> None:
   """A ValueError naming `where` unless weights is one of WEIGHTS or None (the params as they are)."""
   if weights is not None and weights not in WEIGHTS:
     raise ValueError(f"{where}={weights!r}; expected one of {list(WEIGHTS)}.")
-
-
-def quantize(w: jax.Array, reduce_axes: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-  """(int8 values, float32 scales) of `w`, one scale per output channel: the max |w| over `reduce_axes` / 127
-  (kept as dims of size 1; 1 where a channel is all zero)."""
-  w = w.astype(jnp.float32)
-  scale = jnp.max(jnp.abs(w), axis=tuple(reduce_axes), keepdims=True) / 127.0
-  scale = jnp.where(scale > 0, scale, 1.0)
-  return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
 
 
 def weight_bytes(tree: Any) -> int:
@@ -92,8 +88,12 @@ def _map_kernels(blocks: dict, fn) -> dict:
 
 def round_trip(params: dict, weights: str | None, quantized: Quantized) -> dict:
   """Training-layout params holding the numbers `for_decoding` serves: None the params as they are; float32 /
-  bfloat16 casts every leaf; int8 quantises and dequantises what `quantized` names (the rest stays as it is)."""
+  bfloat16 casts every leaf; int8 quantises and dequantises what `quantized` names (the rest stays as it is). w8a8
+  is a ValueError: no training-layout params compute what it serves."""
   check_weights(weights)
+  if weights not in ROUND_TRIPS:
+    raise ValueError(f"weights={weights!r} quantises activations as it decodes, which the training layout cannot "
+                     f"express; score it through the decode path. Expected one of {list(ROUND_TRIPS)}.")
   if weights is None:
     return params
   if weights != "int8":
@@ -104,21 +104,22 @@ def round_trip(params: dict, weights: str | None, quantized: Quantized) -> dict:
 @jax.jit(static_argnums=1)  # one program: op by op, every kernel shape compiled each of quantize's ops
 def _dequantised(params: dict, quantized: Quantized) -> dict:
   def fake(block, key):
-    q, scale = quantize(block[key], _kernel_channels(block, key))
+    q, scale = layers.quantize_int8(block[key], _kernel_channels(block, key))
     return {key: (q.astype(jnp.float32) * scale).astype(block[key].dtype)}
 
   for path in quantized.blocks:
     params = _replace(params, path, lambda blocks: _map_kernels(blocks, fake))
   for path in quantized.tables:
-    params = _replace(params, path, lambda table: (lambda q, s: (q * s).astype(table.dtype))(*quantize(table, (1,))))
+    params = _replace(params, path,
+                      lambda table: (lambda q, s: (q * s).astype(table.dtype))(*layers.quantize_int8(table, (1,))))
   return params
 
 
 def for_decoding(params: transformer.DecodeParams, weights: str | None, quantized: Quantized
                  ) -> transformer.DecodeParams:
-  """Decode-layout params as served: None as they are, every leaf cast to float32 / bfloat16, or (int8) each
+  """Decode-layout params as served: None as they are, every leaf cast to float32 / bfloat16, or (int8, w8a8) each
   decode block's `{name}_weight` [out, in] and each of `quantized.tables` as int8 with `{name}_scale` [out]
-  (Layout.DECODE_INT8). Compiled as one program of its own."""
+  (Layout.DECODE_INT8, Layout.DECODE_W8A8). Compiled as one program of its own."""
   check_weights(weights)
   return params if weights is None else _for_decoding(params, weights, quantized)
 
@@ -133,7 +134,7 @@ def serving_layout(decode_layout: Callable[[Any], transformer.DecodeParams], wei
 
 @jax.jit(static_argnums=(1, 2))
 def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Quantized) -> transformer.DecodeParams:
-  if weights != "int8":
+  if weights not in ("int8", "w8a8"):
     return transformer.DecodeParams(jax.tree.map(lambda x: x.astype(weights), params.tree), params.layout)
 
   def block(tree: dict) -> dict:
@@ -142,7 +143,7 @@ def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Qua
       if isinstance(value, dict):
         out[key] = block(value)
       elif key.endswith("_weight"):
-        q, scale = quantize(value, (1,))
+        q, scale = layers.quantize_int8(value, (1,))
         out[key], out[key[:-len("_weight")] + SCALE_SUFFIX] = q, scale[:, 0]
       else:
         out[key] = value
@@ -152,10 +153,10 @@ def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Qua
   for path in quantized.blocks:
     tree = _replace(tree, path, lambda blocks: tuple(block(b) for b in blocks))
   for path in quantized.tables:
-    q, scale = quantize(_at(tree, path), (1,))
+    q, scale = layers.quantize_int8(_at(tree, path), (1,))
     tree = _replace(tree, path[:-1], lambda parent, q=q, scale=scale, name=path[-1]: {
         **parent, name: q, name + SCALE_SUFFIX: scale[:, 0]})
-  return transformer.DecodeParams(tree, Layout.DECODE_INT8)
+  return transformer.DecodeParams(tree, Layout.DECODE_W8A8 if weights == "w8a8" else Layout.DECODE_INT8)
 
 
 # ---- int8 checkpoints (training layout) ---------------------------------------------------------
@@ -164,13 +165,13 @@ def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Qua
 def to_checkpoint(params: dict, quantized: Quantized) -> dict:
   """The tree an int8 checkpoint stores: what `quantized` names as int8, each with a `{key}_scale` beside it."""
   def store(block, key):
-    q, scale = quantize(block[key], _kernel_channels(block, key))
+    q, scale = layers.quantize_int8(block[key], _kernel_channels(block, key))
     return {key: q, key + SCALE_SUFFIX: scale}
 
   for path in quantized.blocks:
     params = _replace(params, path, lambda blocks: _map_kernels(blocks, store))
   for path in quantized.tables:
-    q, scale = quantize(_at(params, path), (1,))
+    q, scale = layers.quantize_int8(_at(params, path), (1,))
     params = _replace(params, path[:-1], lambda parent, q=q, scale=scale, name=path[-1]: {
         **parent, name: q, name + SCALE_SUFFIX: scale})
   return params

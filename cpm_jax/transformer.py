@@ -184,18 +184,24 @@ def gather_rows(table: jax.Array, ids: jax.Array, row_axis: str) -> jax.Array:
 
 
 def table_rows(tables: dict, name: str, ids: jax.Array, layout: layers.Layout) -> jax.Array:
-  """Rows `ids` of the word table `tables[name]`: as stored, or (Layout.DECODE_INT8) int8 rows times their scale."""
+  """Rows `ids` of the word table `tables[name]`: as stored, or (an int8 layout) int8 rows times their scale."""
   rows = gather_rows(tables[name], ids, "vocab")
-  if layout is layers.Layout.DECODE_INT8:
+  if layout.int8:
     return rows.astype(jnp.float32) * tables[f"{name}_scale"][ids][..., None]
   return rows
 
 
 def tied_table_logits(tables: dict, name: str, hidden: jax.Array, dtype, layout: layers.Layout) -> jax.Array:
-  """`tied_logits` of the table `tables[name]` in `layout` (Layout.DECODE_INT8: int8 rows, one scale per row)."""
-  if layout is not layers.Layout.DECODE_INT8:
+  """`tied_logits` of the table `tables[name]` in `layout` (the int8 layouts: int8 rows, one scale per row;
+  Layout.DECODE_W8A8 quantises the hidden states per row too, `layers.int8_product`)."""
+  if not layout.int8:
     return tied_logits(tables[name], hidden, dtype)
-  logits = tied_logits(tables[name], hidden, dtype) * tables[f"{name}_scale"].astype(jnp.float32)
+  if layout is layers.Layout.DECODE_W8A8:
+    lead = hidden.shape[:-1]
+    logits = layers.int8_product(hidden.reshape(-1, hidden.shape[-1]), tables[name], tables[f"{name}_scale"])
+    logits = logits.reshape(*lead, -1)
+  else:
+    logits = tied_logits(tables[name], hidden, dtype) * tables[f"{name}_scale"].astype(jnp.float32)
   return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
 
 
@@ -286,8 +292,8 @@ def cached_pre_ln_stack(blocks: Sequence[dict], x: jax.Array, config: Any, cache
                         kv_segments: jax.Array, kv_positions: jax.Array,
                         layout: layers.Layout = layers.Layout.DECODE,
                         span: int | None = None) -> tuple[jax.Array, dict]:
-  """`pre_ln_block` over each layer's decode-layout block (in `layout`: DECODE, or DECODE_INT8 for served int8
-  weights) and cache for positions x [batch, t, embed] appended at cache["index"] (mask, kv_segments, kv_positions
+  """`pre_ln_block` over each layer's decode-layout block (in `layout`: DECODE, or DECODE_INT8 / DECODE_W8A8 for
+  served int8 weights) and cache for positions x [batch, t, embed] appended at cache["index"] (mask, kv_segments, kv_positions
   as `cached_self_mask` gives them, mask cut to `span`); attention reads the caches' first `span` slots (default
   all). Returns (the last block's output, before any final norm; the updated cache)."""
   def body(x, layer_inputs):

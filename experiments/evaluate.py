@@ -54,7 +54,8 @@ _DECODING = flags.DEFINE_enum("decoding", "greedy", ["greedy", "sample", "beam"]
                               "(SamplingConfig / BeamSearchConfig gin bindings set the rest).")
 _WEIGHTS = flags.DEFINE_enum("weights", None, list(serving_weights.WEIGHTS), "Evaluate the weights as served "
                              "after this conversion (bfloat16, or int8 weight-only: scored with the dequantised "
-                             "numbers the int8 decoder computes with); default: as the checkpoint stores them.")
+                             "numbers the int8 decoder computes with; w8a8: int8 weights and activations, scored "
+                             "through the decode path); default: as the checkpoint stores them.")
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Extra gin files, e.g. meshes/tensor8_fsdp.gin.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'LabelPromptTask.shots = 2'.")
 

@@ -70,7 +70,8 @@ _MAX_SECONDS = flags.DEFINE_float("max_seconds", None, "End a batch's texts afte
 _LONG_TEXT = flags.DEFINE_bool("long_text", False, "Generate past the model's positions by its family's protocol "
                                "(CPM: a sliding window; PLUG: the released long-text re-encoding).")
 _WEIGHTS = flags.DEFINE_enum("weights", None, list(serving_weights.WEIGHTS), "Serve the weights converted once to "
-                             "this (int8: weight-only, a scale per output channel); default: as the checkpoint "
+                             "this (int8: weight-only, a scale per output channel; w8a8: the same int8 weights "
+                             "with activations quantised per row at each product); default: as the checkpoint "
                              "stores them (int8 for an int8 checkpoint).")
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files, e.g. meshes/tensor8_fsdp.gin.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings.")

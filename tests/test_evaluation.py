@@ -339,6 +339,29 @@ def test_int8_checkpoint_converts_once_then_generate_streams_and_stops(params, t
   assert len(streamed[0]) < len(full[0])
 
 
+def test_w8a8_scores_through_its_decode_path_and_xl_refuses_it(params, cpm_vocab_path):
+  tokenizer = cpm.CPMTokenizer(str(cpm_vocab_path))
+  requests = [([11, 12, 13], [14, 15]), ([21, 22], [23, 24, 25, 26])]
+  scores = {w: cpm.language_model(params, CONFIG, tokenizer, {}, weights=w).score(requests, None)
+            for w in ("int8", "w8a8")}
+  served = serving_weights.for_decoding(cpm.decode_layout(params), "w8a8", cpm.QUANTIZED)
+  for (context, continuation), total, count in zip(requests, *scores["w8a8"]):
+    row = np.array([context + continuation[:-1]])
+    logits = np.asarray(cpm.served_logits(served, row, CONFIG, positions=np.arange(row.shape[1])[None],
+                                          segment_ids=np.ones_like(row)), np.float64)[0, len(context) - 1:]
+    logits -= logits.max(-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    assert count == len(continuation)
+    assert total == pytest.approx(log_probs[np.arange(len(continuation)), continuation].sum(), rel=1e-4)
+  assert not np.array_equal(scores["w8a8"][0], scores["int8"][0])  # activations quantised, not int8's numbers
+  np.testing.assert_allclose(scores["w8a8"][0], scores["int8"][0], rtol=0.02)
+  xl_config = cpm.xl.CPMXLConfig(vocab_size=30000, num_layers=1, embed_dim=32, num_heads=4, segment_length=8,
+                                 memory_length=8)
+  with pytest.raises(ValueError, match="--weights=w8a8: CPM-XL scores in the training layout"):
+    cpm.xl_decode.language_model(cpm.XL_FAMILY.init(xl_config, jax.random.key(0)), xl_config, tokenizer, {},
+                                 weights="w8a8")
+
+
 # ---- real data ---------------------------------------------------------------------------------
 
 def test_untrained_model_is_at_chance_on_review_sentiment(params, tmp_path, cpm_vocab_path):

@@ -14,7 +14,8 @@ from cpm_jax.convert.common import Format
 from cpm_jax.models.cpm import convert, hf, xl, xl_decode
 from cpm_jax.models.cpm.data import LabelPromptData, LMData
 from cpm_jax.models.cpm.decode import (QUANTIZED, SlidingWindow, attention_spans, cache_logical_axes, decode_layout,
-                                      decode_program, generate, init_cache, prefill, step_fn, stream)
+                                      decode_program, generate, init_cache, prefill, served_logits, step_fn,
+                                      stream)
 from cpm_jax.models.cpm.evaluation import language_model, score_fn
 from cpm_jax.models.cpm.model import (CPMConfig, CPMLanguageModel, cached_hidden_states, embed, forward,
                                       hidden_states, logits_from_hidden, param_specs)

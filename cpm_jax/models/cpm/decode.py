@@ -39,6 +39,15 @@ def init_cache(config: model.CPMConfig, batch: int, length: int, dtype=None) -> 
                                  dtype or config.compute_dtype)
 
 
+def served_logits(params: transformer.DecodeParams, tokens: jax.Array, config: model.CPMConfig, *,
+                  positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+  """Logits [batch, length, vocab] (float32) of whole rows through the decode layout as served: each row prefilled
+  into an empty cache. What scores weights only the decode path computes (w8a8's activation quantisation)."""
+  cache = init_cache(config, *tokens.shape)
+  hidden, _ = model.cached_hidden_states(params, tokens, config, cache, positions=positions, segment_ids=segment_ids)
+  return model.logits_from_hidden(params.tree, hidden, config, params.layout)
+
+
 def cache_logical_axes(config: model.CPMConfig) -> dict:
   """Logical axes of the adapter's cache: the LM cache and each row's next position."""
   return {"lm": transformer.cache_logical_axes(config.num_layers), "position": ("batch",)}

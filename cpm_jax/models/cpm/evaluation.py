@@ -23,22 +23,35 @@ def score_fn(config: model.CPMConfig, forward=model.forward) -> scoring.ScoreFn:
   return jax.jit(score)
 
 
+def served_score_fn(config: model.CPMConfig) -> scoring.ScoreFn:
+  """`score_fn` over params in a served decode layout (`decode.served_logits`)."""
+  def score(params, batch):
+    logits = decode.served_logits(params, batch["inputs"], config, positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"])
+    return scoring.continuation_log_likelihood(logits, batch["targets"], batch["weights"])
+  return jax.jit(score)
+
+
 def language_model(params: dict, config: model.CPMConfig, tokenizer: Any, metadata: dict, *, batch_size: int = 8,
                    decoding_config: decoding.DecodingConfig | None = None, mesh=None, strict: bool = False,
                    progress: bool = False, weights: str | None = None, long_text: bool = False) -> LanguageModel:
   """CPM-LM behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise).
 
-  weights: "bfloat16" / "int8" serve the params converted once (cpm_jax.serving_weights; scoring uses the same
-  numbers). long_text: generation goes on past the model's positions by a sliding window (gin `SlidingWindow`).
+  weights: "bfloat16" / "int8" / "w8a8" serve the params converted once (cpm_jax.serving_weights; scoring uses the
+  same numbers: `serving_weights.round_trip`'s, or for w8a8 the served decode path's). long_text: generation goes
+  on past the model's positions by a sliding window (gin `SlidingWindow`).
   """
   del metadata  # CPM records nothing that changes how it is evaluated
   tokenization.check_fits(tokenizer.vocab_size, tokenizer.model_path, config.vocab_size, TOKENIZER_SOURCE)
   served_layout = serving_weights.serving_layout(decode.decode_layout, weights, decode.QUANTIZED)
   runner = batching.ModelRunner(params, served_layout, batch_size, mesh, progress)
-  score = score_fn(config)
+  if weights in serving_weights.ROUND_TRIPS:
+    score = score_fn(config)
+    scored = functools.cache(lambda: serving_weights.round_trip(params, weights, decode.QUANTIZED))
+  else:
+    score, scored = served_score_fn(config), lambda: runner.decode_params
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
   window = decode.SlidingWindow() if long_text else None
-  scored = functools.cache(lambda: serving_weights.round_trip(params, weights, decode.QUANTIZED))
 
   def score_requests(requests, names=None):
     return scoring.score_requests(score, scored(), requests, max_length=config.max_positions,

@@ -155,12 +155,15 @@ def language_model(params: dict, config: xl.CPMXLConfig, tokenizer: Any, metadat
                    decoding_config: decoding.DecodingConfig | None = None, mesh=None, strict: bool = False,
                    progress: bool = False, weights: str | None = None, long_text: bool = False) -> LanguageModel:
   """CPM-XL behind the LanguageModel interface (greedy decoding of 64 tokens unless told otherwise); requests are
-  scored over at most SCORE_SEGMENTS segments. weights as CPM's; long_text changes nothing (the memory carries
-  any length)."""
+  scored over at most SCORE_SEGMENTS segments. weights as CPM's, w8a8 excepted (a ValueError); long_text changes
+  nothing (the memory carries any length)."""
   del metadata, long_text
   tokenization.check_fits(tokenizer.vocab_size, tokenizer.model_path, config.vocab_size, TOKENIZER_SOURCE)
   score = cpm_evaluation.score_fn(config, xl.forward)  # by the segment-recurrent forward pass
   decoding_config = decoding_config or decoding.SamplingConfig(greedy=True)
+  if weights not in serving_weights.ROUND_TRIPS:
+    raise ValueError(f"--weights={weights}: CPM-XL scores in the training layout, which cannot hold {weights}'s "
+                     f"activation quantisation; expected one of {list(serving_weights.ROUND_TRIPS[1:])}.")
   scored = functools.cache(lambda: serving_weights.round_trip(params, weights, QUANTIZED))
   served_layout = serving_weights.serving_layout(lambda p: decode_layout(p, config), weights, QUANTIZED)
   runner = batching.ModelRunner(params, served_layout, batch_size, mesh, progress)
