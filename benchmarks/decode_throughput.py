@@ -183,7 +183,8 @@ def main(argv):
             f"ratio {ours_tps / theirs_tps:.2f}x; bare matmul loop {bare_tps:.1f} tokens/s (the ceiling: "
             f"{bare_tps / theirs_tps:.2f}x transformers), cpm_jax reaches {bare / ours:.2f} of it")
     if extra:
-      streamed, bf16, int8, w8a8, xla_probe, torch_probe, xla_int8_probe, torch_int8_probe, int8_activations_probe = extra
+      streamed, bf16, int8, w8a8, xla_probe, torch_probe, *int8_probes = extra
+      xla_int8_probe, torch_int8_probe, int8_activations_probe = int8_probes
       xla_bandwidth, torch_bandwidth = matrix_bytes / xla_probe, matrix_bytes / torch_probe
       limit = xla_bandwidth / param_bytes
       line += (f"; matvec bandwidth XLA {xla_bandwidth / 1e9:.1f} GB/s, PyTorch {torch_bandwidth / 1e9:.1f} GB/s -> "

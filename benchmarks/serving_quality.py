@@ -6,8 +6,8 @@ Perplexity is scored on People's Daily's validation split (held out from trainin
 the served decode path itself (`cpm.served_logits`: each row prefilled into an empty cache with the served weights:
 int8 dense layers and tied head, activations float32, or int8 too for w8a8), and also by
 `serving_weights.round_trip` in the training layout (what evaluate.py --weights scores int8 with; w8a8 has no
-round trip, evaluate.py scores it through the decode path). Speed: greedy 64 tokens after a 32-token prompt, batch 1, every variant timed in turn
-in each round (best of --repeats).
+round trip, evaluate.py scores it through the decode path). Speed: greedy 64 tokens after a 32-token prompt, batch
+1, every variant timed in turn in each round (best of --repeats).
 
   .venv/bin/python benchmarks/serving_quality.py --checkpoint=workdir/demo/cpm --data_dir=workdir/demo/tfds
 """

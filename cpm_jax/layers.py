@@ -287,18 +287,21 @@ def quantize_int8(x: jax.Array, reduce_axes: Sequence[int]) -> tuple[jax.Array, 
 
 
 def int8_product(x: jax.Array, weight: jax.Array, weight_scale: jax.Array) -> jax.Array:
-  """x [rows, in] times int8 `weight` [out, in] (one float32 `weight_scale` [out] per row) with x quantised to int8
-  per row as well (W8A8, dynamic): an int8 x int8 product accumulated in int32, then both scales; float32 [rows, out].
+  """x [..., in] times int8 `weight` [out, in] (one float32 `weight_scale` [out] per row) with x quantised to int8
+  per row as well (W8A8, dynamic): an int8 x int8 product accumulated in int32, then both scales; float32 [..., out].
 
   One row is duplicated into two: XLA:CPU runs int8 x int8 dots fast through YNNPACK, which takes no one-row
   product (a batch-1 decode step's shape) and leaves it to a kernel several times slower.
   """
+  lead = x.shape[:-1]
+  x = x.reshape(-1, x.shape[-1])
   rows = x.shape[0]
   if rows == 1:
     x = jnp.concatenate([x, x])
   values, scale = quantize_int8(x, (1,))
   product = jax.lax.dot_general(values, weight, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-  return (product.astype(jnp.float32) * scale * weight_scale.astype(jnp.float32))[:rows]
+  out = product.astype(jnp.float32) * scale * weight_scale.astype(jnp.float32)
+  return out[:rows].reshape(*lead, -1)
 
 
 def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
@@ -320,8 +323,7 @@ def dense(x: jax.Array, params: dict, name: str, dtype, in_dims: int = 1,
       out = out + low_rank_update(x, params, name, dtype).reshape(out.shape)
     return out
   if layout is Layout.DECODE_W8A8:
-    out = int8_product(x.reshape(-1, x.shape[-1]), params[f"{name}_weight"], params[f"{name}_scale"])
-    out = out.astype(dtype).reshape(*lead, -1)
+    out = int8_product(x, params[f"{name}_weight"], params[f"{name}_scale"]).astype(dtype)
   else:
     out = jax.lax.dot_general(x, params[f"{name}_weight"].astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
   if layout is Layout.DECODE_INT8:

@@ -5,7 +5,8 @@ quantised to int8 per row as they come (int8 x int8 products, int32 accumulation
 int8: every dense matrix a decode step reads (the blocks in the decode layout, `{name}_weight` [out, in]) and the
 tables a family names (CPM's tied word embedding: rows are its output channels) become int8 values q = round(w / s)
 with s = max |w| / 127 over each output channel's inputs; `layers.dense` in Layout.DECODE_INT8 computes
-(x . q) * s + b (Layout.DECODE_W8A8 for w8a8). What is converted is named per family by a `Quantized` (block paths, tables), so that
+(x . q) * s + b (Layout.DECODE_W8A8 for w8a8). What is converted is named per family by a `Quantized` (block
+paths, tables), so that
 
   `for_decoding(decode params, weights, quantized)`   the served weights (once per run: generate.py --weights),
   `round_trip(params, weights, quantized)`            the same numbers in the training layout (what evaluation
@@ -33,6 +34,7 @@ WEIGHTS = ("float32", "bfloat16", "int8", "w8a8")
 # Served weights whose numbers the training layout holds (`round_trip`); w8a8 quantises activations as it decodes.
 ROUND_TRIPS = (None, "float32", "bfloat16", "int8")
 SCALE_SUFFIX = "_scale"
+INT8_LAYOUTS = {"int8": Layout.DECODE_INT8, "w8a8": Layout.DECODE_W8A8}  # served weights stored int8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +136,7 @@ def serving_layout(decode_layout: Callable[[Any], transformer.DecodeParams], wei
 
 @jax.jit(static_argnums=(1, 2))
 def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Quantized) -> transformer.DecodeParams:
-  if weights not in ("int8", "w8a8"):
+  if weights not in INT8_LAYOUTS:
     return transformer.DecodeParams(jax.tree.map(lambda x: x.astype(weights), params.tree), params.layout)
 
   def block(tree: dict) -> dict:
@@ -156,7 +158,7 @@ def _for_decoding(params: transformer.DecodeParams, weights: str, quantized: Qua
     q, scale = layers.quantize_int8(_at(tree, path), (1,))
     tree = _replace(tree, path[:-1], lambda parent, q=q, scale=scale, name=path[-1]: {
         **parent, name: q, name + SCALE_SUFFIX: scale[:, 0]})
-  return transformer.DecodeParams(tree, Layout.DECODE_W8A8 if weights == "w8a8" else Layout.DECODE_INT8)
+  return transformer.DecodeParams(tree, INT8_LAYOUTS[weights])
 
 
 # ---- int8 checkpoints (training layout) ---------------------------------------------------------

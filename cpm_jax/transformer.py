@@ -197,9 +197,7 @@ def tied_table_logits(tables: dict, name: str, hidden: jax.Array, dtype, layout:
   if not layout.int8:
     return tied_logits(tables[name], hidden, dtype)
   if layout is layers.Layout.DECODE_W8A8:
-    lead = hidden.shape[:-1]
-    logits = layers.int8_product(hidden.reshape(-1, hidden.shape[-1]), tables[name], tables[f"{name}_scale"])
-    logits = logits.reshape(*lead, -1)
+    logits = layers.int8_product(hidden, tables[name], tables[f"{name}_scale"])
   else:
     logits = tied_logits(tables[name], hidden, dtype) * tables[f"{name}_scale"].astype(jnp.float32)
   return partitioning.constrain(logits, ("batch", "length", "act_vocab"))
@@ -293,9 +291,9 @@ def cached_pre_ln_stack(blocks: Sequence[dict], x: jax.Array, config: Any, cache
                         layout: layers.Layout = layers.Layout.DECODE,
                         span: int | None = None) -> tuple[jax.Array, dict]:
   """`pre_ln_block` over each layer's decode-layout block (in `layout`: DECODE, or DECODE_INT8 / DECODE_W8A8 for
-  served int8 weights) and cache for positions x [batch, t, embed] appended at cache["index"] (mask, kv_segments, kv_positions
-  as `cached_self_mask` gives them, mask cut to `span`); attention reads the caches' first `span` slots (default
-  all). Returns (the last block's output, before any final norm; the updated cache)."""
+  served int8 weights) and cache for positions x [batch, t, embed] appended at cache["index"] (mask, kv_segments,
+  kv_positions as `cached_self_mask` gives them, mask cut to `span`); attention reads the caches' first `span` slots
+  (default all). Returns (the last block's output, before any final norm; the updated cache)."""
   def body(x, layer_inputs):
     layer_params, kv = layer_inputs
     return pre_ln_block(x, layer_params, config, mask, None, layout, kv, cache["index"], span)

@@ -56,4 +56,5 @@ XL_FAMILY = Family(
 __all__ = ["CPMConfig", "CPMLanguageModel", "FAMILY", "LabelPromptData", "LMData", "QUANTIZED", "SlidingWindow", "XL_FAMILY",
            "abstract_params", "attention_spans", "cache_logical_axes", "cached_hidden_states", "decode_layout",
            "decode_program", "embed", "forward", "generate", "hidden_states", "init", "init_cache", "language_model",
-           "logical_axes", "logits_from_hidden", "param_specs", "prefill", "score_fn", "step_fn", "stream"]
+           "logical_axes", "logits_from_hidden", "param_specs", "prefill", "score_fn", "served_logits",
+           "step_fn", "stream"]
