@@ -37,7 +37,8 @@ class SamplingConfig:
   Logits are processed in CPM's order: repetition penalty, then top-k, then top-p (nucleus, on the
   probabilities renormalised over the top-k), then temperature, then a categorical draw. With
   `greedy` the token is the argmax after the repetition penalty. top_k=0 / top_p=1.0 disable them.
-  no_repeat_ngram_size=n bans every token that would repeat an n-gram of the row (cpm_jax.no_repeat_ngram).
+  no_repeat_ngram_size=n bans every token that would repeat an n-gram of the row (cpm_jax.no_repeat_ngram);
+  suppress_tokens are never produced (transformers' suppress_tokens: their logits are set to -inf first).
   The end token cannot be produced before `min_length` new tokens; None leaves it to the model's release
   protocol (PLUG samples no [SEP] before 80% of max_new_tokens; CPM: 0).
   """
@@ -49,6 +50,7 @@ class SamplingConfig:
   top_p: float = 1.0
   repetition_penalty: float = 1.0  # CTRL's: seen tokens' logits divided (if > 0) or multiplied by it
   no_repeat_ngram_size: int = 0
+  suppress_tokens: tuple[int, ...] = ()
   min_length: int | None = None
   seed: int = 0
 
@@ -65,6 +67,7 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.repetition_penalty={self.repetition_penalty}; expected > 0.")
     if self.no_repeat_ngram_size < 0:
       raise ValueError(f"SamplingConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}; expected >= 0 (0: off).")
+    _check_suppress_tokens(self)
     if self.min_length is not None and not 0 <= self.min_length <= self.max_new_tokens:
       raise ValueError(f"SamplingConfig.min_length={self.min_length}; expected in [0, max_new_tokens="
                        f"{self.max_new_tokens}] (or None).")
@@ -90,8 +93,9 @@ class SamplingConfig:
           history: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """(tokens [batch, max_new_tokens], lengths [batch]) by `sample_loop`; history: (tokens, valid) fed before
     last_tokens, for no_repeat_ngram_size."""
-    step_fn, cache, _ = no_repeat_ngram.track(self.no_repeat_ngram_size, step_fn, cache, cache_axes,
-                                              last_tokens.shape[0], self.max_new_tokens, history, NEG_INF)
+    step_fn, cache, _ = no_repeat_ngram.track(self.no_repeat_ngram_size, suppressing_step(self, step_fn), cache,
+                                              cache_axes, last_tokens.shape[0], self.max_new_tokens, history,
+                                              NEG_INF)
     tokens, lengths, _ = sample_loop(step_fn, params, cache, last_tokens, self, eod_id=eod_id, pad_id=pad_id,
                                      vocab_size=vocab_size, rng=rng, seen=seen)
     return tokens, lengths
@@ -103,7 +107,7 @@ class BeamSearchConfig:
   """Beam search scored by log-probability / GNMT length penalty ((5 + length) / 6) ** alpha.
 
   <eod> is forbidden before `min_length` new tokens. Beams that reach max_new_tokens without <eod>
-  compete with the finished ones at that length. no_repeat_ngram_size as in SamplingConfig.
+  compete with the finished ones at that length. no_repeat_ngram_size and suppress_tokens as in SamplingConfig.
   """
 
   max_new_tokens: int = 64
@@ -111,6 +115,7 @@ class BeamSearchConfig:
   length_penalty: float = 0.6
   min_length: int = 5
   no_repeat_ngram_size: int = 0
+  suppress_tokens: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -124,6 +129,7 @@ class BeamSearchConfig:
                        f"{self.max_new_tokens}].")
     if self.no_repeat_ngram_size < 0:
       raise ValueError(f"BeamSearchConfig.no_repeat_ngram_size={self.no_repeat_ngram_size}; expected >= 0.")
+    _check_suppress_tokens(self)
 
   seed = 0  # beam search draws nothing
   needs_seen_tokens = False
@@ -140,8 +146,9 @@ class BeamSearchConfig:
           history: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """(best tokens [batch, max_new_tokens], lengths [batch]) by `beam_search_loop`."""
     del vocab_size, rng, seen
-    step_fn, cache, cache_axes = no_repeat_ngram.track(self.no_repeat_ngram_size, step_fn, cache, cache_axes,
-                                                       last_tokens.shape[0], self.max_new_tokens, history, NEG_INF)
+    step_fn, cache, cache_axes = no_repeat_ngram.track(self.no_repeat_ngram_size, suppressing_step(self, step_fn),
+                                                       cache, cache_axes, last_tokens.shape[0], self.max_new_tokens,
+                                                       history, NEG_INF)
     tokens, lengths, _ = beam_search_loop(step_fn, params, cache, cache_axes, last_tokens, self, eod_id=eod_id,
                                           pad_id=pad_id)
     return tokens, lengths
@@ -151,6 +158,31 @@ DecodingConfig = SamplingConfig | BeamSearchConfig
 
 
 # ---- logits processing -------------------------------------------------------------------------
+
+def _check_suppress_tokens(config: "DecodingConfig") -> None:
+  """Stores suppress_tokens as a tuple of ints (gin and flags give lists); a negative id is an error."""
+  ids = tuple(int(i) for i in config.suppress_tokens)
+  object.__setattr__(config, "suppress_tokens", ids)
+  if any(i < 0 for i in ids):
+    raise ValueError(f"{type(config).__name__}.suppress_tokens={list(ids)}; expected token ids >= 0.")
+
+
+def suppressing_step(config: "DecodingConfig", step_fn: StepFn) -> StepFn:
+  """`step_fn` whose logits are NEG_INF at config.suppress_tokens (an id past the vocabulary is an error);
+  `step_fn` itself when there are none."""
+  ids = config.suppress_tokens
+  if not ids:
+    return step_fn
+
+  def step(params, tokens, cache):
+    logits, cache = step_fn(params, tokens, cache)
+    if max(ids) >= logits.shape[-1]:
+      raise ValueError(f"{type(config).__name__}.suppress_tokens={list(ids)}: the model's vocabulary has "
+                       f"{logits.shape[-1]} tokens.")
+    return logits.at[..., jnp.array(ids)].set(NEG_INF), cache
+
+  return step
+
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
   """CTRL's penalty on tokens already in the row (`seen` bool [batch, vocab])."""
@@ -389,7 +421,7 @@ class DecodeProgram:
       return cache, sample_state(first, config, pad_id=pad_id, vocab_size=vocab_size, seen=seen)
 
     begin = jax.jit(begin)
-    banning = no_repeat_ngram.banning_step(size, self.step, NEG_INF)
+    banning = no_repeat_ngram.banning_step(size, suppressing_step(config, self.step), NEG_INF)
     step = jax.jit(lambda params, cache, state, rng: sample_step(banning, params, cache, state, config,
                                                                  eod_id=eod_id, pad_id=pad_id, rng=rng),
                    donate_argnums=1)

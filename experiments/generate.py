@@ -25,6 +25,7 @@ its memory (always).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from absl import app, flags
@@ -53,6 +54,10 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the smallest set of tok
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL's penalty on tokens already present.")
 _NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer("no_repeat_ngram_size", 0, "Ban every token that would repeat an "
                                              "n-gram (this many tokens) of the prompt or the text so far (0: off).")
+_SUPPRESS_IDS = flags.DEFINE_multi_integer("suppress_token_id", [], "A token id never to generate (repeatable; "
+                                           "transformers' suppress_tokens).")
+_SUPPRESS_UNK = flags.DEFINE_bool("suppress_unk", False, "Never generate the tokenizer's unknown token (<unk>, "
+                                  "[UNK]), which reads as a placeholder in the text.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same prompts -> same output).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 0, "Beam search with this many beams (0: sampling).")
 _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "Beam search: GNMT alpha in ((5 + len) / 6) ** alpha.")
@@ -89,11 +94,13 @@ def _decoding_config() -> decoding.DecodingConfig:
   if _BEAM_SIZE.value:
     return decoding.BeamSearchConfig(max_new_tokens=_MAX_NEW_TOKENS.value, beam_size=_BEAM_SIZE.value,
                                      length_penalty=_LENGTH_PENALTY.value, min_length=_MIN_LENGTH.value or 0,
-                                     no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value)
+                                     no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value,
+                                     suppress_tokens=tuple(_SUPPRESS_IDS.value))
   return decoding.SamplingConfig(max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                                  repetition_penalty=_REPETITION_PENALTY.value,
-                                 no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value, min_length=_MIN_LENGTH.value,
+                                 no_repeat_ngram_size=_NO_REPEAT_NGRAM_SIZE.value,
+                                 suppress_tokens=tuple(_SUPPRESS_IDS.value), min_length=_MIN_LENGTH.value,
                                  seed=_SEED.value)
 
 
@@ -140,9 +147,11 @@ def main(argv):
                          "are for text prompts only.")
   mesh = partitioning.make_mesh(partitioning.MeshConfig())
   checkpoint = model_lib.load_checkpoint(_CHECKPOINT.value, mesh, serving=("text", "generate.py"))
-  model = model_lib.language_model(checkpoint, model_lib.load_tokenizer(checkpoint, _TOKENIZER.value),
-                                   batch_size=_BATCH_SIZE.value, decoding_config=config, mesh=mesh,
-                                   strict=_STRICT.value, weights=_WEIGHTS.value, long_text=_LONG_TEXT.value)
+  tokenizer = model_lib.load_tokenizer(checkpoint, _TOKENIZER.value)
+  if _SUPPRESS_UNK.value:
+    config = dataclasses.replace(config, suppress_tokens=(*config.suppress_tokens, tokenizer.unk_id))
+  model = model_lib.language_model(checkpoint, tokenizer, batch_size=_BATCH_SIZE.value, decoding_config=config,
+                                   mesh=mesh, strict=_STRICT.value, weights=_WEIGHTS.value, long_text=_LONG_TEXT.value)
   separator = "" if model.continues_prompt else "\n=> "
   if _STREAM.value:
     outputs = []

@@ -1,6 +1,7 @@
-"""No-repeat n-gram blocking against transformers' NoRepeatNGramLogitsProcessor (same tokens, same logits), in
-CPM's greedy and sampled generation (a host loop of full recomputations with transformers' processors) and in
-beam search (against exhaustive search over the sequences that repeat no n-gram)."""
+"""The decoding loops' bans against transformers' logits processors (same tokens, same logits): no-repeat n-gram
+blocking (NoRepeatNGramLogitsProcessor) and suppressed tokens (SuppressTokensLogitsProcessor), in CPM's greedy and
+sampled generation (a host loop of full recomputations with transformers' processors) and in beam search (against
+exhaustive search over the sequences the bans allow)."""
 
 import itertools
 
@@ -47,11 +48,14 @@ def _forward(params, tokens, segment_ids):
   return cpm.forward(params, tokens, CONFIG, segment_ids=segment_ids)
 
 
-def reference_greedy(params, prompt, steps, size, penalty):
+def reference_greedy(params, prompt, steps, size, penalty, suppress=()):
   """Greedy continuation by full recomputation, each step's logits through transformers' processors; also how
-  many steps the n-gram ban changed the choice."""
+  many steps the n-gram ban or the suppressed tokens changed the choice."""
   penalise = logits_process.RepetitionPenaltyLogitsProcessor(penalty)
-  ban = logits_process.NoRepeatNGramLogitsProcessor(size)
+  processors = [logits_process.SuppressTokensLogitsProcessor(list(suppress))] if suppress else []
+  if size:
+    processors.append(logits_process.NoRepeatNGramLogitsProcessor(size))
+  ban = logits_process.LogitsProcessorList(processors)
   sequence, width, changed = list(prompt), CONFIG.max_positions, 0
   for _ in range(steps):
     padded = np.full((1, width), PAD, np.int32)
@@ -63,6 +67,36 @@ def reference_greedy(params, prompt, steps, size, penalty):
     changed += chosen != int(scores.argmax(-1))
     sequence.append(chosen)
   return sequence[len(prompt):], changed
+
+
+def test_suppressed_tokens_are_never_generated_as_in_transformers(params):
+  prompts, steps = [[11, 12, 13, 11, 12], [20, 21]], 8
+  decode_params = cpm.decode_layout(params)
+  free = cpm.generate(decode_params, prompts, CONFIG, decoding.SamplingConfig(max_new_tokens=steps, greedy=True),
+                      eod_id=-1, pad_id=PAD)
+  suppress = tuple(sorted({row[0] for row in free} | {row[3] for row in free}))  # what the model chooses freely
+  for size, penalty in [(0, 1.0), (2, 1.3)]:
+    greedy = decoding.SamplingConfig(max_new_tokens=steps, greedy=True, repetition_penalty=penalty,
+                                     no_repeat_ngram_size=size, suppress_tokens=suppress)
+    out = cpm.generate(decode_params, prompts, CONFIG, greedy, eod_id=-1, pad_id=PAD)
+    streamed = np.stack(list(cpm.stream(decode_params, prompts, CONFIG, greedy, eod_id=-1, pad_id=PAD)), 1)
+    assert streamed.tolist() == out
+    for prompt, new in zip(prompts, out):
+      expected, changed = reference_greedy(params, prompt, steps, size, penalty, suppress)
+      assert new == expected, (size, prompt)
+      assert changed > 0 and not set(new) & set(suppress)
+  sampled = decoding.SamplingConfig(max_new_tokens=steps, top_k=4, seed=2, suppress_tokens=suppress)
+  out = cpm.generate(decode_params, prompts * 8, CONFIG, sampled, eod_id=-1, pad_id=PAD)
+  assert not set(sum(out, [])) & set(suppress)
+
+
+def test_suppressed_tokens_are_checked():
+  with pytest.raises(ValueError, match=r"SamplingConfig.suppress_tokens=\[-1\]; expected token ids >= 0"):
+    decoding.SamplingConfig(suppress_tokens=(-1,))
+  config = decoding.BeamSearchConfig(max_new_tokens=2, beam_size=2, min_length=0, suppress_tokens=[VOCAB])
+  assert config.suppress_tokens == (VOCAB,)  # a list from gin or flags is kept as a (hashable) tuple
+  with pytest.raises(ValueError, match=r"BeamSearchConfig.suppress_tokens=\[4\]: the model's vocabulary has 4"):
+    config.run(markov_step, None, {}, {}, jnp.array([1]), eod_id=BEAM_EOD, pad_id=0, vocab_size=VOCAB, rng=None)
 
 
 def repeated_ngrams(sequence, size):
@@ -97,10 +131,12 @@ def markov_step(params, tokens, cache):
   return jnp.asarray(TABLE)[tokens[:, 0]][:, None], cache
 
 
-def constrained_best(history, steps, alpha, size):
-  """The best sequence (log-prob / GNMT penalty) among those that repeat no n-gram of history + sequence, each
-  step's probabilities renormalised over the tokens the ban allows."""
-  processor, best = logits_process.NoRepeatNGramLogitsProcessor(size), (-np.inf, None)
+def constrained_best(history, steps, alpha, size, suppress=()):
+  """The best sequence (log-prob / GNMT penalty) among those that repeat no n-gram of history + sequence and hold
+  no suppressed token, each step's probabilities renormalised over the tokens the bans allow."""
+  processor = logits_process.LogitsProcessorList([logits_process.NoRepeatNGramLogitsProcessor(size),
+                                                  logits_process.SuppressTokensLogitsProcessor(list(suppress))])
+  best = (-np.inf, None)
   for n in range(1, steps + 1):
     for seq in itertools.product(range(VOCAB), repeat=n):
       if BEAM_EOD in seq[:-1] or (seq[-1] != BEAM_EOD and n < steps):
@@ -116,17 +152,20 @@ def constrained_best(history, steps, alpha, size):
   return best
 
 
-def test_beam_search_finds_the_best_sequence_without_repeated_ngrams():
+@pytest.mark.parametrize("suppress", [(), (1, 3)])
+def test_beam_search_finds_the_best_sequence_the_bans_allow(suppress):
   steps, size = 4, 2
   history = [[1, 2, 3], [3, 3, 1]]  # the loop's first tokens are the histories' last
   config = decoding.BeamSearchConfig(max_new_tokens=steps, beam_size=16, length_penalty=0.6, min_length=0,
-                                     no_repeat_ngram_size=size)
+                                     no_repeat_ngram_size=size, suppress_tokens=suppress)
   fed = jnp.array([h[:-1] for h in history])
   tokens, _ = jax.jit(lambda first: config.run(markov_step, None, {}, {}, first, eod_id=BEAM_EOD, pad_id=0,
                                                vocab_size=VOCAB, rng=None,
                                                history=(fed, jnp.ones(fed.shape, bool))))(
                                                    jnp.array([h[-1] for h in history]))
   for row in range(2):
-    _, seq = constrained_best(history[row], steps, 0.6, size)
+    _, seq = constrained_best(history[row], steps, 0.6, size, suppress)
     assert tokens[row, :len(seq)].tolist() == seq
-    assert repeated_ngrams(history[row] + seq, size) == 0
+    assert repeated_ngrams(history[row] + seq, size) == 0 and not set(seq) & set(suppress)
+  if suppress:  # the suppressed tokens are in the best sequence of the first row without them
+    assert set(constrained_best(history[0], steps, 0.6, size)[1]) & set(suppress)
