@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -40,8 +41,9 @@ def measure_matmul_flops(sizes=(1024, 2048, 3072), repeats: int = 3, dtype=jnp.f
   return best
 
 
+@functools.cache
 def peak_flops_per_device(device: jax.Device | None = None) -> tuple[float, str]:
-  """(peak FLOP/s, where the figure came from) for one device."""
+  """(peak FLOP/s, where the figure came from) for one device; a CPU's is measured (seconds) once per process."""
   device = device or jax.local_devices()[0]
   kind = device.device_kind
   for name, flops in PUBLISHED_PEAK_FLOPS.items():

@@ -54,7 +54,7 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the smallest set of tok
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL's penalty on tokens already present.")
 _NO_REPEAT_NGRAM_SIZE = flags.DEFINE_integer("no_repeat_ngram_size", 0, "Ban every token that would repeat an "
                                              "n-gram (this many tokens) of the prompt or the text so far (0: off).")
-_SUPPRESS_IDS = flags.DEFINE_multi_integer("suppress_token_id", [], "A token id never to generate (repeatable; "
+_SUPPRESS_IDS = flags.DEFINE_multi_integer("suppress_tokens", [], "A token id never to generate (repeatable; "
                                            "transformers' suppress_tokens).")
 _SUPPRESS_UNK = flags.DEFINE_bool("suppress_unk", False, "Never generate the tokenizer's unknown token (<unk>, "
                                   "[UNK]), which reads as a placeholder in the text.")

@@ -95,6 +95,7 @@ def runs(tmp_path_factory, demo_data_dir):  # noqa: F811
       "top_k": (*generate, "--top_k=-1"),
       "max_new_tokens": (*generate, "--max_new_tokens=0"),
       "beam_size": (*generate, "--beam_size=-2"),
+      "suppress_tokens": (*generate, "--suppress_tokens=3", "--suppress_tokens=-1"),
       "evaluate_temperature": (*lm_score, "--decoding=sample", "--gin_bindings=SamplingConfig.temperature = 0.0"),
       "evaluate_beams": (*lm_score, "--decoding=beam", "--gin_bindings=BeamSearchConfig.beam_size = 0"),
       "damaged_shard": ("evaluate.py", f"--checkpoint={tmp / 'plug'}", "--task=review_sentiment_zero_shot",
@@ -127,6 +128,7 @@ EXPECTED = {
     "top_k": r"generate.py: --top_k=-1; expected >= 0 \(0 disables it\).$",
     "max_new_tokens": r"generate.py: --max_new_tokens=0; expected >= 1.$",
     "beam_size": r"generate.py: --beam_size=-2; expected >= 1.$",
+    "suppress_tokens": r"generate.py: --suppress_tokens=\[3, -1\]; expected token ids >= 0.$",
     "evaluate_temperature": r"evaluate.py: SamplingConfig.temperature=0.0; expected > 0 \(or greedy=True\).$",
     "evaluate_beams": r"evaluate.py: BeamSearchConfig.beam_size=0; expected >= 1.$",
     "damaged_shard": r"evaluate.py: {tmp}/tfds_damaged/review_sentiment/.*/review_sentiment-test.array_record-00000-of-"
