@@ -18,8 +18,9 @@ DATA=$WORK/tfds
 SPM=$WORK/spm.model
 VOCAB=8000
 EXAMPLES=400  # test reviews scored per model
-PROMPT="中国人民"
-REPEATS=(--repetition_penalty=1.2 --no_repeat_ngram_size=3)
+PROMPTS=(--prompt=中国人民 --prompt=改革开放 --prompt=国务院)
+DECODING=(--repetition_penalty=1.2 --no_repeat_ngram_size=3 --suppress_unk)
+SAMPLING=(--top_k=10 --temperature=0.7 --seed=1)
 mkdir -p "$WORK/eval" "$WORK/generate"
 phase() { echo "== $1/7 $2 ($(date +%H:%M:%S))"; }
 
@@ -48,10 +49,11 @@ $PY experiments/train.py --gin_file=experiments/cpm_sentiment_demo.gin --workdir
 phase 6 "Sentiment of the same reviews, fine-tuned"
 $PY experiments/evaluate.py --checkpoint="$WORK/cpm_sentiment" "${EVAL[@]}" --output="$WORK/eval/fine_tuned.json"
 
-phase 7 "Continuations of \"$PROMPT\" (greedy, then top-k/top-p sampling; no repeated 3-grams, repetition penalty)"
-$PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="$PROMPT" --max_new_tokens=48 --greedy "${REPEATS[@]}" \
+phase 7 "Continuations of three prompts (greedy, then top-k sampling; no repeated 3-grams, repetition penalty, no <unk>)"
+$PY experiments/generate.py --checkpoint="$WORK/cpm" "${PROMPTS[@]}" --max_new_tokens=40 --greedy "${DECODING[@]}" \
   --output="$WORK/generate/greedy.jsonl"
-$PY experiments/generate.py --checkpoint="$WORK/cpm" --prompt="$PROMPT" --max_new_tokens=48 --top_k=20 --top_p=0.9 \
-  --temperature=0.9 --seed=1 "${REPEATS[@]}" --output="$WORK/generate/sampled.jsonl"
+$PY experiments/generate.py --checkpoint="$WORK/cpm" "${PROMPTS[@]}" --max_new_tokens=40 "${SAMPLING[@]}" \
+  "${DECODING[@]}" --output="$WORK/generate/sampled.jsonl"
 
-$PY scripts/demo_summary.py --workdir="$WORK" --python="$PY" --prompt="$PROMPT" --decoding_flags="${REPEATS[*]}"
+$PY scripts/demo_summary.py --workdir="$WORK" --python="$PY" --decoding_flags="${DECODING[*]}" \
+  --sampling_flags="${SAMPLING[*]}"

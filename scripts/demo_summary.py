@@ -1,7 +1,8 @@
 r"""The end of scripts/demo.sh: the sentiment table (untrained / pre-trained zero-shot / fine-tuned / majority
 class), the labelled continuations, where everything was written and the commands to look at it.
 
-  python scripts/demo_summary.py --workdir=workdir/demo --python=.venv/bin/python --prompt=中国人民
+  python scripts/demo_summary.py --workdir=workdir/demo --python=.venv/bin/python \
+      --decoding_flags="--repetition_penalty=1.2 --no_repeat_ngram_size=3" --sampling_flags="--top_k=10"
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "The demo's $WORKDIR.")
 _PYTHON = flags.DEFINE_string("python", ".venv/bin/python", "The interpreter the printed commands use.")
-_PROMPT = flags.DEFINE_string("prompt", "中国人民", "The prompt the demo continued.")
-_DECODING_FLAGS = flags.DEFINE_string("decoding_flags", "", "generate.py flags the demo used against repetition.")
+_DECODING_FLAGS = flags.DEFINE_string("decoding_flags", "", "generate.py flags the demo's two decodings shared.")
+_SAMPLING_FLAGS = flags.DEFINE_string("sampling_flags", "", "generate.py flags of the demo's sampled decoding.")
 _REQUIRED = flags.DEFINE_float("required_accuracy", 0.75, "What the fine-tuned model must reach to count as working.")
 
 MODELS = (("untrained (random init)", "untrained"), ("pre-trained, zero-shot", "zero_shot"),
@@ -42,13 +43,15 @@ def sentiment_table(work: str) -> tuple[list[str], float, float]:
   return lines, rows[2][1], majority
 
 
-def continuations(work: str) -> list[str]:
-  lines = []
-  for name, settings in (("greedy", "greedy"), ("sampled", "top-k 20, top-p 0.9, temperature 0.9, seed 1")):
+def continuations(work: str) -> tuple[list[str], str]:
+  """The labelled continuations' lines and the first prompt."""
+  lines, prompts = [], []
+  for name, settings in (("greedy", "--greedy"), ("sampled", _SAMPLING_FLAGS.value)):
+    lines.append(f"  {name} ({settings} {_DECODING_FLAGS.value}):")
     for record in map(json.loads, open(os.path.join(work, "generate", f"{name}.jsonl"), encoding="utf-8")):
-      lines += [f"  {name} ({settings}; {_DECODING_FLAGS.value}):", f"    prompt:       {record['prompt']}",
-                f"    continuation: {record['generated']}"]
-  return lines
+      lines += [f"    prompt:       {record['prompt']}", f"    continuation: {record['generated']}"]
+      prompts.append(record["prompt"])
+  return lines, prompts[0]
 
 
 def main(argv):
@@ -61,7 +64,8 @@ def main(argv):
   else:
     print(f"The fine-tuned model did NOT work well enough: {fine_tuned:.3f} (wanted >= {_REQUIRED.value:.2f}, and "
           f"above the majority class's {majority:.3f}); train it longer (experiments/cpm_sentiment_demo.gin).")
-  print("\nContinuations of the pre-trained model\n" + "\n".join(continuations(work)))
+  lines, prompt = continuations(work)
+  print("\nContinuations of the pre-trained model\n" + "\n".join(lines))
   tensorboard_dirs = ", ".join(os.path.join(work, run, "tensorboard") for run in ("cpm", "cpm_sentiment"))
   print(f"""
 Written to {work}/:
@@ -73,7 +77,7 @@ Written to {work}/:
   eval/*.json                  metrics and per-review predictions; generate/*.jsonl the continuations
 Look at them:
   tensorboard --logdir {work}
-  {py} experiments/generate.py --checkpoint={work}/cpm --prompt={_PROMPT.value} --top_k=20 --top_p=0.9 \\
+  {py} experiments/generate.py --checkpoint={work}/cpm --prompt={prompt} {_SAMPLING_FLAGS.value} \\
       {_DECODING_FLAGS.value}
   {py} experiments/evaluate.py --checkpoint={work}/cpm_sentiment --task=review_sentiment_prompt \\
       --data_dir={work}/tfds --limit=20 --print_predictions""")

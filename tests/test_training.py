@@ -254,7 +254,7 @@ def test_gin_errors_name_the_culprit(tmp_path, monkeypatch):
   gin.clear_config()
   monkeypatch.chdir(tmp_path)  # files and their includes are found from anywhere, as the README's commands do
   gin_setup.parse(["models/cpm_large.gin", "experiments/cpm_demo.gin"], [])
-  assert (cpm.CPMConfig().embed_dim, cpm.CPMConfig().num_layers) == (256, 4)  # cpm_demo includes cpm_tiny.gin
+  assert (cpm.CPMConfig().embed_dim, cpm.CPMConfig().num_layers) == (128, 2)  # cpm_demo includes cpm_mini.gin
   gin.clear_config()
   with pytest.raises(gin_setup.ConfigError, match=r"^MeshConfig.dcn\['tensor'\]=3 must be positive"):
     partitioning.make_mesh(partitioning.MeshConfig(data=-1, tensor=2, dcn={"tensor": 3}))
