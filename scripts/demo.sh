@@ -49,7 +49,7 @@ $PY experiments/train.py --gin_file=experiments/cpm_sentiment_demo.gin --workdir
 phase 6 "Sentiment of the same reviews, fine-tuned"
 $PY experiments/evaluate.py --checkpoint="$WORK/cpm_sentiment" "${EVAL[@]}" --output="$WORK/eval/fine_tuned.json"
 
-phase 7 "Continuations of three prompts (greedy, then top-k sampling; no repeated 3-grams, repetition penalty, no <unk>)"
+phase 7 "Continuations of three prompts (greedy, then sampled; repetition penalty, no repeated 3-grams, no <unk>)"
 $PY experiments/generate.py --checkpoint="$WORK/cpm" "${PROMPTS[@]}" --max_new_tokens=40 --greedy "${DECODING[@]}" \
   --output="$WORK/generate/greedy.jsonl"
 $PY experiments/generate.py --checkpoint="$WORK/cpm" "${PROMPTS[@]}" --max_new_tokens=40 "${SAMPLING[@]}" \
