@@ -184,9 +184,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   (cuDNN flash attention on GPU). Softmax is always computed in float32.
   """
   if implementation == "xla":
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    # Heads before positions for both products: XLA:CPU's batched dots run ~1.35x faster on [b, h, t, d] operands
+    # than on [b, t, h, d] ones (fwd + bwd at cpm_small's shape, the same numbers).
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     probs = checkpoint_name(softmax(jnp.where(mask, logits, MASK_VALUE)), "attention_probs")
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    out = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v), 1, 2)
   else:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if implementation == "jax" else
                                        implementation)
