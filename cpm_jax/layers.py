@@ -184,8 +184,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   (cuDNN flash attention on GPU). Softmax is always computed in float32.
   """
   if implementation == "xla":
-    # Heads before positions for both products: XLA:CPU's batched dots run ~1.35x faster on [b, h, t, d] operands
-    # than on [b, t, h, d] ones (fwd + bwd at cpm_small's shape, the same numbers).
+    # Heads before positions for both products: XLA:CPU's batched dots are faster on [b, h, t, d] operands than on
+    # [b, t, h, d] ones, the same numbers (the cpm_small step 1.04x; BUILD.md, "Session of 2026-12-03, evening").
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     probs = checkpoint_name(softmax(jnp.where(mask, logits, MASK_VALUE)), "attention_probs")

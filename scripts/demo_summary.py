@@ -45,13 +45,13 @@ def sentiment_table(work: str) -> tuple[list[str], float, float]:
 
 def continuations(work: str) -> tuple[list[str], str]:
   """The labelled continuations' lines and the first prompt."""
-  lines, prompts = [], []
+  lines = []
   for name, settings in (("greedy", "--greedy"), ("sampled", _SAMPLING_FLAGS.value)):
     lines.append(f"  {name} ({settings} {_DECODING_FLAGS.value}):")
-    for record in map(json.loads, open(os.path.join(work, "generate", f"{name}.jsonl"), encoding="utf-8")):
+    records = [json.loads(line) for line in open(os.path.join(work, "generate", f"{name}.jsonl"), encoding="utf-8")]
+    for record in records:
       lines += [f"    prompt:       {record['prompt']}", f"    continuation: {record['generated']}"]
-      prompts.append(record["prompt"])
-  return lines, prompts[0]
+  return lines, records[0]["prompt"]
 
 
 def main(argv):
