@@ -65,6 +65,8 @@ flags.DEFINE_string("remat_policy", None, "cpm_jax's CPMConfig.remat_policy (def
                     "config's default).")
 flags.DEFINE_string("attention_impl", None, "cpm_jax's CPMConfig.attention_impl (default: xla on CPU, cudnn on "
                     "GPU, xla on TPU).")
+flags.DEFINE_bool("scan_layers", None, "cpm_jax's CPMConfig.scan_layers (default: the config's, a scan; False "
+                  "unrolls the layers).")
 flags.DEFINE_integer("num_microbatches", 1, "cpm_jax: gradient accumulation over this many microbatches.")
 flags.DEFINE_bool("ceiling", True, "CPU: also time the step's matrix products as bare matmuls.")
 flags.DEFINE_bool("retain_freed_memory", False, "Every process: cpm_jax.host_memory.retain_freed_memory() first "
@@ -101,6 +103,8 @@ def model_config():
                "attention_impl": FLAGS.attention_impl or ("cudnn" if FLAGS.platform == "gpu" else "xla")}
   if FLAGS.remat_policy:
     overrides["remat_policy"] = FLAGS.remat_policy
+  if FLAGS.scan_layers is not None:
+    overrides["scan_layers"] = FLAGS.scan_layers
   return cpm.CPMConfig(**overrides)
 
 
@@ -269,8 +273,8 @@ def run_alone(name: str, checkout: str | None = None) -> dict:
             ("platform", "model", "batch_size", "seq_len", "steps_per_round", "dropout", "num_microbatches",
              "retain_freed_memory")]
   passed += [f"--dtype={compute_dtype()}"]
-  passed += [f"--{flag}={getattr(FLAGS, flag)}" for flag in ("remat_policy", "attention_impl")
-             if getattr(FLAGS, flag)]
+  passed += [f"--{flag}={getattr(FLAGS, flag)}" for flag in ("remat_policy", "attention_impl", "scan_layers")
+             if getattr(FLAGS, flag) is not None]
   env = {**os.environ, "PYTHONPATH": checkout} if checkout else None
   done = subprocess.run([sys.executable, __file__, f"--side={name}", *passed], capture_output=True, text=True,
                         env=env)
@@ -419,7 +423,8 @@ def main(argv):
   device = jax.devices()[0]
   print(f"model {FLAGS.model}: {config.num_layers} layers x {config.embed_dim}, {config.num_heads} heads, vocab "
         f"{config.vocab_size}; batch {FLAGS.batch_size} x {FLAGS.seq_len}; compute {config.dtype}, params float32; "
-        f"dropout {config.dropout_rate}; cpm_jax remat {config.remat_policy}, attention {config.attention_impl}; "
+        f"dropout {config.dropout_rate}; cpm_jax remat {config.remat_policy}, attention {config.attention_impl}, "
+        f"layers {'scanned' if config.scan_layers else 'unrolled'}; "
         f"{device.device_kind} ({FLAGS.platform}); {os.cpu_count()} CPU threads; freed memory "
         f"{'retained' if FLAGS.retain_freed_memory else 'returned (glibc default)'}; {load()}")
   print(f"FLOPs per step {flops_per_step / 1e9:.1f} G (6 x matmul params x tokens + 12 x L x E x T x tokens)")

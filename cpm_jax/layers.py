@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Any, Callable, Literal, Sequence
 
@@ -141,12 +142,18 @@ def mlp_specs(embed: int, hidden: int, stddev: float, out_stddev: float) -> dict
 
 # ---- functions ---------------------------------------------------------------------------------
 
+@functools.partial(jax.jit, static_argnames="eps")
 def layer_norm(x: jax.Array, params: dict, eps: float) -> jax.Array:
-  """LayerNorm computed in float32, returned in x's dtype."""
+  """LayerNorm computed in float32, returned in x's dtype.
+
+  A jitted function of its own (inlined where it is called) so that its backward pass sums its input gradient into
+  one array before the residual stream's gradient is added to it. Without that, in an unrolled stack the sum of every
+  later layer's terms was fused into each layer's consumers instead: XLA:CPU's work grew with the square of the
+  depth (the unrolled cpm_small step 1.28x slower; BUILD.md, "Session of 2026-12-04").
+  """
   x32 = x.astype(jnp.float32)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
+  centered = x32 - x32.mean(-1, keepdims=True)
+  y = centered * jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
   y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
   return y.astype(x.dtype)
 
