@@ -16,12 +16,12 @@ update, checks the gradients too), else the script stops.
 
   .venv/bin/python benchmarks/stack_layouts.py --rounds=10 --steps_per_round=2
 
-Run without the tests' 8-fake-device flag (`XLA_FLAGS` unset).
+Every side runs with `cpm_jax.host_memory.retain_freed_memory()` applied. Run without the tests' 8-fake-device
+flag (`XLA_FLAGS` unset).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 
 from absl import app, flags
@@ -36,7 +36,8 @@ def stacked_loss(model):
 
 
 def per_layer_loss(model):
-  """model.loss with params["blocks"] a tuple of per-layer trees (the rest of the tree as in the training layout)."""
+  """model.loss (cpm.model.hidden_states, then the tied head) with params["blocks"] a tuple of per-layer trees,
+  run as an unrolled loop; the rest of the tree as in the training layout."""
   from cpm_jax import layers, objectives, transformer
   from cpm_jax.models.cpm import model as cpm_model
 
@@ -102,8 +103,7 @@ def main(argv):
   copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # each side donates its own
   sides = {"cpm_jax": train_throughput.cpm_jax_side(config, batch),
            "stacked": own_step(stacked_loss(model), copy(params), batch),
-           "per_layer": own_step(per_layer_loss(dataclasses.replace(model, config=dataclasses.replace(
-               config, scan_layers=False))), per_layer, batch),
+           "per_layer": own_step(per_layer_loss(model), per_layer, batch),
            "flax": train_throughput.flax_side(config, {k: batch[k] for k in ("inputs", "targets")})}
   losses = {name: (side.step(), side.step()) for name, side in sides.items()}  # the second after one update
   if max(abs(a - b) for a, b in zip(losses["stacked"], losses["per_layer"])) > 1e-4:
