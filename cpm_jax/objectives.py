@@ -79,7 +79,9 @@ def _chunk_sums(logits, targets, weights, z_loss):
   log_z = (max_logits + jnp.log(normalizer))[..., 0]
   vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
   one_hot = vocab_ids == targets[..., None]
-  target_logits = jnp.where(one_hot, logits, 0.0).sum(-1)
+  # A gather, not lm_loss's select-and-sum: nothing differentiates this function (the head's VJP is written out),
+  # and on XLA:CPU the select is written out in full before its sum.
+  target_logits = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
   argmax = jnp.where(logits == max_logits, vocab_ids, logits.shape[-1]).min(-1)
   sums = {"loss_sum": ((log_z - target_logits) * weights).sum(),
           "z_loss_sum": (z_loss * jnp.square(log_z) * weights).sum(),
@@ -111,12 +113,15 @@ def _tied_head_sums(hidden, embedding, targets, weights, dtype, z_loss, chunk):
 
 def _tied_head_sums_fwd(hidden, embedding, targets, weights, dtype, z_loss, chunk):
   """The sums, and the gradients of loss_sum and z_loss_sum with respect to hidden and embedding (the residuals:
-  the backward pass only scales them by the incoming cotangents)."""
+  the backward pass only scales them by the incoming cotangents).
+
+  The embedding's gradient is summed over the chunks as [terms, embed, vocab] and transposed once at the end: as
+  [vocab, embed], XLA:CPU wrote each chunk's d(logits) out a second time, transposed, for that product."""
   n = hidden.shape[1] // chunk
   table = embedding.astype(dtype)
 
   def body(carry, xs):
-    total, d_embedding = carry
+    total, d_embedding_t = carry
     h, t, w = xs
     sums, log_z, probs, one_hot = _chunk_sums(_chunk_logits(h, embedding, dtype), t, w, z_loss)
     d_logits = [(probs - one_hot) * w[..., None]]  # d loss_sum / d logits
@@ -124,15 +129,15 @@ def _tied_head_sums_fwd(hidden, embedding, targets, weights, dtype, z_loss, chun
       d_logits.append(probs * (2 * z_loss * log_z * w)[..., None])  # d z_loss_sum / d logits
     d_logits = jnp.stack(d_logits).astype(dtype)
     d_hidden = jnp.einsum("kbtv,ve->kbte", d_logits, table, preferred_element_type=jnp.float32)
-    d_embedding += jnp.einsum("kbtv,bte->kve", d_logits, h.astype(dtype), preferred_element_type=jnp.float32)
-    return (add_sums(total, sums), d_embedding), d_hidden.astype(hidden.dtype)
+    d_embedding_t += jnp.einsum("kbtv,bte->kev", d_logits, h.astype(dtype), preferred_element_type=jnp.float32)
+    return (add_sums(total, sums), d_embedding_t), d_hidden.astype(hidden.dtype)
 
   terms = 2 if z_loss else 1
   zero = ({key: jnp.zeros((), jnp.float32) for key in ("loss_sum", "z_loss_sum", "correct_sum")},
-          jnp.zeros((terms, *embedding.shape), jnp.float32))
-  (sums, d_embedding), d_hidden = jax.lax.scan(body, zero, tuple(_split(x, n) for x in (hidden, targets, weights)))
+          jnp.zeros((terms, *embedding.shape[::-1]), jnp.float32))
+  (sums, d_embedding_t), d_hidden = jax.lax.scan(body, zero, tuple(_split(x, n) for x in (hidden, targets, weights)))
   d_hidden = jnp.moveaxis(d_hidden, 1, 0)  # [terms, n, b, chunk, e]
-  return sums, (jax.vmap(_join)(d_hidden), d_embedding.astype(embedding.dtype))
+  return sums, (jax.vmap(_join)(d_hidden), jnp.swapaxes(d_embedding_t, 1, 2).astype(embedding.dtype))
 
 
 def _tied_head_sums_bwd(dtype, z_loss, chunk, residuals, cotangents):
