@@ -1,6 +1,8 @@
 """objectives.lm_loss against its textbook definition (take_along_axis / argmax / softmax - one-hot), and the fused
 tied-head loss against lm_loss of the tied logits."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,3 +70,22 @@ def test_tied_lm_loss_equals_lm_loss_of_tied_logits(z_loss, chunk_length):
   want = jax.grad(lambda h, e: objective(reference(h, e)[1]), argnums=(0, 1))(hidden, embedding)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's buffer decisions")
+def test_tied_lm_loss_gradient_writes_no_transposed_logits_gradient():
+  """The fused head's compiled gradient holds no [vocab, chunk tokens] buffer: summing the embedding's gradient as
+  [vocab, embed] made XLA:CPU write each chunk's d(logits) a second time, transposed (before the change: f32[97,8])."""
+  vocab, batch, length, chunk = 97, 2, 12, 4
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.standard_normal((batch, length, 16)), jnp.float32)
+  embedding = jnp.asarray(rng.standard_normal((vocab, 16)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, vocab, (batch, length)), jnp.int32)
+  weights = jnp.ones((batch, length), jnp.float32)
+  grad = jax.jit(jax.grad(lambda h, e: objectives.tied_lm_loss(h, e, targets, weights, dtype=jnp.float32,
+                                                               chunk_length=chunk)[0], argnums=(0, 1)))
+  text = grad.lower(hidden, embedding).compile().as_text()
+  unfused = [block for block in re.split(r"\n(?=\S)", text) if "fused_computation" not in block.split("\n", 1)[0]]
+  shapes = set(re.findall(r"^\s*(?:ROOT )?%\S+ = (f32\[[\d,]+\])", "\n".join(unfused), re.M))
+  assert f"f32[{batch * chunk},{vocab}]" in shapes  # the chunk's d(logits): the check sees the loop's buffers
+  assert f"f32[{vocab},{batch * chunk}]" not in shapes, sorted(shapes)
