@@ -100,7 +100,7 @@ def main(argv):
   params = layers.init_from_specs(model.param_specs(), jax.random.key(0))
   per_layer = {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], params["blocks"])
                                          for i in range(config.num_layers))}
-  copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # each side donates its own
+  copy = lambda tree: jax.tree.map(lambda a: a.copy(), tree)  # per_layer shares embed and ln_f; each side donates
   sides = {"cpm_jax": train_throughput.cpm_jax_side(config, batch),
            "stacked": own_step(stacked_loss(model), copy(params), batch),
            "per_layer": own_step(per_layer_loss(model), per_layer, batch),
